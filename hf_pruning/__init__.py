@@ -1,0 +1,66 @@
+"""hf_pruning: prune Hugging Face causal LMs in place and save them as ordinary Hub models.
+
+    import hf_pruning
+    model = hf_pruning.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    model.prune_(hf_pruning.PlanConfig(plan={"ops": [{"op": "drop_attention", "layer": 20}]}))
+    model.save_pretrained("smollm2-pruned")
+
+Importing the package registers the ``hf_pruning_<arch>`` model types with transformers' Auto classes, so
+pruned checkpoints load without ``trust_remote_code`` wherever hf_pruning is installed.
+"""
+
+__version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    QuantizedModelError,
+    apply_plan_,
+    clear_quantizer_,
+    from_pretrained,
+    get_plan,
+    parameter_count,
+    predicted_decoder_params,
+    prune_,
+    save_pretrained,
+)
+from .config import ConfigError, PruningConfig  # noqa: E402
+from .methods import PlanConfig  # noqa: E402
+from .plan import PlanError, PruningPlan  # noqa: E402
+from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
+from .remote.hf_pruning_surgery import UnsupportedArchitectureError  # noqa: E402
+
+
+def _register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
+    from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES
+
+    for arch, config_cls in PRUNED_CONFIG_CLASSES.items():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, PRUNED_MODEL_CLASSES[arch], exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "ConfigError",
+    "PlanConfig",
+    "PlanError",
+    "PruningConfig",
+    "PruningPlan",
+    "PruningResult",
+    "QuantizedModelError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "apply_plan_",
+    "clear_quantizer_",
+    "from_pretrained",
+    "get_method",
+    "get_plan",
+    "list_methods",
+    "parameter_count",
+    "predicted_decoder_params",
+    "prune_",
+    "register_method",
+    "save_pretrained",
+]

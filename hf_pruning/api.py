@@ -1,0 +1,250 @@
+"""The functional core: ``prune_``, ``apply_plan_``, ``get_plan``, ``from_pretrained``, ``save_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .plan import PlanError, PruningPlan
+from .registry import PruningResult, get_method
+from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
+from .remote.hf_pruning_surgery import (
+    adapter_for,
+    base_fields,
+    execute_ops_,
+    inspect_model,
+    simulate_plan,
+)
+from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizedModelError(ValueError):
+    """Pruning needs float weights; the model still carries a quantizer."""
+
+
+def _check_float_model(model: nn.Module) -> None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(model.config, "quantization_config", None)
+    if quantizer is not None or qconfig is not None:
+        kind = getattr(qconfig, "quant_method", None) or (qconfig.get("quant_method") if isinstance(qconfig, dict) else None)
+        hint = (
+            "load it with hf_pruning.from_pretrained(path, gguf_file=...), which dequantizes GGUF weights and "
+            "clears the quantizer, or call hf_pruning.clear_quantizer_(model) if its weights are already floats"
+        )
+        raise QuantizedModelError(f"the model is quantized ({kind or type(quantizer).__name__}); {hint}")
+
+
+def clear_quantizer_(model: nn.Module) -> nn.Module:
+    """Forget the quantizer of a model whose weights were dequantized on load (GGUF) so it can be pruned and saved."""
+    bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if bad:
+        raise QuantizedModelError(f"parameters {bad[:3]} are not floating point; this model is really quantized")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property on some versions
+            pass
+    return model
+
+
+def get_plan(model: nn.Module) -> PruningPlan:
+    """The plan a model carries (empty for an unpruned model)."""
+    return PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
+
+
+def _as_plan(plan: Any) -> PruningPlan:
+    if isinstance(plan, PruningPlan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)) and not str(plan).lstrip().startswith(("{", "[")):
+        plan = Path(plan).read_text()
+    if isinstance(plan, str):
+        try:
+            plan = json.loads(plan)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"the plan is not valid JSON: {err}") from None
+    return PruningPlan.from_dict(plan)
+
+
+def _check_tensors(model: nn.Module, plan: PruningPlan) -> None:
+    """Tensor-carrying ops must bring tensors of the right shape (checked before any surgery)."""
+    d = int(model.config.hidden_size)
+    for i, op in enumerate(plan.ops):
+        if op.name == "add_linear":
+            w, b = op.tensors.get("weight"), op.tensors.get("bias")
+            if w is None or tuple(w.shape) != (d, d):
+                got = None if w is None else tuple(w.shape)
+                raise PlanError(f"op #{i} (add_linear): tensors['weight'] must be a [{d}, {d}] tensor, got {got}")
+            if op.bias and (b is None or tuple(b.shape) != (d,)):
+                raise PlanError(f"op #{i} (add_linear): bias=true needs tensors['bias'] of shape [{d}]")
+        if op.name == "shrink_mlp" and op.bias:
+            b = op.tensors.get("bias")
+            if b is not None and tuple(b.shape) != (d,):
+                raise PlanError(f"op #{i} (shrink_mlp): tensors['bias'] must have shape [{d}], got {tuple(b.shape)}")
+
+
+def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.Module:
+    """Execute a plan on ``model`` in place and record it in ``model.config``; returns the model.
+
+    The whole plan is validated against the model first, so a bad plan raises and leaves the model unchanged.
+    A model that already carries a plan gets the two merged (the new ops run after the old ones). When the
+    result cannot be expressed by the stock architecture, the model becomes ``Pruned<Arch>ForCausalLM``.
+    """
+    _check_float_model(model)
+    adapter_for(model)
+    plan = _as_plan(plan)
+    if not plan.ops:
+        return model
+    simulate_plan(model, plan)
+    _check_tensors(model, plan)
+    current = get_plan(model)
+    base = current.base or base_fields(model.config)
+    with torch.no_grad():
+        execute_ops_(model, plan.ops)
+    merged = PruningPlan(ops=[*current.ops, *plan.ops], base=base)
+    _record(model, merged)
+    logger.info("applied %d op(s); the model now carries %d op(s)", len(plan.ops), len(merged.ops))
+    return model
+
+
+def _record(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
+    config = model.config
+    config.pruning_plan = plan.to_dict()
+    config.hf_pruning_version = __version__
+    if pruning_config is not None:
+        history = list(getattr(config, "pruning_config", None) or [])
+        history.append(pruning_config)
+        config.pruning_config = history
+    if not plan.is_stock_expressible():
+        _to_pruned_class_(model)
+
+
+def _to_pruned_class_(model: nn.Module) -> None:
+    """Switch a live model to ``Pruned<Arch>ForCausalLM`` (same modules, custom save and cache handling)."""
+    arch = adapter_for(model).arch
+    model_cls, config_cls = PRUNED_MODEL_CLASSES[arch], PRUNED_CONFIG_CLASSES[arch]
+    if not isinstance(model, model_cls):
+        model.__class__ = model_cls
+    if not isinstance(model.config, config_cls):
+        model.config.__class__ = config_cls
+
+
+def _apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in masks.items():
+            p = params.get(name)
+            if p is None or p.shape != keep.shape:
+                raise ValueError(f"mask for {name!r} does not match a parameter of the model")
+            p.mul_(keep.to(device=p.device, dtype=p.dtype))
+
+
+def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Prune ``model`` in place with the method that ``config``'s class names; returns the model.
+
+    ``calibration`` is a LongTensor of token ids ``[n_samples, seq_len]`` for methods that need data.
+    """
+    _check_float_model(model)
+    adapter_for(model)
+    spec = get_method(config)
+    if spec.needs_calibration and calibration is None:
+        raise ValueError(
+            f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
+            "hf_pruning.calibration.build_calibration(tokenizer, text, n_samples, seq_len)"
+        )
+    result: PruningResult = spec.run(model, config, calibration)
+    if result.plan is not None and result.plan.ops:
+        apply_plan_(model, result.plan)
+    if result.masks:
+        _apply_masks_(model, result.masks)
+    _record(model, get_plan(model), pruning_config=config.to_dict())
+    model.hf_pruning_report = result.report
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def predicted_decoder_params(model: nn.Module, plan: PruningPlan | None = None) -> int:
+    """Decoder-layer parameters after ``plan`` (or now), computed from layer shapes without surgery."""
+    states = simulate_plan(model, plan) if plan is not None else inspect_model(model)
+    return sum(s.num_params() for s in states)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading and saving
+# ---------------------------------------------------------------------------------------------------------
+def _bind(model: nn.Module) -> nn.Module:
+    """Give a model ``model.prune_(...)``, ``model.apply_plan_(...)`` and an atomic ``save_pretrained``."""
+    model.prune_ = types.MethodType(prune_, model)
+    model.apply_plan_ = types.MethodType(apply_plan_, model)
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+    return model
+
+
+def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None = None, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` plus ``prune_`` bound to the model.
+
+    With ``gguf_file`` the weights are dequantized by transformers and the quantizer is cleared, so the
+    model can be pruned and saved. Defaults to float32 when no dtype is given.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = torch.float32
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(pretrained, *args, **kwargs)
+    if gguf_file is not None:
+        clear_quantizer_(model)
+    return _bind(model)
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    """Save atomically: write into a temporary sibling folder, then swap it into place.
+
+    An interrupted save leaves the previous folder (or nothing) behind, never a half-written one. Extra
+    arguments go to transformers' ``save_pretrained``; ``tokenizer=`` saves a tokenizer alongside.
+    """
+    tokenizer = kwargs.pop("tokenizer", None)
+    target = Path(save_directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        type(model).save_pretrained(model, tmp, *args, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved %s to %s", type(model).__name__, target)

@@ -1,0 +1,35 @@
+"""Public home of the plan vocabulary (implemented in ``remote/`` because saved models replay it)."""
+
+from .remote.hf_pruning_plan import (
+    OP_TYPES,
+    PLAN_FORMAT_VERSION,
+    AddLinear,
+    DropAttention,
+    DropMLP,
+    Op,
+    PlanError,
+    PruningPlan,
+    RemoveHeads,
+    RemoveLayers,
+    ScaleOutput,
+    ShrinkMLP,
+    ValueOnlyAttention,
+    op_from_dict,
+)
+
+__all__ = [
+    "OP_TYPES",
+    "PLAN_FORMAT_VERSION",
+    "AddLinear",
+    "DropAttention",
+    "DropMLP",
+    "Op",
+    "PlanError",
+    "PruningPlan",
+    "RemoveHeads",
+    "RemoveLayers",
+    "ScaleOutput",
+    "ShrinkMLP",
+    "ValueOnlyAttention",
+    "op_from_dict",
+]

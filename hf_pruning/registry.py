@@ -1,0 +1,61 @@
+"""Method registry: a method is a config class plus a function that returns a PruningResult."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .plan import PruningPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningResult:
+    """What a method decided: structural ops and/or weight masks, plus a report for humans."""
+
+    plan: PruningPlan | None = None
+    #: parameter name -> boolean mask (True = keep) of the same shape; applied by zeroing weights
+    masks: dict[str, torch.Tensor] | None = None
+    report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_class: type
+    run: Callable  # (model, config, calibration) -> PruningResult
+    needs_calibration: bool = True
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_class: type, needs_calibration: bool = True):
+    """Decorator registering ``run(model, config, calibration) -> PruningResult`` under ``name``."""
+
+    def wrap(run: Callable) -> Callable:
+        if name in _METHODS and _METHODS[name].run is not run:
+            raise ValueError(f"method {name!r} is already registered")
+        if getattr(config_class, "method", None) != name:
+            raise ValueError(f"{config_class.__name__}.method must be {name!r} to register it under that name")
+        _METHODS[name] = MethodSpec(name, config_class, run, needs_calibration)
+        return run
+
+    return wrap
+
+
+def get_method(name_or_config) -> MethodSpec:
+    """Look a method up by registry key or by config instance/class, with a clear error."""
+    name = name_or_config if isinstance(name_or_config, str) else getattr(name_or_config, "method", None)
+    spec = _METHODS.get(name or "")
+    if spec is None:
+        raise KeyError(f"unknown pruning method {name!r}; registered: {', '.join(sorted(_METHODS)) or '(none)'}")
+    return spec
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)

@@ -1,0 +1,178 @@
+"""Small modules that replace pruned sublayers, and the KV-cache adjustment for attention-less layers.
+
+Copied next to saved weights: imports only torch and transformers. Each module keeps the state-dict key
+names of what it replaces (``o_proj.weight`` stays ``o_proj.weight``) so that PEFT target names and the
+checkpoint layout keep working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class NoAttention(nn.Module):
+    """A dropped attention sublayer: contributes zeros and never touches the KV cache."""
+
+    has_attention = False
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        # hidden_states: [B, T, d] -> zeros [B, T, d]; second item mirrors (attn_output, attn_weights)
+        return torch.zeros_like(hidden_states), None
+
+
+class ValueOnlyAttention(nn.Module):
+    """HARP's value-only attention: each token attends only to itself.
+
+    ``o_proj(repeat_kv(v_proj(x)))`` with the repeat folded into ``o_proj`` (its input columns of the query
+    heads sharing one KV head are summed), so ``o_proj`` maps ``n_kv * head_dim -> d``. No RoPE, no softmax,
+    no KV cache.
+    """
+
+    has_attention = False
+
+    def __init__(self, v_proj: nn.Linear, o_proj: nn.Linear, layer_idx: int, out_name: str = "o_proj"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.out_name = out_name
+        self.v_proj = v_proj
+        self.add_module(out_name, o_proj)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        # [B, T, d] -> v: [B, T, n_kv*hd] -> [B, T, d]
+        return getattr(self, self.out_name)(self.v_proj(hidden_states)), None
+
+
+class ZeroMLP(nn.Module):
+    """A dropped MLP sublayer: contributes zeros."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class EmptyProjection(nn.Module):
+    """Stands in for an input projection of a dropped MLP whose layer calls it directly (OPT's ``fc1``)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., :0]  # [..., d] -> [..., 0]
+
+
+class ZeroProjection(nn.Module):
+    """Stands in for the output projection of a dropped MLP (OPT's ``fc2``): zeros of width ``out_features``."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], self.out_features)
+
+
+class _OutputCompensation:
+    """Mixin: apply the attached ``compensation`` linear to the module's output."""
+
+    def forward(self, *args, **kwargs):
+        return self.compensation(super().forward(*args, **kwargs))
+
+
+_COMPENSATED_CLASSES: dict[type, type] = {}
+
+
+def attach_output_linear(module: nn.Module, linear: nn.Linear) -> nn.Module:
+    """Make ``module`` return ``linear(module(x))`` in place, keeping its own parameter names.
+
+    Used where a compensation cannot fold into an existing weight (after Gemma2's post-sublayer norm). The
+    module's class becomes a subclass of its own class, so its forward and state-dict keys are unchanged and
+    only ``<name>.compensation.weight`` (and ``.bias``) are added.
+    """
+    base = type(module)
+    if issubclass(base, _OutputCompensation):
+        raise ValueError(f"{base.__name__} already carries a compensation")
+    cls = _COMPENSATED_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Compensated{base.__name__}", (_OutputCompensation, base), {})
+        _COMPENSATED_CLASSES[base] = cls
+    module.__class__ = cls
+    module.add_module("compensation", linear)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------------------
+try:  # transformers >= 5.23: a cache layer that stores nothing and that masks and positions skip
+    from transformers.cache_utils import DummyLayer as _DummyLayer
+except ImportError:  # older transformers
+    _DummyLayer = None
+
+
+class _MirrorLayer:
+    """Fallback for transformers without ``DummyLayer``: stores nothing, reports another layer's length.
+
+    ``get_seq_length()`` reads layer 0 and masks read the first full-attention layer, so an attention-less
+    layer there must report the sequence length that real attention layers hold.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, cache, source_idx: int):
+        self._cache = cache
+        self._source_idx = source_idx
+        self.keys = None
+        self.values = None
+
+    def _source(self):
+        return self._cache.layers[self._source_idx]
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self._source().get_seq_length()
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self._source().get_mask_sizes(*args, **kwargs)
+
+    def get_max_length(self) -> int:
+        return self._source().get_max_length()
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("hf_pruning: an attention-less layer was asked to store KV states")
+
+    def reset(self): ...
+    def crop(self, *args, **kwargs): ...
+    def reorder_cache(self, *args, **kwargs): ...
+    def batch_repeat_interleave(self, *args, **kwargs): ...
+    def batch_select_indices(self, *args, **kwargs): ...
+    def offload(self): ...
+    def prefetch(self): ...
+
+
+def prepare_cache_for_attentionless_layers(cache, attentionless: list[int], num_layers: int) -> None:
+    """Give every attention-less layer a cache slot that stores nothing and does not break lengths.
+
+    Idempotent; a cache without per-layer slots (legacy tuples) is left alone.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or not attentionless:
+        return
+    if _DummyLayer is None and len(layers) < num_layers:
+        # lazily grown caches: pad with the cache's own layer class so indices line up
+        layer_cls = getattr(cache, "layer_class_to_replicate", None)
+        if layer_cls is None:
+            return
+        while len(layers) < num_layers:
+            layers.append(layer_cls())
+    sources = [i for i in range(num_layers) if i not in set(attentionless)]
+    for idx in attentionless:
+        if idx >= len(layers):
+            continue
+        current = layers[idx]
+        if _DummyLayer is not None:
+            if not isinstance(current, _DummyLayer):
+                layers[idx] = _DummyLayer()
+        elif not isinstance(current, _MirrorLayer) and sources:
+            layers[idx] = _MirrorLayer(cache, sources[0])

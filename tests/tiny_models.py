@@ -1,0 +1,69 @@
+"""Tiny random models of the five supported architectures, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "opt", "opt_postln")
+
+
+def tiny_config(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=6, num_attention_heads=8,
+                  max_position_embeddings=256, initializer_range=0.08, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(**common, intermediate_size=96, num_key_value_heads=4, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**common, intermediate_size=96, num_key_value_heads=2, sliding_window=7)
+    if arch == "qwen2":
+        return Qwen2Config(**common, intermediate_size=96, num_key_value_heads=4)
+    if arch == "gemma2":
+        return Gemma2Config(**common, intermediate_size=96, num_key_value_heads=4, head_dim=16, sliding_window=6,
+                            query_pre_attn_scalar=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if arch in ("opt", "opt_postln"):
+        common.pop("max_position_embeddings")
+        return OPTConfig(**common, ffn_dim=96, max_position_embeddings=256, word_embed_proj_dim=64,
+                         do_layer_norm_before=(arch == "opt"), enable_bias=True)
+    raise ValueError(arch)
+
+
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "opt": OPTForCausalLM,
+    "opt_postln": OPTForCausalLM,
+}
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa"):
+    """A tiny random model in eval mode; norm gains and biases are randomised so no op is trivially exact."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = "eager" if arch == "gemma2" else attn  # Gemma2 has no SDPA path
+    model = MODEL_CLASSES[arch](config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm gains and biases
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
