@@ -248,3 +248,19 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("saved %s to %s", type(model).__name__, target)
+
+
+def lora_target_modules(model: nn.Module, names: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Full names of the real ``nn.Linear`` projections in decoder layers, for ``LoraConfig(target_modules=...)``.
+
+    PEFT cannot pick default targets for a pruned ``model_type`` and matches names by suffix, which would also
+    hit the zero-output placeholders of dropped sublayers (OPT's ``fc2``). ``names`` filters by the last name
+    component (e.g. ``["q_proj", "v_proj"]``); by default every linear projection is returned.
+    """
+    layers = adapter_for(model).decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return [
+        f"{prefix}.{name}"
+        for name, module in layers.named_modules()
+        if isinstance(module, nn.Linear) and (names is None or name.rsplit(".", 1)[-1] in names)
+    ]
