@@ -45,7 +45,9 @@ class Emulator:
         cfg = model.config
         self.layers = list(range(cfg.num_hidden_layers))  # current index -> original layer index
         n_heads = cfg.num_attention_heads
-        self.heads = {i: list(range(n_heads)) for i in self.layers}  # original layer -> original q heads kept
+        # original layer -> source of each current query head (an original head, or None for a padding head)
+        self.heads = {i: list(range(n_heads)) for i in self.layers}
+        self.kv_heads = {i: getattr(cfg, "num_key_value_heads", None) or n_heads for i in self.layers}
         inter = cfg.ffn_dim if self.arch == "opt" else cfg.intermediate_size
         self.channels = {i: list(range(inter)) for i in self.layers}
 
@@ -82,12 +84,20 @@ class Emulator:
         orig = self.layers[op["layer"]]
         layer = layers_of(self.model)[orig]
         if name == "remove_heads":
+            # spec: heads are grouped by KV head; a group left empty goes; the others are padded with
+            # zero heads up to the largest group
             hd = self._attn(layer).head_dim
-            kept = self.heads[orig]
-            for h in op["heads"]:
-                head = kept[h]
-                self._o(layer).weight[:, head * hd : (head + 1) * hd] = 0
-            self.heads[orig] = [h for i, h in enumerate(kept) if i not in set(op["heads"])]
+            current, gone = self.heads[orig], set(op["heads"])
+            for h in gone:
+                if current[h] is not None:
+                    self._o(layer).weight[:, current[h] * hd : (current[h] + 1) * hd] = 0
+            rep = len(current) // self.kv_heads[orig]
+            groups = [[current[j] for j in range(g * rep, (g + 1) * rep) if j not in gone]
+                      for g in range(self.kv_heads[orig])]
+            groups = [g for g in groups if g]
+            width = max(len(g) for g in groups)
+            self.heads[orig] = [h for g in groups for h in g + [None] * (width - len(g))]
+            self.kv_heads[orig] = len(groups)
         elif name == "drop_attention":
             self._contribution(layer, "attention", torch.zeros_like)
         elif name == "drop_mlp":
@@ -105,7 +115,8 @@ class Emulator:
                 o = mod.out_proj if hasattr(mod, "out_proj") else mod.o_proj
                 return (o(v), *out[1:])
 
-            attn.register_forward_hook(value_only, with_kwargs=True)
+            # replaces the attention computation itself: earlier scales/compensations on its output still apply
+            attn.register_forward_hook(value_only, with_kwargs=True, prepend=True)
         elif name == "shrink_mlp":
             kept = self.channels[orig]
             keep = set(op["keep"])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from tiny_models import ARCHS, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_pruning
+from hf_pruning.verify import reload_in_fresh_process
 
 STRUCTURAL = {
     "ops": [
@@ -28,32 +26,9 @@ STRUCTURAL = {
     ]
 }
 
-RELOAD_SCRIPT = """
-import sys, json, torch
-sys.modules["hf_pruning"] = None  # an outside user: the package is not importable
-from transformers import AutoModelForCausalLM
-path, x_path, out_path = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-x = torch.load(x_path)
-with torch.no_grad():
-    logits = model(x, use_cache=False).logits
-gen = model.generate(x[:1], max_new_tokens=6, do_sample=False)
-gen_nocache = model.generate(x[:1], max_new_tokens=6, do_sample=False, use_cache=False)
-torch.save({"logits": logits, "gen": gen, "gen_nocache": gen_nocache, "cls": type(model).__name__}, out_path)
-"""
-
-
-def run_outside(path: Path, x: torch.Tensor, tmp_path: Path, python: str = sys.executable) -> dict:
-    script = tmp_path / "reload.py"
-    script.write_text(textwrap.dedent(RELOAD_SCRIPT))
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [python, str(script), str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt")
+def run_outside(path: Path, x: torch.Tensor, tmp_path: Path | None = None) -> dict:
+    out = reload_in_fresh_process(path, x, max_new_tokens=6)
+    return {"logits": out["logits"], "gen": out["generated"], "gen_nocache": out["generated_no_cache"]}
 
 
 def prune_and_save(arch: str, plan: dict, path: Path):

@@ -264,9 +264,9 @@ class DecoderAdapter:
         return out
 
     def heads_after_removal(self, s: LayerState, heads: list[int]) -> tuple[int, int]:
-        """(query heads, KV heads) after removing ``heads``: KV heads are kept whole or duplicated evenly."""
-        _, kv_src = self._head_layout(s.q_heads, s.kv_heads, heads)
-        return s.q_heads - len(heads), len(kv_src)
+        """(query heads, KV heads) after removing ``heads`` (padding heads included, see ``_head_layout``)."""
+        q_src, kv_src = self._head_layout(s.q_heads, s.kv_heads, heads)
+        return len(q_src), len(kv_src)
 
     def _simulate_add_linear(self, s: LayerState, op) -> LayerState:
         d = s.hidden
@@ -287,34 +287,49 @@ class DecoderAdapter:
 
     # ----- heads ---------------------------------------------------------------------------------------
     @staticmethod
-    def _head_layout(nq: int, nkv: int, remove: list[int]) -> tuple[list[int], list[int]]:
-        """Kept query heads and, for the new layout, the source KV head of each new KV head.
+    def _head_layout(nq: int, nkv: int, remove: list[int]) -> tuple[list[int | None], list[int]]:
+        """The new head layout: source query head of each new query head (None = zero padding head), and
+        source KV head of each new KV head.
 
-        Query head ``j`` reads KV head ``j // (nq // nkv)``. After removal each KV group keeps ``c_g`` query
-        heads; with ``r = gcd(c_g)`` every group becomes ``c_g / r`` copies of its KV head, so the stock
-        ``repeat_kv(kv, r)`` layout stays exact. Groups that keep the same number of heads need no copies.
+        Query head ``j`` reads KV head ``j // (nq // nkv)``. A KV group left without query heads goes with
+        them. When the remaining groups keep different numbers of query heads (uneven removal), each group
+        is padded with zero query heads (zero ``q`` rows, zero ``o_proj`` columns: they contribute exactly
+        nothing) up to the largest group, so the stock ``repeat_kv`` layout stays exact and no KV head is
+        duplicated: the KV cache shrinks only by the removed groups, never grows.
         """
         rep = nq // nkv
         gone = set(remove)
-        keep_q = [h for h in range(nq) if h not in gone]
-        counts = [sum(1 for h in keep_q if h // rep == g) for g in range(nkv)]
-        r = math.gcd(*[c for c in counts if c]) if any(counts) else 1
-        kv_src = [g for g in range(nkv) for _ in range(counts[g] // r)]
-        return keep_q, kv_src
+        groups = [[h for h in range(g * rep, (g + 1) * rep) if h not in gone] for g in range(nkv)]
+        width = max(len(heads) for heads in groups)
+        q_src: list[int | None] = []
+        kv_src: list[int] = []
+        for g, heads in enumerate(groups):
+            if heads:
+                q_src += heads + [None] * (width - len(heads))
+                kv_src.append(g)
+        return q_src, kv_src
 
     def remove_heads_(self, layer: nn.Module, heads: list[int]) -> None:
         attn = self.attention(layer)
         hd = self.head_dim(attn)
         q, k, v, o = (getattr(attn, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
         nq, nkv = q.out_features // hd, k.out_features // hd
-        keep_q, kv_src = self._head_layout(nq, nkv, heads)
+        q_src, kv_src = self._head_layout(nq, nkv, heads)
         dev = q.weight.device
-        q_rows, kv_rows = _index(hd, keep_q, dev), _index(hd, kv_src, dev)
+        q_rows = _index(hd, [h if h is not None else 0 for h in q_src], dev)
+        kv_rows = _index(hd, kv_src, dev)
         slice_linear_(q, out_idx=q_rows)
         slice_linear_(k, out_idx=kv_rows)
         slice_linear_(v, out_idx=kv_rows)
         slice_linear_(o, in_idx=q_rows)
-        self._set_head_counts(attn, len(keep_q), len(kv_src))
+        pads = [i for i, h in enumerate(q_src) if h is None]
+        if pads:  # padding heads: zero query rows and zero output columns
+            pad_rows = _index(hd, pads, dev)
+            q.weight.data[pad_rows] = 0
+            if q.bias is not None:
+                q.bias.data[pad_rows] = 0
+            o.weight.data[:, pad_rows] = 0
+        self._set_head_counts(attn, len(q_src), len(kv_src))
 
     def _set_head_counts(self, attn: nn.Module, nq: int, nkv: int) -> None:
         """Keep the attributes that attention code reads in step with the new shapes."""

