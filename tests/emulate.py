@@ -126,8 +126,13 @@ class Emulator:
                     down.weight[:, ch] = 0
             self.channels[orig] = [ch for i, ch in enumerate(kept) if i in keep]
             if op.get("bias") and "bias" in tensors:
+                # spec: the bias joins the output projection's bias as given, i.e. after earlier scales; on
+                # Gemma2 the projection output still goes through the post-feedforward norm
                 b = tensors["bias"]
-                _map_output(down, False, lambda y, b=b: y + b)
+                if self.arch == "gemma2":
+                    _map_output(down, False, lambda y, b=b: y + b)
+                else:
+                    self._contribution(layer, "mlp", lambda y, b=b: y + b)
         elif name == "scale_output":
             alpha = op["alpha"]
             self._contribution(layer, op["sublayer"], lambda y, a=alpha: y * a)

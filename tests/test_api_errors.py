@@ -148,3 +148,24 @@ def test_library_code_uses_logging_not_print():
     root = Path(hf_pruning.__file__).parent
     offenders = [str(p) for p in root.rglob("*.py") if "print(" in p.read_text() and p.name != "cli.py"]
     assert not offenders
+
+
+def test_modeling_file_imports_every_remote_sibling_directly():
+    """transformers < 5 copies only direct relative imports of the modeling file next to it."""
+    remote = Path(hf_pruning_surgery.__file__).parent
+    modeling = (remote / "modeling_hf_pruning.py").read_text()
+    siblings = [p.stem for p in remote.glob("*.py") if p.stem not in ("__init__", "modeling_hf_pruning")]
+    missing = [s for s in siblings if f"from .{s} import" not in modeling]
+    assert not missing
+
+
+def test_remote_code_refuses_too_old_transformers(monkeypatch):
+    import importlib.util
+
+    import transformers
+
+    path = Path(hf_pruning_surgery.__file__).parent / "configuration_hf_pruning.py"
+    spec = importlib.util.spec_from_file_location("configuration_hf_pruning_copy", path)
+    monkeypatch.setattr(transformers, "__version__", "4.45.2")
+    with pytest.raises(ImportError, match=r"needs transformers >= 4.57, found 4.45.2; upgrade with: pip install -U"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -169,7 +170,8 @@ def random_plans(draw, n_layers=6, n_heads=8, width=96):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("HF_PRUNING_HYPOTHESIS_EXAMPLES", "15")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(ops=random_plans())
 def test_random_plans_match_emulation(arch, ops):
     if not ops:

@@ -58,7 +58,7 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa"):
     model = MODEL_CLASSES[arch](config).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # norm gains and biases
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model

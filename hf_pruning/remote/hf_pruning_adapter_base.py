@@ -7,7 +7,6 @@ weights: imports only torch and siblings.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

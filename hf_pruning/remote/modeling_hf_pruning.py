@@ -8,6 +8,7 @@ imports only torch, transformers and siblings.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from transformers import (
@@ -26,6 +27,16 @@ from .configuration_hf_pruning import (
     PrunedOPTConfig,
     PrunedQwen2Config,
 )
+
+# transformers < 5 copies only the files this module imports DIRECTLY into its dynamic-module cache, so
+# every sibling is imported here, even those only the surgery module uses (a test checks the list).
+from .hf_pruning_adapter_base import DecoderAdapter  # noqa: F401
+from .hf_pruning_adapter_gemma2 import Gemma2Adapter  # noqa: F401
+from .hf_pruning_adapter_llama import LlamaAdapter  # noqa: F401
+from .hf_pruning_adapter_mistral import MistralAdapter  # noqa: F401
+from .hf_pruning_adapter_opt import OPTAdapter  # noqa: F401
+from .hf_pruning_adapter_qwen2 import Qwen2Adapter  # noqa: F401
+from .hf_pruning_modules import NoAttention  # noqa: F401
 from .hf_pruning_plan import PruningPlan
 from .hf_pruning_surgery import base_fields, prepare_cache, replay_plan_
 
@@ -53,24 +64,30 @@ class PrunedCausalLMMixin:
                 "was edited by hand or written by an incompatible version"
             )
 
-    @classmethod
-    def _cache_arg_name(cls) -> str:
-        params = inspect.signature(super().forward).parameters  # type: ignore[misc]
-        return "cache" if "cache" in params else "past_key_values"
+    def __init_subclass__(cls, **kwargs):
+        """Give each subclass a forward with the stock signature (generate inspects it)."""
+        super().__init_subclass__(**kwargs)
+        stock_forward = cls.__mro__[cls.__mro__.index(PrunedCausalLMMixin) + 1].forward
+        cache_name = "cache" if "cache" in inspect.signature(stock_forward).parameters else "past_key_values"
 
-    def forward(self, *args, **kwargs):
+        def forward(self, *args, **kw):
+            return self._forward_with_prepared_cache(stock_forward, cache_name, *args, **kw)
+
+        cls.forward = functools.update_wrapper(forward, stock_forward)
+
+    def _forward_with_prepared_cache(self, stock_forward, cache_name: str, *args, **kwargs):
         name = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(name)
         use_cache = kwargs.get("use_cache")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cache is None and use_cache and len(args) <= 3:
+        if cache is None and use_cache and len(args) <= 3:  # the cache is the 4th positional argument
             try:
                 cache = DynamicCache(config=self.config)
             except TypeError:  # transformers without config-aware caches
                 cache = DynamicCache()
-            kwargs[self._cache_arg_name()] = cache
+            kwargs[cache_name] = cache
         prepare_cache(self, cache)
-        return super().forward(*args, **kwargs)
+        return stock_forward(self, *args, **kwargs)
 
 
 class PrunedLlamaForCausalLM(PrunedCausalLMMixin, LlamaForCausalLM):

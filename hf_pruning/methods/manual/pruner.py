@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ...plan import PruningPlan
 from ...registry import PruningResult, register_method
 from .config import PlanConfig
 
