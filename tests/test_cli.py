@@ -31,3 +31,25 @@ def test_bad_plan_is_a_clear_error_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "out of range" in err and "6 decoder layers" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_with_method_flags_and_eval(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    hf_pruning.save_pretrained(tiny_model("gemma2"), tmp_path / "dense", tokenizer=tiny_tokenizer())
+    plan = json.dumps({"ops": [{"op": "drop_mlp", "layer": 0}]})
+    assert main(["-q", "prune", str(tmp_path / "dense"), str(tmp_path / "out"), "--method", "plan", "--plan", plan]) == 0
+    capsys.readouterr()
+    assert main(["-q", "eval", str(tmp_path / "out"), "--ppl", "default:evaluation", "--windows", "2", "--seq-len", "16",
+                 "--tasks", "social_iqa", "--limit", "4", "--speed"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ppl"] > 1 and out["ppl_tokens"] == 32 and set(out["acc"]) == {"social_iqa"}
+    assert out["speed"]["prefill_tok_s"] > 0
+
+
+def test_unknown_method_and_bad_source_exit_2(tmp_path, capsys):
+    assert main(["-q", "prune", "x", "y", "--method", "nope"]) == 2
+    assert "registered: plan" in capsys.readouterr().err
+    hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
+    assert main(["-q", "eval", str(tmp_path / "dense"), "--ppl", "default"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
