@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .api import parameter_count, prune_
@@ -163,7 +164,7 @@ class BenchmarkRunner:
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
         dense = load_model()
         reference = None
-        for group, method, settings in self.grid():
+        for group, method, settings in tqdm(self.grid(), desc="benchmark rows", unit="row"):
             if self.done(method, settings):
                 logger.info("skipping %s %s: already in %s", method, settings, self.path)
                 continue

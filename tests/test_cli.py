@@ -53,3 +53,10 @@ def test_unknown_method_and_bad_source_exit_2(tmp_path, capsys):
     hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
     assert main(["-q", "eval", str(tmp_path / "dense"), "--ppl", "default"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_folder_that_is_not_a_model_exits_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["-q", "eval", str(tmp_path), "--speed"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-prune: error:") and "config.json" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer, tokens
@@ -79,3 +81,11 @@ def test_zero_shot_through_lm_eval_on_local_tasks(tok):
 def test_unknown_task_is_a_clear_error(tok):
     with pytest.raises(ValueError, match="unknown lm-eval task.*no_such_task.*local tasks: social_iqa"):
         zero_shot(tiny_model("llama"), tok, ["no_such_task"], limit=2)
+
+
+def test_tokenizer_without_special_tokens_is_refused(tok):
+    bare = copy.deepcopy(tok)
+    bare.eos_token = None
+    bare.bos_token = None
+    with pytest.raises(ValueError, match="neither an EOS nor a BOS token"):
+        zero_shot(tiny_model("llama"), bare, ["social_iqa"], limit=2)
