@@ -24,7 +24,8 @@ from .api import (  # noqa: E402
     save_pretrained,
 )
 from .config import ConfigError, PruningConfig  # noqa: E402
-from .methods import PlanConfig  # noqa: E402
+from .methods import BarberConfig, MagnitudeConfig, PlanConfig, SparseGPTConfig, WandaConfig  # noqa: E402
+from .methods.layerwise import sparsity_report  # noqa: E402
 from .plan import PlanError, PruningPlan  # noqa: E402
 from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
 from .remote.hf_pruning_surgery import UnsupportedArchitectureError  # noqa: E402
@@ -44,7 +45,12 @@ def _register_auto_classes() -> None:
 _register_auto_classes()
 
 __all__ = [
+    "BarberConfig",
     "ConfigError",
+    "MagnitudeConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "sparsity_report",
     "PlanConfig",
     "PlanError",
     "PruningConfig",

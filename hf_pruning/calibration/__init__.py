@@ -1,5 +1,7 @@
-"""Calibration data: seeded token batches from text, and the embedded default text."""
+"""Calibration data (seeded token batches from text) and the machinery to run a model layer by layer."""
 
+from .capture import capture_layer_inputs, run_layer
+from .context import calibration_mode, hooks
 from .data import (
     HUB_DATASETS,
     NotEnoughTextError,
@@ -10,4 +12,16 @@ from .data import (
     tokenize_text,
 )
 
-__all__ = ["HUB_DATASETS", "load_text", "NotEnoughTextError", "build_calibration", "default_text", "evaluation_windows", "tokenize_text"]
+__all__ = [
+    "HUB_DATASETS",
+    "NotEnoughTextError",
+    "build_calibration",
+    "calibration_mode",
+    "capture_layer_inputs",
+    "default_text",
+    "evaluation_windows",
+    "hooks",
+    "load_text",
+    "run_layer",
+    "tokenize_text",
+]

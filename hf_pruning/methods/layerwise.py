@@ -1,0 +1,102 @@
+"""Sequential layer-by-layer processing for mask methods: each layer sees inputs from the already-pruned
+layers before it, and peak memory does not grow with depth (one layer's activations at a time)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import calibration_mode, capture_layer_inputs, hooks, run_layer
+from ..config import PruningConfig, check_fraction
+from ..remote.hf_pruning_surgery import adapter_for
+from .sparsity import parse_pattern
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SparsityConfig(PruningConfig):
+    """Fields shared by the mask methods. With an N:M pattern, ``sparsity`` becomes N/M."""
+
+    method: ClassVar[str] = ""
+    sparsity: float = field(default=0.5, metadata={"help": "fraction of each matrix's weights set to zero (0, 1)"})
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (N zeros in every M)"})
+
+    def __post_init__(self):
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            check_fraction("sparsity", self.sparsity)
+        else:
+            self.sparsity = nm[0] / nm[1]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+
+def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear weights of one decoder layer that mask methods may zero (biases never)."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear) and "compensation" not in name}
+
+
+def check_widths(model, nm: tuple[int, int] | None) -> None:
+    """An N:M pattern needs every input width to be a multiple of M: checked before anything changes."""
+    if nm is None:
+        return
+    adapter = adapter_for(model)
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for name, lin in prunable_linears(layer).items():
+            if lin.in_features % nm[1]:
+                from ..config import ConfigError
+
+                raise ConfigError(f"pattern {nm[0]}:{nm[1]}: layer {i} {name} has input width {lin.in_features}, "
+                                  f"not a multiple of {nm[1]}; use an unstructured sparsity or another M")
+
+
+def collect_input_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
+                        make_stat: Callable[[nn.Linear], object], update: Callable[[object, torch.Tensor], None]) -> dict:
+    """Run ``layer`` over ``inputs`` once with hooks feeding each linear's input ``[tokens, in]`` to ``update``."""
+    linears = prunable_linears(layer)
+    stats = {name: make_stat(lin) for name, lin in linears.items()}
+    with hooks() as handles:
+        for name, lin in linears.items():
+            handles.append(lin.register_forward_hook(
+                lambda mod, args, out, name=name: update(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            ))
+        for h in inputs:
+            run_layer(layer, h, kwargs)
+    return stats
+
+
+@torch.no_grad()
+def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: str) -> list[dict]:
+    """Call ``process_layer(index, layer, inputs, kwargs) -> dict`` for every decoder layer in order, then
+    propagate the inputs through the (now pruned) layer. Returns the per-layer reports."""
+    adapter = adapter_for(model)
+    reports = []
+    with calibration_mode(model):
+        inputs, layer_kwargs = capture_layer_inputs(model, calibration)
+        for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc=desc, unit="layer")):
+            reports.append(process_layer(i, layer, inputs, layer_kwargs[i]) or {})
+            inputs = [run_layer(layer, h, layer_kwargs[i]) for h in inputs]
+    return reports
+
+
+def sparsity_report(model) -> dict:
+    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them."""
+    adapter = adapter_for(model)
+    layers, zeros, total = [], 0, 0
+    for layer in adapter.decoder_layers(model):
+        entry = {}
+        for name, lin in prunable_linears(layer).items():
+            z = int((lin.weight == 0).sum())
+            entry[name] = z / lin.weight.numel()
+            zeros += z
+            total += lin.weight.numel()
+        layers.append(entry)
+    return {"overall": zeros / total if total else 0.0, "layers": layers}

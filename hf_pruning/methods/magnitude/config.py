@@ -1,0 +1,15 @@
+"""Configuration of magnitude pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..layerwise import SparsityConfig
+
+
+@dataclass
+class MagnitudeConfig(SparsityConfig):
+    """Zero the smallest-magnitude weights of every decoder-layer linear (per matrix, or per N:M group)."""
+
+    method: ClassVar[str] = "magnitude"

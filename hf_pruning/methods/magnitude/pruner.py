@@ -1,0 +1,28 @@
+"""Orchestration of magnitude pruning (no calibration data: each matrix on its own)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...registry import PruningResult, register_method
+from ...remote.hf_pruning_surgery import adapter_for
+from ..layerwise import check_widths, prunable_linears, sparsity_report
+from ..sparsity import select_mask
+from .config import MagnitudeConfig
+
+
+def magnitude_prune_layer_(layer, config) -> None:
+    """Zero the lowest |W| of each linear of ``layer`` in place (already-zero weights count first)."""
+    for lin in prunable_linears(layer).values():
+        w = lin.weight.data
+        mask = select_mask(w.abs(), config.sparsity, config.nm, per_row=False, already_zero=w == 0)
+        w[mask] = 0
+
+
+@register_method("magnitude", MagnitudeConfig, needs_calibration=False)
+@torch.no_grad()
+def run_magnitude(model, config: MagnitudeConfig, calibration=None) -> PruningResult:
+    check_widths(model, config.nm)
+    for layer in adapter_for(model).decoder_layers(model):
+        magnitude_prune_layer_(layer, config)
+    return PruningResult(report={"sparsity": sparsity_report(model)})

@@ -1,0 +1,149 @@
+"""Pure tensor math shared by the mask methods (magnitude, Wanda, SparseGPT, LLM-Barber).
+
+A mask here is a boolean tensor that is True where a weight is PRUNED (zero). Counts are exact: weights are
+chosen by sorting (ties broken by position), never by comparing with a threshold value, so the requested
+number is always hit even when scores tie (SmolLM2's 4-bit weights tie a lot).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..config import ConfigError
+
+GRANULARITIES = ("output1", "input1", "layer", "block")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N pruned, M group size), with N < M checked."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    if not match:
+        raise ConfigError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {pattern!r}: need 0 < N < M (N pruned out of every M weights)")
+    return n, m
+
+
+def _rank(order: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation along the last dim: rank[i, order[i, j]] = j."""
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank
+
+
+def lowest_per_row(score: torch.Tensor, k: torch.Tensor | int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the ``k`` lowest-scoring entries of each row ``[R, C]`` (``forced`` entries count first)."""
+    s = score.float()
+    if forced is not None:
+        s = torch.where(forced, torch.full_like(s, float("-inf")), s)
+    order = torch.sort(s, dim=-1, stable=True).indices
+    k = torch.as_tensor(k, device=score.device).reshape(-1, 1) if not isinstance(k, int) else k
+    return _rank(order) < k
+
+
+def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool,
+                      already_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune ``sparsity`` of a matrix ``[R, C]``: per output row (Wanda) or over the whole matrix (magnitude).
+
+    Weights that are already zero are pruned first, so the final zero fraction is exactly as requested
+    (unless more than that was already zero).
+    """
+    if per_row:
+        return lowest_per_row(score, int(score.shape[1] * sparsity), already_zero)
+    flat_zero = None if already_zero is None else already_zero.reshape(1, -1)
+    return lowest_per_row(score.reshape(1, -1), int(score.numel() * sparsity), flat_zero).reshape(score.shape)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int, already_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the ``n`` lowest of every ``m`` consecutive input weights of each row ``[R, C]``."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ConfigError(f"an N:M pattern with M={m} needs the input width to be a multiple of {m}; got {cols}")
+    grouped = score.reshape(rows * cols // m, m)
+    zero = None if already_zero is None else already_zero.reshape(rows * cols // m, m)
+    return lowest_per_row(grouped, n, zero).reshape(rows, cols)
+
+
+def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool,
+                already_zero: torch.Tensor | None = None) -> torch.Tensor:
+    if nm is not None:
+        return nm_mask(score, nm[0], nm[1], already_zero)
+    return unstructured_mask(score, sparsity, per_row, already_zero)
+
+
+def _swap_counts(score: torch.Tensor, pruned: torch.Tensor, threshold: float):
+    """Per row: k = int(threshold * r), r = beneficial swaps (best pruned beats worst kept, pairwise)."""
+    s = score.float()
+    grow_order = torch.sort(torch.where(pruned, s, torch.full_like(s, float("-inf"))), dim=-1, descending=True,
+                            stable=True).indices
+    keep_order = torch.sort(torch.where(pruned, torch.full_like(s, float("inf")), s), dim=-1, stable=True).indices
+    grow_sorted, keep_sorted = s.gather(-1, grow_order), s.gather(-1, keep_order)
+    n_pruned = pruned.sum(-1, keepdim=True)
+    pairs = torch.minimum(n_pruned, pruned.shape[-1] - n_pruned)  # [R, 1]
+    position = torch.arange(s.shape[-1], device=s.device)
+    r = ((grow_sorted > keep_sorted) & (position < pairs)).sum(-1, keepdim=True)
+    k = (r.double() * threshold).floor().long()  # [R, 1]
+    return k, _rank(grow_order), _rank(keep_order)
+
+
+def rebuild_rows(score: torch.Tensor, pruned: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM-Barber's swap on rows ``[R, C]``: regrow the k best pruned, prune the k worst kept, per row.
+
+    Exactly as many weights are regrown as pruned in every row, so each row's sparsity is unchanged.
+    """
+    k, grow_rank, keep_rank = _swap_counts(score, pruned, threshold)
+    regrow = pruned & (grow_rank < k)
+    newly_pruned = ~pruned & (keep_rank < k)
+    return (pruned & ~regrow) | newly_pruned
+
+
+def rebuild_nm(score: torch.Tensor, pruned: torch.Tensor, threshold: float, n: int, m: int) -> torch.Tensor:
+    """The swap under an N:M pattern: per row regrow as in ``rebuild_rows``, then in every group of ``m`` prune
+    as many of the lowest kept weights as were regrown there (capped at the group's kept count)."""
+    rows, cols = score.shape
+    k, grow_rank, _ = _swap_counts(score, pruned, threshold)
+    regrow = (pruned & (grow_rank < k)).reshape(-1, m)  # [R * C/m, m]
+    s = score.float().reshape(-1, m)
+    was = pruned.reshape(-1, m)
+    cap = m - n
+    # keep at most `cap` regrown weights per group: the best-scoring ones
+    regrow_order = torch.sort(torch.where(regrow, s, torch.full_like(s, float("-inf"))), dim=-1, descending=True,
+                              stable=True).indices
+    regrow = regrow & (_rank(regrow_order) < cap)
+    count = regrow.sum(-1, keepdim=True)  # [groups, 1]
+    keep_order = torch.sort(torch.where(was, torch.full_like(s, float("inf")), s), dim=-1, stable=True).indices
+    newly_pruned = ~was & (_rank(keep_order) < count)
+    return ((was & ~regrow) | newly_pruned).reshape(rows, cols)
+
+
+def rebuild_masks(scores: list[torch.Tensor], pruned: list[torch.Tensor], threshold: float, granularity: str,
+                  nm: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Rebuild the masks of one block's matrices ``[R_i, C_i]`` with the chosen grouping.
+
+    ``output1``: each output row; ``input1``: each input column; ``layer``: each whole matrix; ``block``: all
+    matrices of the block together. N:M patterns allow ``output1`` only (groups run along rows).
+    """
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if nm is not None:
+        if granularity != "output1":
+            raise ConfigError(f"an N:M pattern keeps groups along rows: use granularity='output1', not {granularity!r}")
+        return [rebuild_nm(s, p, threshold, *nm) for s, p in zip(scores, pruned)]
+    if granularity == "output1":
+        return [rebuild_rows(s, p, threshold) for s, p in zip(scores, pruned)]
+    if granularity == "input1":
+        return [rebuild_rows(s.T, p.T, threshold).T for s, p in zip(scores, pruned)]
+    if granularity == "layer":
+        return [rebuild_rows(s.reshape(1, -1), p.reshape(1, -1), threshold).reshape(s.shape) for s, p in zip(scores, pruned)]
+    flat = rebuild_rows(torch.cat([s.reshape(-1) for s in scores])[None], torch.cat([p.reshape(-1) for p in pruned])[None],
+                        threshold)[0]
+    out, start = [], 0
+    for s in scores:
+        out.append(flat[start : start + s.numel()].reshape(s.shape))
+        start += s.numel()
+    return out

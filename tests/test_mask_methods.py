@@ -1,0 +1,173 @@
+"""Magnitude, Wanda, SparseGPT and LLM-Barber end to end on tiny models of every architecture."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import types
+
+import pytest
+import torch
+from emulate import layers_of
+from tiny_models import ARCHS, tiny_model, tokens
+
+import hf_pruning
+from hf_pruning import BarberConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from hf_pruning.config import ConfigError
+
+CALIB = tokens(batch=4, length=24, seed=11)
+CONFIGS = {
+    "magnitude": MagnitudeConfig(),
+    "wanda": WandaConfig(),
+    "sparsegpt": SparseGPTConfig(blocksize=32),
+    "barber_wanda": BarberConfig(init="wanda", threshold=0.5),
+    "barber_magnitude_block": BarberConfig(init="magnitude", granularity="block", threshold=0.5),
+    "barber_sparsegpt_retain": BarberConfig(init="sparsegpt", blocksize=32, retain_reconstruction=True),
+    "wanda_2:4": WandaConfig(pattern="2:4"),
+    "barber_2:4": BarberConfig(init="wanda", pattern="2:4", threshold=0.5),
+    "sparsegpt_4:8": SparseGPTConfig(pattern="4:8", blocksize=32),
+}
+
+
+def linears(model):
+    return {f"{i}.{n}": m for i, layer in enumerate(layers_of(model)) for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_mask_method_end_to_end(arch, case):
+    config = CONFIGS[case]
+    model = tiny_model(arch)
+    with torch.no_grad():  # weights that are already zero (one per group of 8): they count towards the sparsity
+        first = next(iter(linears(model).values()))
+        first.weight[0, ::8] = 0
+    untouched = {n: p.clone() for n, p in model.named_parameters() if "layers" not in n or n.endswith("bias")
+                 or "norm" in n}
+    hf_pruning.prune_(model, config, calibration=CALIB)
+    assert type(model).__name__ == type(tiny_model(arch)).__name__  # still the stock class
+    for name, p in model.named_parameters():
+        if name in untouched:  # embeddings, LM head, norms and biases are never masked
+            assert torch.equal(p, untouched[name]), name
+    for name, lin in linears(model).items():
+        zero = lin.weight == 0
+        if config.nm is not None:
+            n, m = config.nm
+            assert (zero.reshape(zero.shape[0], -1, m).sum(-1) == n).all(), name
+        elif case in ("wanda", "barber_wanda"):  # per-row masks (Barber output1 keeps each row's count)
+            assert (zero.sum(1) == int(zero.shape[1] * 0.5)).all(), name  # exact per row
+        elif getattr(config, "granularity", "") == "block":  # swaps move sparsity between a block's matrices
+            continue
+        else:
+            assert int(zero.sum()) == pytest.approx(zero.numel() * 0.5, abs=zero.shape[0] // 8 + 1), name
+    if getattr(config, "granularity", "") == "block":
+        for layer in layers_of(model):
+            ws = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            assert sum(int((w == 0).sum()) for w in ws) == sum(w.numel() for w in ws) // 2
+    assert model.config.pruning_config[-1]["method"] == config.method
+    assert model.hf_pruning_report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits).all()
+
+
+def test_barber_swaps_and_changes_the_initial_mask():
+    wanda = hf_pruning.prune_(tiny_model("llama"), WandaConfig(), calibration=CALIB)
+    barber = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="wanda", threshold=1.0), calibration=CALIB)
+    assert barber.hf_pruning_report["swapped"] > 0
+    # layer 0 sees the same inputs in both runs: its masks differ by exactly the swaps made there
+    layer0 = [n for n in linears(wanda) if n.startswith("0.")]
+    differ = sum(int(((linears(wanda)[n].weight == 0) != (linears(barber)[n].weight == 0)).sum()) for n in layer0)
+    swaps0 = sum(block["swapped"] for block in barber.hf_pruning_report["swaps"][0].values())
+    assert swaps0 > 0 and differ == 2 * swaps0
+    none = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="wanda", threshold=0.0), calibration=CALIB)
+    assert none.hf_pruning_report["swapped"] == 0
+    for a, b in zip(linears(wanda).values(), linears(none).values()):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+
+
+def test_layerwise_stats_equal_a_batched_full_model_computation():
+    """Wanda's sequential layer-by-layer inputs equal hooks on the whole (partially pruned) model in one batch."""
+    model = tiny_model("qwen2")
+    reference = copy.deepcopy(model)
+    hf_pruning.prune_(model, WandaConfig(), calibration=CALIB)
+    from hf_pruning.methods.sparsity import select_mask
+
+    with torch.no_grad():
+        for layer in layers_of(reference):
+            norms, handles = {}, []
+            for name, lin in layer.named_modules():
+                if isinstance(lin, torch.nn.Linear):
+                    handles.append(lin.register_forward_hook(
+                        lambda m, a, o, name=name: norms.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0))))
+            reference(CALIB, use_cache=False)  # one batched forward through the model pruned so far
+            for h in handles:
+                h.remove()
+            for name, lin in layer.named_modules():
+                if isinstance(lin, torch.nn.Linear):
+                    w = lin.weight
+                    w[select_mask(w.abs() * norms[name].sqrt()[None], 0.5, None, True, w == 0)] = 0
+    for a, b in zip(linears(model).values(), linears(reference).values()):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+
+
+def test_barber_holds_one_layer_copy_at_a_time(monkeypatch):
+    import hf_pruning.methods.llm_barber.pruner as barber
+
+    copied = []
+    real = copy.deepcopy
+    monkeypatch.setattr(barber, "copy", types.SimpleNamespace(deepcopy=lambda obj, *a: copied.append(obj) or real(obj, *a)))
+    model = tiny_model("llama")
+    hf_pruning.prune_(model, BarberConfig(init="magnitude"), calibration=CALIB)
+    assert copied and all(obj in list(layers_of(model)) for obj in copied)
+
+
+def test_barber_rebuilds_an_existing_sparse_model_against_its_dense_checkpoint(tmp_path):
+    dense = tiny_model("mistral")
+    hf_pruning.save_pretrained(dense, tmp_path / "dense")
+    sparse = hf_pruning.prune_(copy.deepcopy(dense), WandaConfig(), calibration=CALIB)
+    before = {n: m.weight == 0 for n, m in linears(sparse).items()}
+    hf_pruning.prune_(sparse, BarberConfig(init="existing", dense_reference=str(tmp_path / "dense"), threshold=1.0),
+                      calibration=CALIB)
+    assert sparse.hf_pruning_report["swapped"] > 0
+    for name, lin in linears(sparse).items():
+        assert torch.equal((lin.weight == 0).sum(1), before[name].sum(1))  # per-row sparsity kept
+        kept = lin.weight != 0
+        assert torch.equal(lin.weight[kept], linears(dense)[name].weight[kept])  # dense values restored
+    assert [c["method"] for c in sparse.config.pruning_config] == ["wanda", "llm_barber"]
+
+
+def test_sparse_model_saves_as_stock_class(tmp_path):
+    model = hf_pruning.prune_(tiny_model("opt"), WandaConfig(pattern="2:4"), calibration=CALIB)
+    hf_pruning.save_pretrained(model, tmp_path / "m")
+    assert not [f for f in os.listdir(tmp_path / "m") if f.endswith(".py")]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "opt" and cfg["pruning_config"][0]["pattern"] == "2:4"
+    again = hf_pruning.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(again(tokens()).logits, model(tokens()).logits)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: WandaConfig(sparsity=1.0), r"sparsity must be a fraction in \(0, 1\)"),
+    (lambda: WandaConfig(sparsity=0), r"sparsity must be a fraction"),
+    (lambda: MagnitudeConfig(pattern="4:4"), "0 < N < M"),
+    (lambda: BarberConfig(threshold=1.5), r"threshold must be a fraction in \[0, 1\]"),
+    (lambda: BarberConfig(pattern="2:4", granularity="block"), "use granularity='output1'"),
+    (lambda: BarberConfig(init="random"), "init must be one of"),
+    (lambda: BarberConfig(init="existing"), "dense_reference"),
+    (lambda: SparseGPTConfig(pattern="2:4", blocksize=30), "multiple of M=4"),
+])
+def test_bad_configs(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_bad_input_leaves_the_model_unchanged():
+    model = tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="needs calibration token ids"):
+        hf_pruning.prune_(model, WandaConfig())
+    with pytest.raises(ConfigError, match="not a multiple of 3"):
+        hf_pruning.prune_(model, MagnitudeConfig(pattern="1:3"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,117 @@
+"""Mask selection and LLM-Barber's swap on hand-made tensors with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_pruning.config import ConfigError
+from hf_pruning.methods.sparsegpt.scoring import sparsegpt_solve_
+from hf_pruning.methods.sparsity import (
+    lowest_per_row,
+    nm_mask,
+    parse_pattern,
+    rebuild_masks,
+    rebuild_nm,
+    rebuild_rows,
+    unstructured_mask,
+)
+
+T, F = True, False
+
+
+def test_lowest_per_row_counts_are_exact_with_ties():
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 2.0, 1.0]])
+    mask = lowest_per_row(score, 2)
+    assert mask.sum(1).tolist() == [2, 2]
+    assert mask.tolist() == [[T, T, F, F], [F, T, F, T]]  # ties broken by position
+
+
+def test_already_zero_weights_count_first():
+    score = torch.tensor([[0.1, 5.0, 0.2, 9.0]])
+    zero = torch.tensor([[F, T, F, F]])
+    assert unstructured_mask(score, 0.5, per_row=True, already_zero=zero).tolist() == [[T, T, F, F]]
+    assert unstructured_mask(score, 0.25, per_row=True, already_zero=zero).tolist() == [[F, T, F, F]]
+
+
+def test_matrix_vs_row_selection():
+    score = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert unstructured_mask(score, 0.5, per_row=False).tolist() == [[T, T], [F, F]]
+    assert unstructured_mask(score, 0.5, per_row=True).tolist() == [[T, F], [T, F]]
+
+
+def test_nm_groups():
+    score = torch.tensor([[4.0, 3.0, 2.0, 1.0, 1.0, 2.0, 3.0, 4.0]])
+    assert nm_mask(score, 2, 4).tolist() == [[F, F, T, T, T, T, F, F]]
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        nm_mask(torch.ones(2, 6), 2, 4)
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern("unstructured") is None
+    for bad in ("4:4", "5:4", "0:4", "2-4", "half"):
+        with pytest.raises(ConfigError):
+            parse_pattern(bad)
+
+
+def test_swap_known_answer():
+    score = torch.tensor([[5.0, 1.0, 4.0, 2.0]])
+    pruned = torch.tensor([[T, F, F, T]])
+    # grow candidates (desc): 5 (idx0), 2 (idx3); keep candidates (asc): 1 (idx1), 4 (idx2)
+    # pairs: 5 > 1 yes, 2 > 4 no -> r = 1
+    assert rebuild_rows(score, pruned, 1.0).tolist() == [[F, T, F, T]]  # k = 1: swap idx0 <-> idx1
+    assert rebuild_rows(score, pruned, 0.5).tolist() == pruned.tolist()  # k = int(0.5) = 0
+
+
+def test_swap_count_is_a_fraction_of_beneficial_swaps():
+    score = torch.arange(10.0).flip(0)[None]  # [9, 8, ..., 0]: the first five are the best
+    pruned = torch.tensor([[T] * 5 + [F] * 5])  # the best five are pruned: r = 5
+    assert (rebuild_rows(score, pruned, 1.0) == ~pruned).all()
+    out = rebuild_rows(score, pruned, 0.4)  # k = 2: regrow 9, 8; prune 0, 1 (scores)
+    assert out.tolist() == [[F, F, T, T, T, F, F, F, T, T]]
+
+
+def test_empty_groups_and_ties_change_nothing():
+    score = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3.0, 2.0, 1.0]])
+    pruned = torch.tensor([[T, T, T], [T, F, F], [F, F, F]])
+    assert torch.equal(rebuild_rows(score, pruned, 1.0), pruned)
+
+
+def test_sparsity_is_preserved_per_group_for_every_granularity():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(6, 8, generator=g), torch.rand(8, 6, generator=g)]
+    pruned = [torch.rand(6, 8, generator=g) < 0.5, torch.rand(8, 6, generator=g) < 0.5]
+    for gran, count in (("output1", lambda m: m.sum(1)), ("input1", lambda m: m.sum(0)),
+                        ("layer", lambda m: m.sum()), ("block", None)):
+        new = rebuild_masks(scores, pruned, 1.0, gran)
+        assert any(not torch.equal(a, b) for a, b in zip(new, pruned)), gran  # something was swapped
+        if count is None:
+            assert sum(int(m.sum()) for m in new) == sum(int(m.sum()) for m in pruned)
+        else:
+            for a, b in zip(new, pruned):
+                assert torch.equal(count(a), count(b)), gran
+    with pytest.raises(ConfigError, match="output1"):
+        rebuild_masks(scores, pruned, 0.1, "block", nm=(2, 4))
+
+
+def test_nm_rebuild_keeps_the_pattern():
+    g = torch.Generator().manual_seed(1)
+    score = torch.rand(16, 32, generator=g)
+    start = nm_mask(torch.rand(16, 32, generator=g), 2, 4)
+    new = rebuild_nm(score, start, 1.0, 2, 4)
+    assert not torch.equal(new, start)
+    assert (new.reshape(16, 8, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_compensates_better_than_masking_alone():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)  # correlated inputs [N, C]
+    w = torch.randn(16, 32, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    solved = w.clone()
+    mask = sparsegpt_solve_(solved, h, 0.5, None, blocksize=8)
+    assert int(mask.sum()) == w.numel() // 2 and torch.equal(solved == 0, mask)
+    masked = w.masked_fill(mask, 0)
+    err_solved = (x @ (w - solved).T).pow(2).mean()
+    err_masked = (x @ (w - masked).T).pow(2).mean()
+    assert err_solved < 0.7 * err_masked
+    nm_solved = w.clone()
+    nm = sparsegpt_solve_(nm_solved, h, 0.5, (2, 4), blocksize=8)
+    assert (nm.reshape(16, 8, 4).sum(-1) == 2).all()
