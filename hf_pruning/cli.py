@@ -57,6 +57,7 @@ def cmd_show(args) -> int:
         "parameters": hf_pruning.parameter_count(model),
         "pruning_plan": hf_pruning.get_plan(model).to_dict(),
         "pruning_config": getattr(model.config, "pruning_config", None),
+        "sparsity": hf_pruning.sparsity_report(model),
         "layers": [
             {"attention": s.attention, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "mlp": s.mlp,
              "mlp_width": s.mlp_width}

@@ -19,6 +19,7 @@ def test_apply_show_verify(tmp_path, capsys):
     assert main(["-q", "show", str(tmp_path / "pruned")]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["layers"][5]["attention"] == "value_only" and shown["layers"][1]["mlp"] == "none"
+    assert len(shown["sparsity"]["layers"]) == 6 and 0 <= shown["sparsity"]["overall"] < 0.01
     assert main(["-q", "verify", str(tmp_path / "pruned")]) == 0
     assert "identical logits=True" in capsys.readouterr().out
 

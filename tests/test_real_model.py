@@ -97,3 +97,22 @@ def test_demo_main_job_runs(tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     assert summary["pruned"]["kv_bytes_per_token"] < summary["dense"]["kv_bytes_per_token"]
     assert 20 < summary["dense"]["ppl"] < 60 and summary["pruned"]["ppl"] > summary["dense"]["ppl"]
+
+
+def test_llm_barber_improves_on_its_wanda_initializer(smollm2):
+    """Small calibration (8 x 256 tokens of the embedded text); perplexity on 4 x 512 evaluation tokens."""
+    import copy
+
+    from hf_pruning.calibration import build_calibration, evaluation_windows
+    from hf_pruning.evaluation import perplexity
+
+    base, tok = smollm2
+    calib = build_calibration(tok, source="default:calibration", n_samples=8, seq_len=256, seed=0)
+    windows = evaluation_windows(tok, default_text("evaluation"), 512, 4)
+    wanda = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.WandaConfig(), calibration=calib)
+    barber = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.BarberConfig(init="wanda", threshold=0.1),
+                               calibration=calib)
+    assert hf_pruning.sparsity_report(barber)["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert barber.hf_pruning_report["swapped"] > 0
+    ppl_wanda, ppl_barber = perplexity(wanda, windows), perplexity(barber, windows)
+    assert ppl_barber < ppl_wanda, (ppl_barber, ppl_wanda)
