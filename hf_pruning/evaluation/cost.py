@@ -78,5 +78,8 @@ def measure_pruning(prune_fn, model, calibration: torch.Tensor | None) -> dict:
         "passes": prune_s / unit if unit else None,
         "peak_rss_mb": mem.peak / 2**20,
         "peak_rss_delta_mb": (mem.peak - mem.start) / 2**20,
-        "peak_rss_ratio": mem.peak / size,
+        # the pruning working set on top of the model, as a multiple of the model's fp32 size: the process
+        # also holds the interpreter, torch and (in the benchmark runner) other models, which this excludes
+        "peak_rss_ratio": (size + mem.peak - mem.start) / size,
+        "model_mb": size / 2**20,
     }
