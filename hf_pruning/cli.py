@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 
 logger = logging.getLogger("hf_pruning.cli")
@@ -89,7 +90,7 @@ def _field_type(hint):
     """argparse type for a config field annotation (JSON for dicts and lists)."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         hint, origin = args[0], typing.get_origin(args[0])
     if hint in (dict, list) or origin in (dict, list, tuple):
         return json.loads

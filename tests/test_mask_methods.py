@@ -116,7 +116,11 @@ def test_barber_holds_one_layer_copy_at_a_time(monkeypatch):
 
     copied = []
     real = copy.deepcopy
-    monkeypatch.setattr(barber, "copy", types.SimpleNamespace(deepcopy=lambda obj, *a: copied.append(obj) or real(obj, *a)))
+    def recording_deepcopy(obj, *args):
+        copied.append(obj)
+        return real(obj, *args)
+
+    monkeypatch.setattr(barber, "copy", types.SimpleNamespace(deepcopy=recording_deepcopy))
     model = tiny_model("llama")
     hf_pruning.prune_(model, BarberConfig(init="magnitude"), calibration=CALIB)
     assert copied and all(obj in list(layers_of(model)) for obj in copied)

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import calibration_mode, capture_layer_inputs, hooks, run_layer
-from ..config import PruningConfig, check_fraction
+from ..config import ConfigError, PruningConfig, check_fraction
 from ..remote.hf_pruning_surgery import adapter_for
 from .sparsity import parse_pattern
 
@@ -52,8 +52,6 @@ def check_widths(model, nm: tuple[int, int] | None) -> None:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for name, lin in prunable_linears(layer).items():
             if lin.in_features % nm[1]:
-                from ..config import ConfigError
-
                 raise ConfigError(f"pattern {nm[0]}:{nm[1]}: layer {i} {name} has input width {lin.in_features}, "
                                   f"not a multiple of {nm[1]}; use an unstructured sparsity or another M")
 
