@@ -99,7 +99,7 @@ def test_layerwise_stats_equal_a_batched_full_model_computation():
             for name, lin in layer.named_modules():
                 if isinstance(lin, torch.nn.Linear):
                     handles.append(lin.register_forward_hook(
-                        lambda m, a, o, name=name: norms.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0))))
+                        lambda m, a, o, name=name, norms=norms: norms.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0))))
             reference(CALIB, use_cache=False)  # one batched forward through the model pruned so far
             for h in handles:
                 h.remove()
