@@ -31,6 +31,7 @@ demo: $(STAMP)
 
 ## the whole test suite (offline, CPU; includes the real-model and oldest-transformers tests)
 test: $(STAMP) $(OLD_STAMP)
+	$(PY) -m ruff check hf_pruning tests examples
 	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest
 
 ## the benchmark grid of docs/BENCHMARKS.md on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
