@@ -236,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hf-prune: error: {err.args[0]}\n")
         return 2
     args = parser.parse_args(argv)
+    if args.quiet:  # no progress bars either (ours, transformers', lm-eval's: all tqdm)
+        import functools
+
+        import tqdm
+        from transformers.utils import logging as hf_logging
+
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from hf_pruning.config import ConfigError
     from hf_pruning.plan import PlanError

@@ -43,7 +43,9 @@ def test_prune_with_method_flags_and_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["-q", "eval", str(tmp_path / "out"), "--ppl", "default:evaluation", "--windows", "2", "--seq-len", "16",
                  "--tasks", "social_iqa", "--limit", "4", "--speed"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "%|" not in captured.err  # quiet: no progress bars
     assert out["ppl"] > 1 and out["ppl_tokens"] == 32 and set(out["acc"]) == {"social_iqa"}
     assert out["speed"]["prefill_tok_s"] > 0
 
