@@ -225,6 +225,20 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_tqdm(cls) -> None:
+    """Force ``disable=True`` on every progress bar, also where a library passes ``disable=`` itself."""
+    if getattr(cls.__init__, "_hf_pruning_quiet", False):
+        return
+    original = cls.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    quiet_init._hf_pruning_quiet = True
+    cls.__init__ = quiet_init
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     method = None
@@ -237,12 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     if args.quiet:  # no progress bars either (ours, transformers', lm-eval's: all tqdm)
-        import functools
-
         import tqdm
         from transformers.utils import logging as hf_logging
 
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        _silence_tqdm(tqdm.tqdm)
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
