@@ -71,14 +71,24 @@ def collect_input_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: di
     return stats
 
 
+#: calibration rows run through a layer together (the same batch as the forward that defines "passes")
+LAYER_BATCH = 4
+
+
 @torch.no_grad()
-def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: str) -> list[dict]:
+def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: str,
+               batch_size: int | None = None) -> list[dict]:
     """Call ``process_layer(index, layer, inputs, kwargs) -> dict`` for every decoder layer in order, then
-    propagate the inputs through the (now pruned) layer. Returns the per-layer reports."""
+    propagate the inputs through the (now pruned) layer. ``inputs`` is a list of hidden-state batches
+    ``[b, T, d]`` (masks and rotary embeddings captured for one row broadcast over the batch). Returns the
+    per-layer reports."""
     adapter = adapter_for(model)
     reports = []
     with calibration_mode(model):
-        inputs, layer_kwargs = capture_layer_inputs(model, calibration)
+        rows, layer_kwargs = capture_layer_inputs(model, calibration)
+        batch_size = batch_size or LAYER_BATCH
+        inputs = [torch.cat(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+        del rows
         for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc=desc, unit="layer")):
             reports.append(process_layer(i, layer, inputs, layer_kwargs[i]) or {})
             inputs = [run_layer(layer, h, layer_kwargs[i]) for h in inputs]

@@ -62,16 +62,17 @@ def _dense_forward(adapter, dense_layer, name: str, kwargs: dict):
 
 
 def _capture_block_io(layer, inputs, kwargs, block) -> tuple[list, list, dict]:
-    """Run the (sparse) layer; return the block's inputs ``[1, T, d]``, outputs, and its call kwargs."""
+    """Run the (sparse) layer over the input batches; return the block's inputs and outputs split per
+    calibration row (``[1, T, d]`` each: the block error's gradient is taken row by row) and its call kwargs."""
     xs, ys, call_kwargs = [], [], {}
 
     def pre(mod, args, kw):
-        xs.append((args[0] if args else kw["hidden_states"]).detach())
+        xs.extend((args[0] if args else kw["hidden_states"]).detach().split(1))
         if not call_kwargs:
             call_kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
 
     def post(mod, args, out):
-        ys.append((out[0] if block["tuple_out"] else out).detach())
+        ys.extend((out[0] if block["tuple_out"] else out).detach().split(1))
 
     with hooks() as handles:
         handles.append(block["in"].register_forward_pre_hook(pre, with_kwargs=True))
