@@ -52,7 +52,7 @@ def test_prune_with_method_flags_and_eval(tmp_path, capsys):
 
 def test_unknown_method_and_bad_source_exit_2(tmp_path, capsys):
     assert main(["-q", "prune", "x", "y", "--method", "nope"]) == 2
-    assert "registered: plan" in capsys.readouterr().err
+    assert "registered: llm_barber, magnitude, plan, sparsegpt, wanda" in capsys.readouterr().err
     hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
     assert main(["-q", "eval", str(tmp_path / "dense"), "--ppl", "default"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
