@@ -6,6 +6,7 @@ in the same process (``compare_speed``), interleaving the two so that drifting l
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -17,6 +18,16 @@ from ..remote.hf_pruning_surgery import inspect_model
 def _ids(model, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, model.config.vocab_size, (1, n), generator=g).to(next(model.parameters()).device)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.24 warns about the old name)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def kv_cache_bytes(cache) -> int:
@@ -37,13 +48,14 @@ def measure_speed(model, prefill_tokens: int = 2048, decode_tokens: int = 128, s
     start = time.perf_counter()
     out = model(ids, use_cache=True)
     prefill_s = time.perf_counter() - start
-    cache = out.past_key_values
+    name = _cache_kwarg(model)
+    cache = _output_cache(out)
     kv_bytes = kv_cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)  # [1, 1]
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(token, use_cache=True, **{name: cache})
+        cache = _output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     decode_s = time.perf_counter() - start
     return {
