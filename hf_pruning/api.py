@@ -177,13 +177,8 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) ->
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    """Unique parameters (tied weights counted once: ``parameters()`` already skips duplicates)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def predicted_decoder_params(model: nn.Module, plan: PruningPlan | None = None) -> int:

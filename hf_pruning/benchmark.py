@@ -109,13 +109,8 @@ def _decoder_params(model) -> int:
 
 
 def _nonzero(module) -> int:
-    """Non-zero parameters (unique tensors): removal by masks and by surgery both show up here."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += int(torch.count_nonzero(p))
-    return total
+    """Non-zero parameters (tied tensors once): removal by masks and by surgery both show up here."""
+    return sum(int(torch.count_nonzero(p)) for p in module.parameters())
 
 
 def _decoder_nonzero(model) -> int:

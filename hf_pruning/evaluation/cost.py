@@ -42,12 +42,9 @@ class PeakRSS:
 
 
 def model_bytes_fp32(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * 4
-    return total
+    from ..api import parameter_count
+
+    return parameter_count(model) * 4
 
 
 @torch.no_grad()

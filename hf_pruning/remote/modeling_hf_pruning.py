@@ -30,7 +30,7 @@ from .configuration_hf_pruning import (
 
 # transformers < 5 copies only the files this module imports DIRECTLY into its dynamic-module cache, so
 # every sibling is imported here, even those only the surgery module uses (a test checks the list).
-from .hf_pruning_adapter_base import DecoderAdapter  # noqa: F401
+from .hf_pruning_adapter_base import DecoderAdapter, _set_config_fields  # noqa: F401
 from .hf_pruning_adapter_gemma2 import Gemma2Adapter  # noqa: F401
 from .hf_pruning_adapter_llama import LlamaAdapter  # noqa: F401
 from .hf_pruning_adapter_mistral import MistralAdapter  # noqa: F401
@@ -41,12 +41,6 @@ from .hf_pruning_plan import PruningPlan
 from .hf_pruning_surgery import base_fields, prepare_cache, replay_plan_
 
 
-def _set_fields(config, fields: dict) -> None:
-    if fields.get("layer_types") is not None:
-        object.__setattr__(config, "layer_types", list(fields["layer_types"]))
-    object.__setattr__(config, "num_hidden_layers", int(fields["num_hidden_layers"]))
-
-
 class PrunedCausalLMMixin:
     """Shared by every ``Pruned<Arch>ForCausalLM``: replay in ``__init__``, cache slots in ``forward``."""
 
@@ -54,7 +48,7 @@ class PrunedCausalLMMixin:
         plan = PruningPlan.from_dict(getattr(config, "pruning_plan", None))
         final = base_fields(config)
         if plan.base:
-            _set_fields(config, plan.base)
+            _set_config_fields(config, plan.base["num_hidden_layers"], plan.base.get("layer_types"))
         super().__init__(config, *args, **kwargs)
         replay_plan_(self, plan)
         rebuilt = base_fields(self.config)
