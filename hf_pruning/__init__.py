@@ -24,7 +24,16 @@ from .api import (  # noqa: E402
     save_pretrained,
 )
 from .config import ConfigError, PruningConfig  # noqa: E402
-from .methods import BarberConfig, MagnitudeConfig, PlanConfig, SparseGPTConfig, WandaConfig  # noqa: E402
+from .methods import (  # noqa: E402
+    BarberConfig,
+    FinerCutConfig,
+    MagnitudeConfig,
+    PlanConfig,
+    ShortGPTConfig,
+    SLEBConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from .methods.layerwise import sparsity_report  # noqa: E402
 from .plan import PlanError, PruningPlan  # noqa: E402
 from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
@@ -47,6 +56,9 @@ _register_auto_classes()
 __all__ = [
     "BarberConfig",
     "ConfigError",
+    "FinerCutConfig",
+    "SLEBConfig",
+    "ShortGPTConfig",
     "MagnitudeConfig",
     "SparseGPTConfig",
     "WandaConfig",

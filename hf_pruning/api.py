@@ -161,7 +161,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) ->
     _check_float_model(model)
     adapter_for(model)
     spec = get_method(config)
-    if spec.needs_calibration and calibration is None:
+    if spec.needs_calibration and calibration is None and config.uses_calibration():
         raise ValueError(
             f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
             "hf_pruning.calibration.build_calibration(tokenizer, source=\"default:calibration\", n_samples=16, seq_len=512)"
@@ -171,7 +171,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) ->
         apply_plan_(model, result.plan)
     if result.masks:
         _apply_masks_(model, result.masks)
-    _record(model, get_plan(model), pruning_config=config.to_dict())
+    _record(model, get_plan(model), pruning_config=result.record or config.to_dict())
     model.hf_pruning_report = result.report
     return model
 

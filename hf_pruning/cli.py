@@ -66,6 +66,10 @@ def cmd_show(args) -> int:
         ],
     }
     sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    if args.removal_map:
+        from hf_pruning.plots import removal_map
+
+        removal_map(model, args.removal_map, title=f"{args.model}")
     return 0
 
 
@@ -218,6 +222,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("show", help="print the plan and per-layer structure of a model")
     p.add_argument("model")
+    p.add_argument("--removal-map", metavar="PNG", help="also draw which sublayers were removed, in order (PNG)")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("verify", help="reload a saved model in a fresh process without hf_pruning")
     p.add_argument("model")

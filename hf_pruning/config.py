@@ -43,6 +43,10 @@ class PruningConfig:
             raise ConfigError(f"{target.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
         return target(**data)
 
+    def uses_calibration(self) -> bool:
+        """False when these settings need no calibration data (e.g. a removal order given up front)."""
+        return True
+
     def replace(self, **changes) -> PruningConfig:
         return dataclasses.replace(self, **changes)
 

@@ -21,6 +21,9 @@ class PruningResult:
     #: parameter name -> boolean mask (True = keep) of the same shape; applied by zeroing weights
     masks: dict[str, torch.Tensor] | None = None
     report: dict = field(default_factory=dict)
+    #: what ``config.json``'s ``pruning_config`` records (default: the config); e.g. the config plus the order
+    #: a search found, so that the record alone reproduces the result
+    record: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,30 @@ def test_quick_grid_is_a_subset_and_skips_unimplemented():
     full = bench.BenchmarkRunner("/nonexistent/f.json").grid()
     assert set(map(str, quick)) <= set(map(str, full))
     assert ("reference", "dense", {}) in quick
+
+
+def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("depth", "finercut", {"param_ratio": 0.2}),
+                                        ("depth", "finercut", {"sublayer_ratio": 0.25}),
+                                        ("depth", "shortgpt", {"param_ratio": 0.2})])
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    s = settings(data_dir)
+    s.depth_calib_samples, s.depth_calib_seq_len = 2, 32
+    path = tmp_path / "depth.json"
+    results = bench.BenchmarkRunner(path, s).run(lambda: copy.deepcopy(base).eval(), tok)
+    rows = {(r["method"], json.dumps(r["settings"])): r for r in results["rows"]}
+    assert all(r["error"] is None for r in rows.values())
+    by_params = rows[("finercut", json.dumps({"param_ratio": 0.2}))]
+    by_count = rows[("finercut", json.dumps({"sublayer_ratio": 0.25}))]
+    short = rows[("shortgpt", json.dumps({"param_ratio": 0.2}))]
+    assert by_params["params_removed"] >= 0.2 and short["params_removed"] >= 0.2
+    assert len(by_count["report"]["order"]) == 3  # int(12 * 0.25)
+    # both FinerCut rows are prefixes of one search: the shorter one cost less
+    long_, short_ = sorted((by_params, by_count), key=lambda r: len(r["report"]["order"]))[::-1]
+    assert long_["report"]["order"][: len(short_["report"]["order"])] == short_["report"]["order"]
+    assert short_["search_layer_forwards"] <= long_["search_layer_forwards"]
+    comp = by_count["search_comparison"]
+    assert comp["exact_order_identical"] and comp["exact"]["order"] == by_count["report"]["order"]
+    assert comp["exact_over_naive_layer_forwards"] < 1
+    assert comp["fast_ppl"] > 0 and short["select_s"] > 0
+    assert "Search cost of finercut" in path.with_suffix(".md").read_text()

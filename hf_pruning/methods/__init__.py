@@ -1,9 +1,12 @@
 """Pruning methods: one folder each. Importing a folder registers its method (one line per method here)."""
 
+from .finercut import FinerCutConfig
 from .llm_barber import BarberConfig
 from .magnitude import MagnitudeConfig
 from .manual import PlanConfig
+from .shortgpt import ShortGPTConfig
+from .sleb import SLEBConfig
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
 
-__all__ = ["BarberConfig", "MagnitudeConfig", "PlanConfig", "SparseGPTConfig", "WandaConfig"]
+__all__ = ["BarberConfig", "FinerCutConfig", "MagnitudeConfig", "PlanConfig", "SLEBConfig", "ShortGPTConfig", "SparseGPTConfig", "WandaConfig"]

@@ -1,0 +1,327 @@
+"""Shared pieces of the depth methods (FinerCut, ShortGPT, SLEB, ...): candidates, budgets, a layer runner.
+
+A *candidate* is a removable piece of a decoder layer: its attention sublayer, its MLP sublayer or the whole
+block. :class:`DepthRunner` runs the model layer by layer on calibration rows with any set of candidates
+removed, using the very drop operations of the plan (``drop_attention_`` / ``drop_mlp_``) applied for the
+duration of one call, so what the search scores is exactly what the saved model computes. It caches the
+residual stream at the input of every layer for the current removal set; scoring a candidate in layer ``l``
+then re-runs layers ``l..L-1`` only. Work is counted in *layer-forwards*: one decoder layer over the whole
+calibration set (a call on a fraction of the tokens counts that fraction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..calibration.capture import capture_layer_inputs, run_layer
+from ..config import ConfigError, PruningConfig, check_fraction
+from ..plan import DropAttention, DropMLP, PruningPlan, RemoveLayers
+from ..remote.hf_pruning_surgery import adapter_for, inspect_model
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("attention", "mlp", "block")
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One removable piece: ``kind`` of decoder layer ``layer``. Ordered by (layer, kind): the tie-break order."""
+
+    layer: int
+    kind: str  # "attention" | "mlp" | "block"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("attention", "mlp") if self.kind == "block" else (self.kind,)
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        layer, _, kind = str(text).partition(".")
+        if kind not in KINDS or not layer.isdigit():
+            raise ValueError(f"bad candidate {text!r}: expected '<layer>.<attention|mlp|block>', e.g. '12.attention'")
+        return cls(int(layer), kind)
+
+
+def candidates_for(model, granularity: str) -> list[Candidate]:
+    """Every candidate of ``granularity`` ("sublayer", "attention", "mlp", "block") still present in the model."""
+    out = []
+    for i, state in enumerate(inspect_model(model)):
+        has_attn, has_mlp = state.attention != "none", state.mlp != "none"
+        if granularity == "block":
+            if has_attn or has_mlp:
+                out.append(Candidate(i, "block"))
+            continue
+        if granularity in ("sublayer", "attention") and has_attn:
+            out.append(Candidate(i, "attention"))
+        if granularity in ("sublayer", "mlp") and has_mlp:
+            out.append(Candidate(i, "mlp"))
+    return sorted(out)
+
+
+def removal_params(model) -> tuple[dict[tuple[int, str], int], int]:
+    """Parameters each removal frees, keyed (layer, "attention"|"mlp"|"block"), and the decoder total."""
+    freed = {}
+    states = inspect_model(model)
+    for i, s in enumerate(states):
+        freed[(i, "attention")] = s.num_params() - dataclasses.replace(s, attention="none").num_params()
+        freed[(i, "mlp")] = s.num_params() - dataclasses.replace(s, mlp="none").num_params()
+        freed[(i, "block")] = s.num_params()  # remove_layers also takes norms that stay on the residual stream
+    return freed, sum(s.num_params() for s in states)
+
+
+def params_of(removed, freed: dict[tuple[int, str], int]) -> int:
+    """Parameters that removing ``removed`` frees (``freed`` from :func:`removal_params`)."""
+    return sum(freed[(c.layer, c.kind)] for c in removed)
+
+
+def plan_for(model, removed: list[Candidate]) -> PruningPlan:
+    """Drop ops in removal order; removed blocks, and layers that lose both sublayers and have no norm left on
+    the residual stream (everything but OPT post-LN), are removed whole (stock-expressible)."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    parts: dict[int, set[str]] = {}
+    for c in removed:
+        parts.setdefault(c.layer, set()).add(c.kind)
+    whole = sorted(i for i, p in parts.items()
+                   if "block" in p or (p == {"attention", "mlp"} and not adapter.residual_norms(layers[i])))
+    ops = []
+    for c in removed:
+        if c.layer in whole:
+            continue
+        ops.append(DropAttention(layer=c.layer) if c.kind == "attention" else DropMLP(layer=c.layer))
+    if whole:
+        ops.append(RemoveLayers(layers=whole))
+    return PruningPlan(ops=ops)
+
+
+class DepthRunner:
+    """Runs decoder layers on calibration rows with candidates removed; caches the residual stream.
+
+    ``calibration``: LongTensor ``[n_samples, seq_len]``; every row is run on its own (batch 1), so costs can be
+    cut short per sample. ``token_weight`` scales the work counter (a runner on a subset of the tokens of the
+    main calibration counts its share of a full layer-forward).
+    """
+
+    def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.hidden = self.adapter.hidden_size(model.config)
+        self.ids = calibration
+        self.n = calibration.shape[0]
+        self.token_weight = token_weight
+        self.removed: dict[int, set[str]] = {}
+        self.layer_forwards = 0.0
+        self.head_forwards = 0.0
+        inputs, self.kwargs = capture_layer_inputs(model, calibration)
+        self._tuple_out = None
+        # cache[l][s]: input of layer l for sample s under the current removal set (cache[L]: final hidden)
+        self.cache: list[list[torch.Tensor | None]] = [inputs] + [[None] * self.n for _ in self.layers]
+        self.refresh(0)
+
+    # ----- removal ---------------------------------------------------------------------------------------
+    def remove(self, candidate: Candidate, refresh: bool = True) -> None:
+        """Make ``candidate``'s removal permanent for this runner; ``refresh`` updates the cached residual stream
+        (a naive search, which always runs from layer 0, skips it: only the layer-0 inputs are used then)."""
+        self.removed.setdefault(candidate.layer, set()).add(candidate.kind)
+        if refresh:
+            self.refresh(candidate.layer)
+
+    @contextlib.contextmanager
+    def _dropped(self, idx: int, parts: set[str]):
+        """Layer ``idx`` with ``parts`` ("attention", "mlp") dropped through the adapter's own drop ops; restored
+        afterwards. (A removed "block" never gets here: the layer is skipped, as ``remove_layers`` does.)"""
+        layer = self.layers[idx]
+        if not parts:
+            yield layer
+            return
+        saved = dict(layer._modules)
+        try:
+            if "attention" in parts and self.adapter.attention(layer).__class__.__name__ != "NoAttention":
+                self.adapter.drop_attention_(layer)
+            if "mlp" in parts and not self._mlp_dropped(layer):
+                self.adapter.drop_mlp_(layer, self.hidden)
+            yield layer
+        finally:
+            layer._modules.clear()
+            layer._modules.update(saved)
+
+    def _mlp_dropped(self, layer) -> bool:
+        name = self.adapter.mlp_name
+        module = getattr(layer, name) if name else getattr(layer, self.adapter.mlp_out_name)
+        return type(module).__name__ in ("ZeroMLP", "ZeroProjection")
+
+    # ----- running ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, sample: int, start: int, extra: Candidate | None = None) -> torch.Tensor:
+        """Final hidden state ``[1, T, d]`` of ``sample`` with the current removals plus ``extra``, from layer ``start``."""
+        hidden = self.cache[start][sample]
+        for idx in range(start, len(self.layers)):
+            parts = set(self.removed.get(idx, ()))
+            if extra is not None and extra.layer == idx:
+                parts.add(extra.kind)
+            hidden = self._layer(idx, hidden, parts)
+        return hidden
+
+    def _layer(self, idx: int, hidden: torch.Tensor, parts: set[str]) -> torch.Tensor:
+        """One decoder layer with ``parts`` removed (``"block"``: the layer is skipped, costing nothing)."""
+        if "block" in parts:
+            return hidden
+        with self._dropped(idx, parts) as layer:
+            hidden = run_layer(layer, hidden, self.kwargs[idx])
+        self.layer_forwards += self.token_weight / self.n
+        return hidden
+
+    @torch.no_grad()
+    def refresh(self, start: int) -> None:
+        """Recompute the cached inputs of layers ``start+1..L`` (after a change in layer ``start``)."""
+        for s in range(self.n):
+            hidden = self.cache[start][s]
+            for idx in range(start, len(self.layers)):
+                hidden = self._layer(idx, hidden, set(self.removed.get(idx, ())))
+                self.cache[idx + 1][s] = hidden
+        if self._tuple_out is None:
+            out = self.layers[0](self.cache[0][0], **self.kwargs[0])
+            self._tuple_out = isinstance(out, tuple)
+
+    @torch.no_grad()
+    def logits(self, sample: int, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``[T, V]`` (float32) for ``sample`` given the last layer's output ``[1, T, d]``.
+
+        Runs the model's own forward with every decoder layer passing its input through and the last one
+        returning ``final_hidden``, so the final norm, any output projection, the LM head and logit
+        soft-capping are exactly the model's.
+        """
+        last = len(self.layers) - 1
+        wrap = (lambda h: (h,)) if self._tuple_out else (lambda h: h)
+
+        def through(idx):
+            def forward(hidden_states, *args, **kwargs):
+                return wrap(final_hidden if idx == last else hidden_states)
+
+            return forward
+
+        try:
+            for idx, layer in enumerate(self.layers):
+                layer.forward = through(idx)
+            out = self.model(self.ids[sample][None].to(final_hidden.device), use_cache=False)
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+        self.head_forwards += self.token_weight / self.n
+        return out.logits[0].float()
+
+    def dense_logits(self) -> list[torch.Tensor]:
+        """Logits ``[T, V]`` per sample with the current removals (the dense model when nothing is removed)."""
+        return [self.logits(s, self.cache[len(self.layers)][s]) for s in range(self.n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# budgets
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class DepthConfig(PruningConfig):
+    """Budget fields shared by the depth methods: give ``param_ratio`` or ``num_removals`` (not both)."""
+
+    method: ClassVar[str] = ""
+    param_ratio: float | None = field(default=None, metadata={
+        "help": "remove candidates until at least this fraction of decoder-layer parameters is gone (0, 1)"})
+    num_removals: int | None = field(default=None, metadata={"help": "remove exactly this many candidates"})
+    order: list[str] | None = field(default=None, metadata={
+        "help": "a removal order from an earlier search (e.g. [\"12.attention\", \"20.mlp\"]; the budget takes its "
+                "first entries, all of them without a budget): skips the search, needs no calibration"})
+
+    def uses_calibration(self) -> bool:
+        return self.order is None
+
+    def _budgets(self) -> dict:
+        return {"param_ratio": self.param_ratio, "num_removals": self.num_removals}
+
+    def __post_init__(self):
+        given = [k for k, v in self._budgets().items() if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give one budget, not {' and '.join(given)}")
+        if self.param_ratio is not None:
+            check_fraction("param_ratio", self.param_ratio)
+        if self.num_removals is not None and (isinstance(self.num_removals, bool)
+                                              or not isinstance(self.num_removals, int) or self.num_removals < 1):
+            raise ConfigError(f"num_removals must be a positive integer, got {self.num_removals!r}")
+        if self.order is not None:
+            try:
+                self.order = [str(Candidate.parse(c)) for c in self.order]
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
+@dataclass
+class Budget:
+    """A resolved budget: stop after ``steps`` removals, or once ``param_ratio`` of the parameters is gone."""
+
+    steps: int
+    param_ratio: float | None
+    freed: dict
+    total: int
+
+    def stop(self, removed: list[Candidate]) -> bool:
+        if self.param_ratio is None:
+            return len(removed) >= self.steps
+        return params_of(removed, self.freed) >= self.param_ratio * self.total
+
+    def prefix(self, order: list[Candidate]) -> int:
+        """How many of ``order``'s first candidates this budget removes."""
+        for k in range(1, min(len(order), self.steps) + 1):
+            if self.stop(order[:k]):
+                return k
+        raise ValueError(f"{len(order)} removals in order do not reach the budget "
+                         f"(param_ratio={self.param_ratio}); choose a smaller ratio")
+
+
+def resolve_budget(model, candidates: list[Candidate], num_removals: int | None, param_ratio: float | None,
+                   fraction: float | None = None, what: str = "sublayer") -> Budget:
+    """Turn a budget into a step count (and a parameter target), refusing budgets that empty the model."""
+    freed, total = removal_params(model)
+    available = len(candidates)
+    if not available:
+        raise ValueError(f"the model has no {what} left to remove")
+    if param_ratio is not None:
+        # at most every candidate but one can go: the smallest one stays at best
+        smallest = min(params_of([c], freed) for c in candidates)
+        reachable = (params_of(candidates, freed) - smallest) / total
+        if param_ratio > reachable:
+            raise ValueError(f"param_ratio={param_ratio} would need every {what} removed (all but one free at most "
+                             f"{reachable:.1%} of decoder parameters); choose a smaller ratio")
+        return Budget(available - 1, param_ratio, freed, total)
+    steps = num_removals if num_removals is not None else int(available * fraction)
+    if steps >= available:
+        raise ValueError(f"removing {steps} of {available} {what}s would remove every {what} (more removals than "
+                         f"candidates); ask for fewer than {available}")
+    if steps < 1:
+        raise ValueError(f"a ratio of {fraction} removes no {what} out of {available}; raise it to at least "
+                         f"{1 / available:.3f}")
+    return Budget(steps, None, freed, total)
+
+
+def removal_from_order(model, config: DepthConfig, granularity: str, default_fraction: float | None) -> list[Candidate]:
+    """The candidates ``config.order`` names, cut to the budget (all of them when no budget is given)."""
+    order = [Candidate.parse(c) for c in config.order]
+    allowed = set(candidates_for(model, "block")) | set(candidates_for(model, "sublayer"))
+    bad = [str(c) for c in order if c not in allowed]
+    if bad or len(set(order)) != len(order):
+        raise ValueError(f"order names candidates the model does not have (or repeats one): {bad or order}; "
+                         "pass an order found on this model")
+    budgets = {k: v for k, v in config._budgets().items() if v is not None}
+    if not budgets:
+        return order
+    fraction = budgets.get("sublayer_ratio", default_fraction)
+    budget = resolve_budget(model, candidates_for(model, granularity), config.num_removals, config.param_ratio,
+                            fraction)
+    return order[:budget.prefix(order)]

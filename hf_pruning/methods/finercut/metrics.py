@@ -1,0 +1,99 @@
+"""Distances between the dense model's output distribution and a pruned model's, one sample at a time.
+
+Every metric is a mean over calibration samples of a per-sample value that is never negative, so a partial
+sum over the first samples is a lower bound of the final sum: the exact search uses this to stop scoring a
+candidate that can no longer win. All values are computed in float32 from ``[T, V]`` logits.
+
+- ``js_code``: the FinerCut code's "JS divergence", 0.5 * (KL(M||P) + KL(M||Q)) averaged over every element
+  (tokens x vocabulary), with M = (P + Q) / 2. Symmetric and >= 0, but not the textbook JS.
+- ``js``: textbook Jensen-Shannon, 0.5 * (KL(P||M) + KL(Q||M)), averaged over tokens.
+- ``kl``: KL(P||Q) (dense P, pruned Q), averaged over tokens.
+- ``angular``: arccos of the cosine between dense and pruned logit vectors, averaged over tokens.
+- ``norm``: Frobenius norm of the logit difference of the sample.
+- ``ppl``: exp of the pruned model's mean next-token loss on the sample (no dense reference; SLEB's metric).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("js_code", "js", "kl", "angular", "norm", "ppl")
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum over the vocabulary of a * (log a - log b) per token: ``[T, V] x [T, V] -> [T]``."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """log((P + Q) / 2) computed stably from log-probabilities ``[T, V]``."""
+    return torch.logaddexp(log_p, log_q) - math.log(2.0)
+
+
+def js_code(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """The FinerCut code's variant: 0.5 * (KL(M||P) + KL(M||Q)) / (T * V)."""
+    log_m = _log_mixture(log_p, log_q)
+    total = _kl_terms(log_m, log_p).sum() + _kl_terms(log_m, log_q).sum()
+    return float(0.5 * total / log_p.numel())
+
+
+def js(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Textbook Jensen-Shannon divergence per token, averaged over tokens."""
+    log_m = _log_mixture(log_p, log_q)
+    return float(0.5 * (_kl_terms(log_p, log_m) + _kl_terms(log_q, log_m)).mean())
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """KL(P||Q) per token, averaged over tokens."""
+    return float(_kl_terms(log_p, log_q).mean())
+
+
+def angular(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
+    """arccos(cos(z_p, z_q)) per token (logits ``[T, V]``), averaged over tokens."""
+    cos = F.cosine_similarity(z_p, z_q, dim=-1).clamp(-1.0, 1.0)
+    return float(torch.arccos(cos).mean())
+
+
+def norm(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
+    """Frobenius norm of the logit difference ``[T, V]``."""
+    return float(torch.linalg.vector_norm(z_p - z_q))
+
+
+def perplexity(z_q: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of logits ``[T, V]`` on token ids ``[T]``."""
+    return float(torch.exp(F.cross_entropy(z_q[:-1], ids[1:].to(z_q.device))))
+
+
+class Metric:
+    """Holds the dense reference of each sample and scores a pruned model's logits against it."""
+
+    def __init__(self, name: str):
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+        self.name = name
+        self.reference: list[torch.Tensor] = []
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name != "ppl"
+
+    def set_reference(self, dense_logits: list[torch.Tensor]) -> None:
+        """Dense logits ``[T, V]`` per sample; stored as log-probabilities for the divergences."""
+        if not self.needs_reference:
+            return
+        keep_logits = self.name in ("angular", "norm")
+        self.reference = [z if keep_logits else torch.log_softmax(z, dim=-1) for z in dense_logits]
+
+    def score(self, sample: int, logits: torch.Tensor, ids: torch.Tensor) -> float:
+        """Per-sample value (>= 0) of ``logits`` ``[T, V]`` for calibration row ``ids`` ``[T]``."""
+        if self.name == "ppl":
+            value = perplexity(logits, ids)
+        elif self.name in ("angular", "norm"):
+            value = (angular if self.name == "angular" else norm)(self.reference[sample], logits)
+        else:
+            fn = {"js_code": js_code, "js": js, "kl": kl}[self.name]
+            value = fn(self.reference[sample], torch.log_softmax(logits, dim=-1))
+        return max(value, 0.0)  # rounding can leave -1e-9 for identical distributions

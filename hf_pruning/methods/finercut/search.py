@@ -1,0 +1,160 @@
+"""Greedy removal search: at every step remove the candidate whose removal (on top of those already removed)
+changes the model's output least, then re-score everything.
+
+Three modes select candidates with the same scores:
+
+- ``naive``: the FinerCut code's procedure, a full forward of every calibration sample for every candidate.
+- ``exact``: the same choices, less work. (1) The residual stream at every layer input is cached for the
+  current removal set, so a candidate in layer ``l`` re-runs layers ``l..L-1`` only. (2) Every metric is a
+  sum of non-negative per-sample values, so a candidate whose partial sum already exceeds the best complete
+  sum of this step cannot win and is abandoned (candidates are tried in the order of their previous-step
+  scores, so the winner usually comes first). Per-sample values are bitwise those of the naive search, and
+  ties go to the lowest (layer, kind) in both, so the removal order is identical.
+- ``fast``: screens every candidate on a prefix of each calibration row (``screen_fraction`` of the tokens)
+  with the same early abandoning against the ``rescore``-th best, then scores only those ``rescore``
+  candidates exactly on the full rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..depth import Candidate, DepthRunner
+from .metrics import Metric
+
+logger = logging.getLogger(__name__)
+
+MODES = ("exact", "fast", "naive")
+
+
+@dataclass
+class Step:
+    """One removal: the candidate, its score, and the search's cumulative work and time after the step."""
+
+    candidate: Candidate
+    score: float
+    layer_forwards: float
+    head_forwards: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["candidate"] = str(self.candidate)
+        return out
+
+
+class GreedySearch:
+    """Greedy removal search of ``model`` on ``calibration`` ``[n, T]`` (the model is never changed)."""
+
+    def __init__(self, model, calibration: torch.Tensor, metric: str = "js_code", mode: str = "exact",
+                 screen_fraction: float = 0.125, rescore: int = 3):
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.rescore = rescore
+        self.start_time = time.perf_counter()
+        self.runner = DepthRunner(model, calibration)
+        self.metric = self._metric(metric, self.runner)
+        self.screen = None
+        if mode == "fast":
+            t = calibration.shape[1]
+            ts = max(8, int(round(t * screen_fraction)))
+            if ts < t:
+                self.screen = DepthRunner(model, calibration[:, :ts], token_weight=ts / t)
+                self.screen_metric = self._metric(metric, self.screen)
+
+    @staticmethod
+    def _metric(name: str, runner: DepthRunner) -> Metric:
+        metric = Metric(name)
+        if metric.needs_reference:
+            metric.set_reference(runner.dense_logits())
+        return metric
+
+    # ----- accounting ------------------------------------------------------------------------------------
+    @property
+    def layer_forwards(self) -> float:
+        return self.runner.layer_forwards + (self.screen.layer_forwards if self.screen else 0.0)
+
+    @property
+    def head_forwards(self) -> float:
+        return self.runner.head_forwards + (self.screen.head_forwards if self.screen else 0.0)
+
+    # ----- scoring ---------------------------------------------------------------------------------------
+    def _score(self, runner: DepthRunner, metric: Metric, cands: list[Candidate], keep: int, prune: bool,
+               hint: dict[Candidate, float]) -> list[tuple[float, Candidate]]:
+        """The ``keep`` lowest (sum, candidate) pairs, exact; ``hint`` (updated) orders the tries."""
+        best: list[tuple[float, Candidate]] = []  # sorted by (sum, candidate): ties go to the lower candidate
+        from_layer0 = self.mode == "naive"
+        for c in sorted(cands, key=lambda c: (hint.get(c, math.inf), c)):
+            bound = best[keep - 1][0] if prune and len(best) >= keep else math.inf
+            total, done = 0.0, 0
+            for s in range(runner.n):
+                hidden = runner.run(s, 0 if from_layer0 else c.layer, extra=c)
+                total += metric.score(s, runner.logits(s, hidden), runner.ids[s])
+                done += 1
+                if total > bound:
+                    break
+            hint[c] = total * runner.n / done  # an estimate when abandoned
+            if done == runner.n and total <= bound:
+                bisect.insort(best, (total, c))
+                del best[keep:]
+        return best
+
+    def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
+        if self.screen is not None and len(cands) > self.rescore:
+            short = [c for _, c in self._score(self.screen, self.screen_metric, cands, self.rescore, True, {})]
+            cands = short
+        best = self._score(self.runner, self.metric, cands, 1, self.mode != "naive", hint)
+        total, chosen = best[0]
+        return chosen, total / self.runner.n
+
+    def _remove(self, c: Candidate) -> None:
+        self.runner.remove(c, refresh=self.mode != "naive")
+        if self.screen is not None:
+            self.screen.remove(c)
+
+    # ----- the loop --------------------------------------------------------------------------------------
+    def run(self, candidates: list[Candidate], stop: Callable[[list[Candidate]], bool], max_steps: int,
+            exclude_layers: set[int] = frozenset(), readmit_after: int = 0, one_shot: bool = False,
+            progress: bool = True) -> list[Step]:
+        """Remove greedily until ``stop(removed)`` or ``max_steps``; returns the steps in removal order.
+
+        Candidates in ``exclude_layers`` wait until ``readmit_after`` removals were made.
+        """
+        steps: list[Step] = []
+        removed: list[Candidate] = []
+        hint: dict[Candidate, float] = {}
+        one_shot_order = None
+        if one_shot:  # score every candidate once, with nothing removed, and remove in ascending order
+            scored = self._score(self.runner, self.metric, candidates, len(candidates), False, hint)
+            one_shot_order = [(c, total / self.runner.n) for total, c in scored]
+        bar = tqdm(total=max_steps, desc=f"greedy removal ({self.mode})", unit="removal", disable=not progress)
+        while len(removed) < max_steps and not stop(removed):
+            admitted = len(removed) >= readmit_after
+            pool = [c for c in candidates if c not in removed and (admitted or c.layer not in exclude_layers)]
+            if not pool:  # everything outside the excluded layers is gone: re-admit them now
+                logger.info("re-admitting the excluded layers after %d removals (nothing else left)", len(removed))
+                readmit_after = len(removed)
+                pool = [c for c in candidates if c not in removed]
+            if one_shot_order is not None:
+                chosen, score = next((c, v) for c, v in one_shot_order if c in pool)
+            else:
+                chosen, score = self._choose(pool, hint)
+            removed.append(chosen)
+            if one_shot_order is None:
+                self._remove(chosen)
+            hint.pop(chosen, None)
+            steps.append(Step(chosen, score, self.layer_forwards, self.head_forwards,
+                              time.perf_counter() - self.start_time))
+            logger.info("removal %d: %s (score %.6g)", len(removed), chosen, score)
+            bar.update(1)
+        bar.close()
+        return steps

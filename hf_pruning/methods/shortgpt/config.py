@@ -1,0 +1,15 @@
+"""Configuration of ShortGPT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..depth import DepthConfig
+
+
+@dataclass
+class ShortGPTConfig(DepthConfig):
+    """ShortGPT (Block Influence, one shot). Budget: ``param_ratio``, ``num_removals`` (blocks), default 25% of blocks."""
+
+    method: ClassVar[str] = "shortgpt"
