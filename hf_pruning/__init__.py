@@ -27,11 +27,13 @@ from .config import ConfigError, PruningConfig  # noqa: E402
 from .methods import (  # noqa: E402
     BarberConfig,
     FinerCutConfig,
+    GradMAPConfig,
     MagnitudeConfig,
     PlanConfig,
     ShortGPTConfig,
     SLEBConfig,
     SparseGPTConfig,
+    TaylorConfig,
     WandaConfig,
 )
 from .methods.layerwise import sparsity_report  # noqa: E402
@@ -57,6 +59,8 @@ __all__ = [
     "BarberConfig",
     "ConfigError",
     "FinerCutConfig",
+    "GradMAPConfig",
+    "TaylorConfig",
     "SLEBConfig",
     "ShortGPTConfig",
     "MagnitudeConfig",

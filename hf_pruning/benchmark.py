@@ -64,12 +64,15 @@ GRID: list[tuple[str, str, dict]] = [
     # them exactly, FinerCut stops at its first removal reaching them)
     *[("depth", m, {"param_ratio": r}) for r in DEPTH_RATIOS for m in ("finercut", "shortgpt", "sleb", "taylor", "gradmap")],
     ("depth", "finercut", {"sublayer_ratio": 0.25}),  # the paper's ratio; also times the naive and fast searches
+    # GradMAP's stage 1 alone, and its stage 2 after the other block methods
+    *[("depth", "gradmap", {"param_ratio": r, "compensate": False}) for r in DEPTH_RATIOS],
+    *[("depth", m, {"param_ratio": r, "compensate": True}) for r in DEPTH_RATIOS for m in ("shortgpt", "sleb", "taylor")],
     *[("attention", m, {}) for m in ("harp", "flap", "heads_magnitude", "heads_wanda")],
 ]
 #: every row carries these (null when not measured, e.g. after an error)
 ROW_FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
               "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup",
-              "select_s", "search_layer_forwards", "error")
+              "select_s", "search_layer_forwards", "compensation_passes", "error")
 QUICK = {("reference", "dense"), ("unstructured", "wanda"), ("depth", "shortgpt"), ("attention", "harp")}
 
 
@@ -262,7 +265,7 @@ class BenchmarkRunner:
         extra = {}
         if method == "finercut":  # one search serves every FinerCut row: its cost up to each row's stop
             config, cost, extra = self._finercut_row(config, dense, calib, load_model, eval_ids)
-            prune_(model, config)
+            prune_(model, config, calibration=calib)
         else:
             cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
         ppl = perplexity(model, eval_ids)
@@ -283,8 +286,26 @@ class BenchmarkRunner:
         search = (row["report"] or {}).get("search") or {}
         row["select_s"] = search.get("search_s")
         row["search_layer_forwards"] = search.get("search_layer_forwards")
+        comp = (row["report"] or {}).get("compensation")
+        if comp and cost.get("forward_s"):
+            row["compensation_passes"] = comp["compensation_s"] / cost["forward_s"]
+        if method == "gradmap" and getattr(config, "compensate", False) and config.order is None:
+            row["selection_comparison"] = self._compare_selection(dense, calib, row)
         row.update(extra)
         return row
+
+    def _compare_selection(self, dense, calib, row) -> dict:
+        """SLEB-style greedy selection of the same number of blocks, exact and naive, timed in this run."""
+        from .methods.finercut import FinerCutConfig, finercut_search
+
+        n = len(row["report"]["order"])
+        out = {"gradmap_select_s": row["select_s"], "blocks": n}
+        for mode in ("exact", "naive"):
+            steps = finercut_search(dense, FinerCutConfig(granularity="block", metric="ppl", num_removals=n,
+                                                          search=mode), calib)["steps"]
+            out[f"sleb_{mode}_s"] = steps[-1].seconds
+            out[f"gradmap_over_sleb_{mode}"] = row["select_s"] / steps[-1].seconds
+        return out
 
     # ----- FinerCut: one shared search, and the naive / fast searches it is compared with -------------------
     def _finercut_search(self, dense, calib) -> dict:
@@ -377,6 +398,13 @@ def markdown_table(results: dict) -> str:
                  _fmt(r.get("ideal_speedup"), "{:.2f}"), _fmt(r.get("select_s"), "{:.1f}"),
                  _fmt(r.get("search_layer_forwards"), "{:.0f}"), r.get("error") or ""]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in results["rows"]:
+        sel = r.get("selection_comparison")
+        if sel:
+            lines += ["", f"Selection time of {r['method']} {json.dumps(r['settings'])} ({sel['blocks']} blocks) against "
+                      f"SLEB-style greedy selection of as many blocks in this run: {sel['gradmap_select_s']:.1f} s vs "
+                      f"{sel['sleb_naive_s']:.1f} s naive (ratio {sel['gradmap_over_sleb_naive']:.3f}) and "
+                      f"{sel['sleb_exact_s']:.1f} s with the exact search (ratio {sel['gradmap_over_sleb_exact']:.3f})."]
     for r in results["rows"]:
         comp = r.get("search_comparison")
         if comp:

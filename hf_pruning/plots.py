@@ -69,8 +69,8 @@ def removal_map(source, path: str | os.PathLike, num_layers: int | None = None, 
     for (layer, col), k in step.items():
         grid[layer, _COLUMNS.index(col)] = k
     fig, ax = plt.subplots(figsize=(3.2, 0.9 + 0.22 * n_layers))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis")
+    cmap = cmap.with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, origin="lower",
                       vmin=1, vmax=max(len(order), 1))
     for (layer, col), k in step.items():

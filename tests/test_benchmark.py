@@ -83,7 +83,9 @@ def test_quick_grid_is_a_subset_and_skips_unimplemented():
 def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("depth", "finercut", {"param_ratio": 0.2}),
                                         ("depth", "finercut", {"sublayer_ratio": 0.25}),
-                                        ("depth", "shortgpt", {"param_ratio": 0.2})])
+                                        ("depth", "shortgpt", {"param_ratio": 0.2}),
+                                        ("depth", "gradmap", {"param_ratio": 0.2}),
+                                        ("depth", "shortgpt", {"param_ratio": 0.2, "compensate": True})])
     base, tok = tiny_model("llama"), tiny_tokenizer()
     s = settings(data_dir)
     s.depth_calib_samples, s.depth_calib_seq_len = 2, 32
@@ -105,3 +107,9 @@ def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path,
     assert comp["exact_over_naive_layer_forwards"] < 1
     assert comp["fast_ppl"] > 0 and short["select_s"] > 0
     assert "Search cost of finercut" in path.with_suffix(".md").read_text()
+    grad = rows[("gradmap", json.dumps({"param_ratio": 0.2}))]
+    sel = grad["selection_comparison"]
+    assert sel["blocks"] == len(grad["report"]["order"]) and sel["sleb_naive_s"] > 0
+    assert sel["gradmap_over_sleb_naive"] == pytest.approx(grad["select_s"] / sel["sleb_naive_s"])
+    assert grad["compensation_passes"] > 0
+    assert rows[("shortgpt", json.dumps({"param_ratio": 0.2, "compensate": True}))]["compensation_passes"] > 0

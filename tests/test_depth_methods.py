@@ -244,8 +244,9 @@ def test_removal_map_png_from_a_model_and_from_an_order(tmp_path):
 
 def test_cli_prunes_with_finercut_and_draws_the_map(tmp_path):
     pytest.importorskip("matplotlib")
-    from hf_pruning.cli import main
     from tiny_models import tiny_tokenizer
+
+    from hf_pruning.cli import main
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)

@@ -116,3 +116,31 @@ def test_llm_barber_improves_on_its_wanda_initializer(smollm2):
     assert barber.hf_pruning_report["swapped"] > 0
     ppl_wanda, ppl_barber = perplexity(wanda, windows), perplexity(barber, windows)
     assert ppl_barber < ppl_wanda, (ppl_barber, ppl_wanda)
+
+
+def test_finercut_on_smollm2_exact_equals_naive_and_reloads(smollm2, tmp_path):
+    """A short search (2 x 64 calibration tokens, 3 removals) on the real model, then save and reload."""
+    import copy
+
+    from hf_pruning.calibration import build_calibration, evaluation_windows
+    from hf_pruning.evaluation import perplexity
+    from hf_pruning.methods.finercut import finercut_search
+
+    base, tok = smollm2
+    calib = build_calibration(tok, source="default:calibration", n_samples=2, seq_len=64, seed=0)
+    exact = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=3), calib, progress=False)["steps"]
+    naive = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=3, search="naive"), calib,
+                            progress=False)["steps"]
+    assert [str(s.candidate) for s in exact] == [str(s.candidate) for s in naive]
+    assert exact[-1].layer_forwards < 0.5 * naive[-1].layer_forwards
+
+    windows = evaluation_windows(tok, default_text("evaluation"), 256, 4)
+    dense_ppl = perplexity(base, windows)
+    order = [str(s.candidate) for s in exact]
+    pruned = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.FinerCutConfig(order=order))
+    ppl = perplexity(pruned, windows)
+    assert dense_ppl < ppl < 1.5 * dense_ppl, (dense_ppl, ppl)  # three sublayers cost little
+    hf_pruning.save_pretrained(pruned, tmp_path / "m", tokenizer=tok)
+    out = reload_in_fresh_process(tmp_path / "m", windows[:1, :32], max_new_tokens=2)
+    with torch.no_grad():
+        assert torch.equal(out["logits"], pruned(windows[:1, :32]).logits)

@@ -103,6 +103,31 @@ def plan_for(model, removed: list[Candidate]) -> PruningPlan:
     return PruningPlan(ops=ops)
 
 
+@contextlib.contextmanager
+def skipping(model, skip, tuple_out: bool):
+    """Layers ``skip`` pass their input through (as ``remove_layers`` would) for the duration; full-model
+    forwards and backwards then see the model with those blocks removed. ``tuple_out``: what layers return."""
+    layers = adapter_for(model).decoder_layers(model)
+
+    def through(hidden_states, *args, **kwargs):
+        return (hidden_states,) if tuple_out else hidden_states
+
+    try:
+        for idx in skip:
+            layers[idx].forward = through
+        yield model
+    finally:
+        for idx in skip:
+            layers[idx].__dict__.pop("forward", None)
+
+
+def layers_return_tuple(model, ids: torch.Tensor) -> bool:
+    """Whether this model's decoder layers return a tuple (older transformers) or a tensor; one short forward."""
+    inputs, kwargs = capture_layer_inputs(model, ids[:1, :8])
+    with torch.no_grad():
+        return isinstance(adapter_for(model).decoder_layers(model)[0](inputs[0], **kwargs[0]), tuple)
+
+
 class DepthRunner:
     """Runs decoder layers on calibration rows with candidates removed; caches the residual stream.
 
@@ -137,7 +162,7 @@ class DepthRunner:
             self.refresh(candidate.layer)
 
     @contextlib.contextmanager
-    def _dropped(self, idx: int, parts: set[str]):
+    def dropped(self, idx: int, parts: set[str]):
         """Layer ``idx`` with ``parts`` ("attention", "mlp") dropped through the adapter's own drop ops; restored
         afterwards. (A removed "block" never gets here: the layer is skipped, as ``remove_layers`` does.)"""
         layer = self.layers[idx]
@@ -176,7 +201,7 @@ class DepthRunner:
         """One decoder layer with ``parts`` removed (``"block"``: the layer is skipped, costing nothing)."""
         if "block" in parts:
             return hidden
-        with self._dropped(idx, parts) as layer:
+        with self.dropped(idx, parts) as layer:
             hidden = run_layer(layer, hidden, self.kwargs[idx])
         self.layer_forwards += self.token_weight / self.n
         return hidden
@@ -240,8 +265,15 @@ class DepthConfig(PruningConfig):
         "help": "a removal order from an earlier search (e.g. [\"12.attention\", \"20.mlp\"]; the budget takes its "
                 "first entries, all of them without a budget): skips the search, needs no calibration"})
 
+    compensate: bool = field(default=False, metadata={
+        "help": "GradMAP's stage 2: fit a d x d projection at the kept layer that drifted most and fuse it into "
+                "its MLP down projection"})
+    ridge: float = field(default=1e-2, metadata={"help": "compensation: ridge strength (relative to the "
+                                                          "contribution's energy per dimension), > 0"})
+    solver: str = field(default="closed_form", metadata={"help": "compensation: closed_form (one solve) or adam"})
+
     def uses_calibration(self) -> bool:
-        return self.order is None
+        return self.order is None or self.compensate
 
     def _budgets(self) -> dict:
         return {"param_ratio": self.param_ratio, "num_removals": self.num_removals}
@@ -255,6 +287,10 @@ class DepthConfig(PruningConfig):
         if self.num_removals is not None and (isinstance(self.num_removals, bool)
                                               or not isinstance(self.num_removals, int) or self.num_removals < 1):
             raise ConfigError(f"num_removals must be a positive integer, got {self.num_removals!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge > 0:
+            raise ConfigError(f"ridge must be a number > 0 (it keeps the compensation solvable), got {self.ridge!r}")
+        if self.solver not in ("closed_form", "adam"):
+            raise ConfigError(f"solver must be 'closed_form' or 'adam', got {self.solver!r}")
         if self.order is not None:
             try:
                 self.order = [str(Candidate.parse(c)) for c in self.order]
@@ -325,3 +361,21 @@ def removal_from_order(model, config: DepthConfig, granularity: str, default_fra
     budget = resolve_budget(model, candidates_for(model, granularity), config.num_removals, config.param_ratio,
                             fraction)
     return order[:budget.prefix(order)]
+
+
+def depth_result(model, config: DepthConfig, removed: list[Candidate], calibration, report: dict):
+    """The PruningResult of a depth method: removal ops, the optional compensation, the order in the record."""
+    from ..registry import PruningResult
+    from .compensation import fit_compensation
+
+    plan = plan_for(model, removed)
+    if config.compensate:
+        if calibration is None:
+            raise ValueError("compensate=True fits on calibration data: pass calibration token ids")
+        ops, report["compensation"] = fit_compensation(model, removed, calibration, config.ridge, config.solver)
+        plan.ops.extend(ops)
+    freed, total = removal_params(model)
+    order = [str(c) for c in removed]
+    report.update({"order": order, "removed_params": params_of(removed, freed),
+                   "removed_param_fraction": params_of(removed, freed) / total})
+    return PruningResult(plan=plan, report=report, record={**config.to_dict(), "order": order})

@@ -9,7 +9,7 @@ import torch
 
 from ...calibration import calibration_mode
 from ...registry import PruningResult, register_method
-from ..depth import Candidate, candidates_for, params_of, plan_for, removal_from_order, removal_params, resolve_budget
+from ..depth import Candidate, candidates_for, depth_result, removal_from_order, resolve_budget
 from .config import FinerCutConfig
 from .search import GreedySearch
 
@@ -81,8 +81,4 @@ def run_finercut(model, config: FinerCutConfig, calibration) -> PruningResult:
                        "search_layer_forwards": last.layer_forwards, "search_head_forwards": last.head_forwards,
                        "calibration_tokens": found["calibration_tokens"]},
         }
-    freed, total = removal_params(model)
-    report.update({"order": [str(c) for c in removed], "removed_params": params_of(removed, freed),
-                   "removed_param_fraction": params_of(removed, freed) / total})
-    return PruningResult(plan=plan_for(model, removed), report=report,
-                         record={**config.to_dict(), "order": [str(c) for c in removed]})
+    return depth_result(model, config, removed, calibration, report)

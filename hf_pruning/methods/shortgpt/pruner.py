@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ...calibration import calibration_mode
 from ...registry import PruningResult, register_method
-from ..depth import Candidate, DepthRunner, candidates_for, plan_for, removal_from_order, resolve_budget
+from ..depth import Candidate, DepthRunner, candidates_for, depth_result, removal_from_order, resolve_budget
 from ..finercut.pruner import check_calibration
 from .config import ShortGPTConfig
 
@@ -48,5 +48,4 @@ def run_shortgpt(model, config: ShortGPTConfig, calibration) -> PruningResult:
         removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
     else:
         _, removed, report = ranked_blocks(model, calibration, config)
-    report["order"] = [str(c) for c in removed]
-    return PruningResult(plan=plan_for(model, removed), report=report, record={**config.to_dict(), "order": report["order"]})
+    return depth_result(model, config, removed, calibration, report)

@@ -1,0 +1,146 @@
+"""GradMAP's stage 2, usable after any depth method: a d x d projection that pulls the pruned model's hidden
+states back toward the dense ones at the kept layer whose output drifted most, fused into that layer's MLP.
+
+With the removals decided (not yet applied), two layer runners give the dense and the pruned residual stream
+on the calibration rows (one dense pass, at most one pruned pass). A kept layer's pruned output feeds the next
+kept layer (or the final norm); in the dense model that consumer receives the dense stream after any removed
+blocks in between, ``D_j``. The kept layer ``j`` with the largest first-moment shift
+``|| mean_tokens(H_pruned_j) - mean_tokens(D_j) ||_2`` (among layers that still have an MLP) is chosen. Its
+output is ``H = r + a`` with ``a`` the MLP's residual contribution (the attention's where FinerCut dropped the
+MLP of that layer); the fit finds
+
+    P = argmin  sum_tokens || P a - b ||^2 + lam || P - I ||_F^2,   b = D_j - r
+
+i.e. ``P = (B A^T + lam I)(A A^T + lam I)^-1`` in float64 (``A``, ``B``: ``[d, tokens]``), with
+``lam = ridge * trace(A A^T) / d`` so the ridge strength is scale free. ``solver="adam"`` minimises the same
+objective iteratively from ``P = I`` instead. The result is an ``add_linear`` op: folded into ``down_proj``
+(``W <- P W``, ``b <- P b``) wherever the contribution is a plain linear output, so inference costs nothing
+and the model stays stock; on Gemma2 (post-norm) it becomes a module after the norm (remote code).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..calibration import calibration_mode, hooks
+from ..calibration.capture import run_layer
+from ..plan import AddLinear, RemoveLayers
+from .depth import Candidate, DepthRunner, plan_for
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("closed_form", "adam")
+
+
+def _contribution_module(adapter, layer, sublayer: str):
+    """The module whose output is ``sublayer``'s contribution to the residual stream."""
+    if adapter.uses_norm_target(sublayer):
+        return getattr(layer, adapter.attn_out_norm if sublayer == "attention" else adapter.mlp_out_norm)
+    return adapter.output_linear(layer, sublayer)
+
+
+def _mean_hidden(states: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over every token of every sample: ``n x [1, T, d] -> [d]`` (float64)."""
+    return torch.cat([h.reshape(-1, h.shape[-1]) for h in states]).double().mean(0)
+
+
+def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[torch.Tensor, dict]:
+    """Closed-form ridge fit of ``P`` with ``P a ≈ b`` around the identity; ``a``, ``b``: ``[tokens, d]``."""
+    a, b = a.double(), b.double()
+    d = a.shape[1]
+    gram = a.T @ a  # [d, d] = A A^T with A = a^T
+    cross = b.T @ a  # [d, d] = B A^T
+    lam = ridge * float(torch.trace(gram)) / d
+    if lam <= 0:
+        lam = ridge  # all-zero contributions: fall back to the raw strength
+    eye = torch.eye(d, dtype=torch.float64, device=a.device)
+    system = gram + lam * eye  # symmetric positive definite for lam > 0
+    # P (G + lam I) = C + lam I  <=>  (G + lam I) P^T = (C + lam I)^T
+    p = torch.linalg.solve(system, (cross + lam * eye).T).T
+    cond = float(torch.linalg.cond(system))
+    return p, {"lambda": lam, "condition": cond, "gram_rank": int(torch.linalg.matrix_rank(gram))}
+
+
+def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int = 300, lr: float = 1e-3) -> torch.Tensor:
+    """The same objective minimised with Adam from the identity (float32, full batch)."""
+    a, b = a.float(), b.float()
+    d = a.shape[1]
+    lam = ridge * float((a * a).sum()) / d
+    eye = torch.eye(d, device=a.device)
+    p = eye.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    n = a.shape[0]
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((a @ p.T - b) ** 2).sum() / n + lam / n * ((p - eye) ** 2).sum()
+            loss.backward()
+            opt.step()
+    return p.detach().double()
+
+
+def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor, ridge: float = 1e-2,
+                     solver: str = "closed_form", steps: int = 300) -> tuple[list, dict]:
+    """The ``add_linear`` op (in a list; empty when nothing can be compensated) and a report.
+
+    ``removed`` are the candidates the depth method chose; the op's layer index is that of the pruned model
+    (after the plan's ``remove_layers``), so the op goes after the removal ops.
+    """
+    start = time.perf_counter()
+    if not removed:
+        return [], {"skipped": "nothing was removed"}
+    with calibration_mode(model):
+        dense = DepthRunner(model, calibration)
+        pruned = DepthRunner(model, calibration)
+        adapter, layers = pruned.adapter, pruned.layers
+        if any(adapter.residual_norms(layer) for layer in layers):
+            raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
+                             "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
+        for c in removed:
+            pruned.remove(c, refresh=False)
+        pruned.refresh(min(c.layer for c in removed))
+        whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
+        kept = [i for i in range(len(layers)) if i not in whole]
+        # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
+        # dense model receives the dense stream at that point (after the removed blocks in between)
+        feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
+        shifts = {i: float(torch.linalg.vector_norm(_mean_hidden(pruned.cache[i + 1])
+                                                    - _mean_hidden(dense.cache[feeds[i]]))) for i in kept}
+        # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
+        gone = {(c.layer, part) for c in removed for part in c.parts}
+        carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
+                   or (i, "mlp") not in gone}
+        usable = [i for i in carrier if shifts[i] > 0]
+        if not usable:
+            return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model", "shifts": shifts}
+        j = max(usable, key=lambda i: (shifts[i], -i))
+        captured: list[torch.Tensor] = []
+        with hooks() as handles:
+            module = _contribution_module(adapter, layers[j], carrier[j])
+            handles.append(module.register_forward_hook(lambda m, args, out: captured.append(out.detach())))
+            with pruned.dropped(j, set(pruned.removed.get(j, ()))) as layer:
+                outs = [run_layer(layer, pruned.cache[j][s], pruned.kwargs[j]) for s in range(pruned.n)]
+        d = outs[0].shape[-1]
+        a = torch.cat([c.reshape(-1, d) for c in captured])  # [tokens, d] the carrier's contribution
+        h_pruned = torch.cat([o.reshape(-1, d) for o in outs])  # [tokens, d]
+        h_dense = torch.cat([h.reshape(-1, d) for h in dense.cache[feeds[j]]])  # [tokens, d] the target
+        b = h_dense - (h_pruned - a)  # the contribution that would land on the dense hidden state
+        if solver == "adam":
+            p, info = adam_projection(a, b, ridge, steps), {}
+        else:
+            p, info = solve_projection(a, b, ridge)
+        before = float(((h_pruned - h_dense) ** 2).mean())
+        after = float(((a.double() @ p.T - b.double()) ** 2).mean())
+        if info.get("condition", 0) > 1e12:
+            logger.warning("the compensation system at layer %d is ill-conditioned (cond %.2e); the ridge term keeps "
+                           "it solvable: raise ridge for a more conservative fit", j, info["condition"])
+    new_index = j - sum(1 for i in whole if i < j)
+    op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
+    report = {"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j], "shifts": shifts, "solver": solver,
+              "ridge": ridge, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
+              "layer_forwards": dense.layer_forwards + pruned.layer_forwards, **info}
+    logger.info("compensation at layer %d (shift %.3g): hidden-state MSE %.4g -> %.4g", j, shifts[j], before, after)
+    return [op], report

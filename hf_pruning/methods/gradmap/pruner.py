@@ -1,0 +1,53 @@
+"""Orchestration of GradMAP: gradient-ranked block removal (iterative or one shot), then the compensation."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ...registry import PruningResult, register_method
+from ..depth import Candidate, candidates_for, depth_result, layers_return_tuple, removal_from_order, resolve_budget
+from .config import GradMAPConfig
+from .scoring import check_token_ids, gradient_scores
+
+logger = logging.getLogger(__name__)
+
+
+def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str) -> tuple[list[Candidate], dict]:
+    """Blocks to remove under ``config``'s budget, by gradient ``score``; ``mode`` iterative or one_shot."""
+    check_token_ids(calibration)
+    start = time.perf_counter()
+    candidates = candidates_for(model, "block")
+    fraction = 0.25 if config.param_ratio is None and config.num_removals is None else None
+    budget = resolve_budget(model, candidates, config.num_removals, config.param_ratio, fraction, what="block")
+    tuple_out = layers_return_tuple(model, calibration)
+    removed: list[Candidate] = []
+    history, backward_passes = [], 0
+    scores = None
+    bar = tqdm(total=budget.steps, desc=f"gradient block ranking ({mode})", unit="removal")
+    while not budget.stop(removed) and len(removed) < budget.steps:
+        if scores is None or mode == "iterative":
+            scores = gradient_scores(model, calibration, {c.layer for c in removed}, score, tuple_out)
+            backward_passes += 1
+        pool = [c for c in candidates if c not in removed]
+        chosen = min(pool, key=lambda c: (scores[c.layer], c))
+        history.append({"removed": str(chosen), "scores": {str(k): v for k, v in scores.items()}})
+        removed.append(chosen)
+        logger.info("removal %d: %s (score %.4g)", len(removed), chosen, scores[chosen.layer])
+        bar.update(1)
+    bar.close()
+    search = {"search_s": time.perf_counter() - start, "backward_passes": backward_passes,
+              "calibration_tokens": int(calibration.numel()), "score": score, "mode": mode}
+    return removed, {"history": history, "search": search}
+
+
+@register_method("gradmap", GradMAPConfig)
+def run_gradmap(model, config: GradMAPConfig, calibration) -> PruningResult:
+    if config.order is not None:
+        removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
+    else:
+        removed, report = rank_blocks(model, calibration, config, config.score, config.mode)
+    return depth_result(model, config, removed, calibration, report)

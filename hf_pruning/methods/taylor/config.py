@@ -1,0 +1,16 @@
+"""Configuration of the Taylor baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..depth import DepthConfig
+
+
+@dataclass
+class TaylorConfig(DepthConfig):
+    """Taylor block importance, one shot (one backward pass). Budget: ``param_ratio`` or ``num_removals``
+    (blocks), default 25% of the blocks. ``compensate=True`` adds GradMAP's stage 2."""
+
+    method: ClassVar[str] = "taylor"

@@ -1,0 +1,209 @@
+"""GradMAP (gradient block ranking + projection compensation), the Taylor baseline, compensation after others."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model, tokens
+
+import hf_pruning
+from hf_pruning import FinerCutConfig, GradMAPConfig, ShortGPTConfig, SLEBConfig, TaylorConfig
+from hf_pruning.adapters import adapter_for
+from hf_pruning.config import ConfigError
+from hf_pruning.methods import compensation, gradmap
+from hf_pruning.methods.depth import layers_return_tuple
+from hf_pruning.verify import reload_in_fresh_process
+
+CALIB = tokens(batch=3, length=24, seed=5)
+PRE_NORM = [a for a in ARCHS if a != "opt_postln"]
+
+
+# ----- the solve -----------------------------------------------------------------------------------------
+def test_projection_solve_recovers_a_known_matrix_and_shrinks_to_identity():
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    truth = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    a = torch.randn(500, d, generator=g, dtype=torch.float64)
+    b = a @ truth.T
+    p, info = compensation.solve_projection(a, b, ridge=1e-9)
+    assert torch.allclose(p, truth, atol=1e-6)
+    p_strong, _ = compensation.solve_projection(a, b, ridge=1e6)
+    assert torch.allclose(p_strong, torch.eye(d, dtype=torch.float64), atol=1e-3)
+    # the iterative solver minimises the same objective
+    p_adam = compensation.adam_projection(a, b, ridge=1e-9, steps=1500, lr=1e-2)
+    assert torch.allclose(p_adam, truth, atol=2e-2)
+    assert info["gram_rank"] == d
+
+
+def test_singular_system_is_regularised_and_reported():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 6, generator=g, dtype=torch.float64)
+    p, info = compensation.solve_projection(a, a * 2.0, ridge=1e-2)  # rank 2 in 6 dimensions
+    assert torch.isfinite(p).all() and info["gram_rank"] == 2 and info["condition"] > 10
+    p0, _ = compensation.solve_projection(torch.zeros(10, 4), torch.zeros(10, 4), ridge=1e-2)  # nothing to fit
+    assert torch.allclose(p0, torch.eye(4, dtype=torch.float64))
+
+
+# ----- fusion --------------------------------------------------------------------------------------------
+def _layer_outputs(model):
+    """Every decoder layer's output over the calibration rows (hooks: before any final norm), ``[tokens, d]``."""
+    layers = adapter_for(model).decoder_layers(model)
+    outs = [[] for _ in layers]
+    handles = [layer.register_forward_hook(
+        lambda m, a, out, i=i: outs[i].append((out[0] if isinstance(out, tuple) else out)[0])) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for r in CALIB:
+            model(r[None])
+    for h in handles:
+        h.remove()
+    return [torch.cat(o) for o in outs]
+
+
+@pytest.mark.parametrize("arch", PRE_NORM)
+def test_fused_compensation_reproduces_the_fit(arch):
+    """After pruning, the fused model's hidden state at the compensated layer matches the fit's prediction."""
+    dense = tiny_model(arch)
+    model = tiny_model(arch)
+    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block", "4.block"], compensate=True), calibration=CALIB)
+    comp = model.hf_pruning_report["compensation"]
+    j_new, j = comp["pruned_layer_index"], comp["layer"]
+    assert comp["mse_after"] < comp["mse_before"]
+    feeds = {0: 1, 1: 3, 3: 5, 5: 6}  # kept layers -> the next kept layer (6: the final norm)
+    got = _layer_outputs(model)[j_new]
+    target = _layer_outputs(dense)[feeds[j] - 1]  # the dense stream where the next consumer reads it
+    mse = float(((got.double() - target.double()) ** 2).mean())
+    assert mse == pytest.approx(comp["mse_after"], rel=1e-3, abs=1e-9)
+    fused = [op for op in hf_pruning.get_plan(model).to_dict()["ops"] if op["op"] == "add_linear"]
+    assert len(fused) == 1 and fused[0]["fused"] == (arch != "gemma2")  # Gemma2: a module after its post-norm
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
+def test_compensated_results_save_and_reload(arch, tmp_path):
+    model = tiny_model(arch)
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=2), calibration=CALIB)
+    stock = arch != "gemma2"
+    assert (type(model).__name__.startswith("Pruned")) != stock
+    hf_pruning.save_pretrained(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg["model_type"] == arch) == stock
+    x = tokens()
+    with torch.no_grad():
+        logits = model(x, use_cache=False).logits
+    assert torch.equal(reload_in_fresh_process(tmp_path / "m", x, max_new_tokens=2)["logits"], logits)
+
+
+def test_compensation_composes_with_every_depth_method():
+    for config in (ShortGPTConfig(num_removals=2, compensate=True), SLEBConfig(num_removals=2, compensate=True),
+                   FinerCutConfig(num_removals=3, compensate=True), TaylorConfig(num_removals=2, compensate=True),
+                   GradMAPConfig(num_removals=2)):
+        model = tiny_model("qwen2")
+        hf_pruning.prune_(model, config, calibration=CALIB)
+        ops = [op["op"] for op in hf_pruning.get_plan(model).to_dict()["ops"]]
+        assert ops[-1] == "add_linear", (config, ops)
+        assert model.hf_pruning_report["compensation"]["mse_after"] < model.hf_pruning_report["compensation"]["mse_before"]
+    plain = tiny_model("qwen2")
+    hf_pruning.prune_(plain, GradMAPConfig(num_removals=2, compensate=False), calibration=CALIB)
+    assert "add_linear" not in [op["op"] for op in hf_pruning.get_plan(plain).to_dict()["ops"]]
+
+
+# ----- stage 1 ---------------------------------------------------------------------------------------------
+def _dead_blocks(model, blocks):
+    """Zero the output projections of ``blocks``: each becomes the identity and its Taylor score is exactly 0."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    with torch.no_grad():
+        for i in blocks:
+            for sub in ("attention", "mlp"):
+                lin = adapter.output_linear(layers[i], sub)
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["iterative", "one_shot"])
+def test_forced_answer_identity_blocks_go_first(mode):
+    model = _dead_blocks(tiny_model("llama"), [1, 3])
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=2, score="taylor", mode=mode, compensate=False),
+                      calibration=CALIB)
+    report = model.hf_pruning_report
+    assert report["order"] == ["1.block", "3.block"]
+    assert report["search"]["backward_passes"] == (2 if mode == "iterative" else 1)
+
+
+def test_iterative_mode_rescores_the_pruned_model(monkeypatch):
+    seen = []
+    real = gradmap.pruner.gradient_scores
+
+    def spy(model, calibration, skip, score, tuple_out):
+        seen.append(sorted(skip))
+        return real(model, calibration, skip, score, tuple_out)
+
+    monkeypatch.setattr(gradmap.pruner, "gradient_scores", spy)
+    model = tiny_model("mistral")
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=3, compensate=False), calibration=CALIB)
+    removed = [int(c.split(".")[0]) for c in model.hf_pruning_report["order"]]
+    assert seen == [[], sorted(removed[:1]), sorted(removed[:2])]
+
+
+def test_scores_are_those_of_the_pruned_model_and_only_blocks_get_gradients():
+    model = tiny_model("llama")
+    tuple_out = layers_return_tuple(model, CALIB)
+    scores = gradmap.gradient_scores(model, CALIB, {5}, "grad", tuple_out)
+    assert set(scores) == {0, 1, 2, 3, 4}
+    assert all(p.grad is None for p in model.parameters())  # nothing is left behind
+    # independent: the model with block 5 really removed, one backward over all rows at once (mean of row losses)
+    ref = hf_pruning.apply_plan_(tiny_model("llama"), [{"op": "remove_layers", "layers": [5]}])
+    loss = sum(ref(r[None], labels=r[None]).loss for r in CALIB) / len(CALIB)
+    loss.backward()
+    layers = ref.model.layers
+    expected = {i: float(sum(p.grad.abs().sum() for p in layers[i].parameters()))
+                / sum(p.numel() for p in layers[i].parameters()) for i in range(5)}
+    assert scores == pytest.approx(expected, rel=1e-4)
+
+
+def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):
+    """Rows are accumulated one at a time: the forward never sees more than one row."""
+    model = tiny_model("llama")
+    widths = []
+    original = type(model).forward
+
+    def spy(self, input_ids=None, **kw):
+        widths.append(input_ids.shape[0])
+        return original(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    gradmap.gradient_scores(model, tokens(6, 16), set(), "grad", False)
+    assert widths == [1] * 6
+
+
+# ----- bad input -------------------------------------------------------------------------------------------
+def test_bad_inputs_fail_clearly_and_leave_the_model_unchanged():
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="would remove every block"):
+        hf_pruning.prune_(model, GradMAPConfig(num_removals=6), calibration=CALIB)
+    with pytest.raises(ValueError, match="token ids"):
+        hf_pruning.prune_(model, GradMAPConfig(num_removals=1), calibration=CALIB.float())
+    with pytest.raises(ValueError, match="needs calibration"):
+        hf_pruning.prune_(model, GradMAPConfig(order=["1.block"]))  # compensation fits on data
+    post = tiny_model("opt_postln")
+    with pytest.raises(ValueError, match="do_layer_norm_before=False"):
+        hf_pruning.prune_(post, ShortGPTConfig(num_removals=1, compensate=True), calibration=CALIB)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not getattr(model.config, "pruning_plan", None)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GradMAPConfig(ridge=0.0), "ridge must be a number > 0"),
+    (lambda: GradMAPConfig(ridge=-1), "ridge must be a number > 0"),
+    (lambda: GradMAPConfig(score="hessian"), "score must be one of"),
+    (lambda: GradMAPConfig(mode="twice"), "mode must be one of"),
+    (lambda: TaylorConfig(solver="lbfgs"), "solver must be"),
+])
+def test_bad_configs(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
