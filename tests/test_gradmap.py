@@ -38,6 +38,21 @@ def test_projection_solve_recovers_a_known_matrix_and_shrinks_to_identity():
     assert info["gram_rank"] == d
 
 
+def test_ridge_is_chosen_by_held_out_error():
+    g = torch.Generator().manual_seed(2)
+    d = 16
+    truth = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    sample_of = torch.arange(4).repeat_interleave(200)
+    a = torch.randn(800, d, generator=g, dtype=torch.float64)
+    clean, _ = compensation.choose_ridge(a, a @ truth.T, sample_of)
+    assert clean == min(compensation.RIDGE_GRID)  # plenty of exact data: barely shrink
+    few = torch.randn(24, d, generator=g, dtype=torch.float64)  # fewer tokens than dimensions, pure noise targets
+    noisy, info = compensation.choose_ridge(few, few + 3 * torch.randn(24, d, generator=g, dtype=torch.float64),
+                                            torch.arange(4).repeat_interleave(6))
+    assert noisy == max(compensation.RIDGE_GRID)  # nothing to learn: stay at the identity
+    assert set(info["ridge_validation_mse"]) == set(compensation.RIDGE_GRID)
+
+
 def test_singular_system_is_regularised_and_reported():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(50, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 6, generator=g, dtype=torch.float64)

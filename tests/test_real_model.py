@@ -144,3 +144,22 @@ def test_finercut_on_smollm2_exact_equals_naive_and_reloads(smollm2, tmp_path):
     out = reload_in_fresh_process(tmp_path / "m", windows[:1, :32], max_new_tokens=2)
     with torch.no_grad():
         assert torch.equal(out["logits"], pruned(windows[:1, :32]).logits)
+
+
+def test_compensation_lowers_perplexity_after_removing_blocks(smollm2):
+    """ShortGPT minus 4 of 30 blocks, with and without GradMAP's fused projection (4 x 128 calibration tokens)."""
+    import copy
+
+    from hf_pruning.calibration import build_calibration, evaluation_windows
+    from hf_pruning.evaluation import perplexity
+
+    base, tok = smollm2
+    calib = build_calibration(tok, source="default:calibration", n_samples=4, seq_len=128, seed=0)
+    windows = evaluation_windows(tok, default_text("evaluation"), 512, 4)
+    plain = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.ShortGPTConfig(num_removals=4), calibration=calib)
+    order = plain.config.pruning_config[-1]["order"]
+    compensated = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.ShortGPTConfig(order=order, compensate=True),
+                                    calibration=calib)
+    assert type(compensated).__name__ == "LlamaForCausalLM"  # fused into down_proj: still the stock class
+    ppl_plain, ppl_comp = perplexity(plain, windows), perplexity(compensated, windows)
+    assert ppl_comp < ppl_plain, (ppl_comp, ppl_plain)

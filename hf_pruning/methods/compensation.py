@@ -12,7 +12,8 @@ MLP of that layer); the fit finds
     P = argmin  sum_tokens || P a - b ||^2 + lam || P - I ||_F^2,   b = D_j - r
 
 i.e. ``P = (B A^T + lam I)(A A^T + lam I)^-1`` in float64 (``A``, ``B``: ``[d, tokens]``), with
-``lam = ridge * trace(A A^T) / d`` so the ridge strength is scale free. ``solver="adam"`` minimises the same
+``lam = ridge * trace(A A^T) / d`` so the ridge strength is scale free. Without a given ``ridge`` it is chosen
+from ``RIDGE_GRID`` by leave-one-sample-out error. ``solver="adam"`` minimises the same
 objective iteratively from ``P = I`` instead. The result is an ``add_linear`` op: folded into ``down_proj``
 (``W <- P W``, ``b <- P b``) wherever the contribution is a plain linear output, so inference costs nothing
 and the model stays stock; on Gemma2 (post-norm) it becomes a module after the norm (remote code).
@@ -33,6 +34,8 @@ from .depth import Candidate, DepthRunner, plan_for
 logger = logging.getLogger(__name__)
 
 SOLVERS = ("closed_form", "adam")
+#: ridge strengths tried when none is given: the one with the lowest held-out error (leave one sample out) wins
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def _contribution_module(adapter, layer, sublayer: str):
@@ -45,6 +48,16 @@ def _contribution_module(adapter, layer, sublayer: str):
 def _mean_hidden(states: list[torch.Tensor]) -> torch.Tensor:
     """Mean over every token of every sample: ``n x [1, T, d] -> [d]`` (float64)."""
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in states]).double().mean(0)
+
+
+def _shift(pruned: list[torch.Tensor], dense: list[torch.Tensor], relative: bool) -> float:
+    """First-moment drift ``|| mean(pruned) - mean(dense) ||_2``; ``relative`` divides by the dense states' mean
+    token norm, so layers deep in the stream (whose hidden states are larger) do not win by scale alone."""
+    drift = float(torch.linalg.vector_norm(_mean_hidden(pruned) - _mean_hidden(dense)))
+    if not relative:
+        return drift
+    norms = torch.cat([torch.linalg.vector_norm(h.double().reshape(-1, h.shape[-1]), dim=-1) for h in dense])
+    return drift / max(float(norms.mean()), 1e-12)
 
 
 def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[torch.Tensor, dict]:
@@ -62,6 +75,28 @@ def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[to
     p = torch.linalg.solve(system, (cross + lam * eye).T).T
     cond = float(torch.linalg.cond(system))
     return p, {"lambda": lam, "condition": cond, "gram_rank": int(torch.linalg.matrix_rank(gram))}
+
+
+def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> tuple[float, dict]:
+    """The ridge of ``RIDGE_GRID`` with the lowest leave-one-sample-out error of ``P a ≈ b``.
+
+    ``sample_of`` ``[tokens]`` names each token's calibration row; with a single row, its two halves are the
+    folds. Small calibration sets need strong shrinkage toward the identity (a d x d fit from few tokens
+    overfits), large ones little: this picks it from the data instead of a fixed default.
+    """
+    folds = sample_of.clone()
+    if int(folds.max()) == 0:
+        folds[folds.numel() // 2:] = 1
+    errors = {}
+    for ridge in RIDGE_GRID:
+        total = 0.0
+        for f in folds.unique():
+            held = folds == f
+            p, _ = solve_projection(a[~held], b[~held], ridge)
+            total += float(((a[held].double() @ p.T - b[held].double()) ** 2).sum())
+        errors[ridge] = total / a.shape[0]
+    best = min(errors, key=errors.get)
+    return best, {"ridge_validation_mse": errors}
 
 
 def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int = 300, lr: float = 1e-3) -> torch.Tensor:
@@ -82,8 +117,8 @@ def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int =
     return p.detach().double()
 
 
-def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor, ridge: float = 1e-2,
-                     solver: str = "closed_form", steps: int = 300) -> tuple[list, dict]:
+def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor, ridge: float | None = None,
+                     solver: str = "closed_form", steps: int = 300, relative: bool = True) -> tuple[list, dict]:
     """The ``add_linear`` op (in a list; empty when nothing can be compensated) and a report.
 
     ``removed`` are the candidates the depth method chose; the op's layer index is that of the pruned model
@@ -107,8 +142,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
         # dense model receives the dense stream at that point (after the removed blocks in between)
         feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
-        shifts = {i: float(torch.linalg.vector_norm(_mean_hidden(pruned.cache[i + 1])
-                                                    - _mean_hidden(dense.cache[feeds[i]]))) for i in kept}
+        shifts = {i: _shift(pruned.cache[i + 1], dense.cache[feeds[i]], relative) for i in kept}
         # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
         gone = {(c.layer, part) for c in removed for part in c.parts}
         carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
@@ -128,6 +162,10 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         h_pruned = torch.cat([o.reshape(-1, d) for o in outs])  # [tokens, d]
         h_dense = torch.cat([h.reshape(-1, d) for h in dense.cache[feeds[j]]])  # [tokens, d] the target
         b = h_dense - (h_pruned - a)  # the contribution that would land on the dense hidden state
+        chosen = {}
+        if ridge is None:
+            sample_of = torch.cat([torch.full((o.reshape(-1, d).shape[0],), s) for s, o in enumerate(outs)])
+            ridge, chosen = choose_ridge(a, b, sample_of)
         if solver == "adam":
             p, info = adam_projection(a, b, ridge, steps), {}
         else:
@@ -140,7 +178,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     new_index = j - sum(1 for i in whole if i < j)
     op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
     report = {"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j], "shifts": shifts, "solver": solver,
-              "ridge": ridge, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
+              "ridge": ridge, **chosen, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
               "layer_forwards": dense.layer_forwards + pruned.layer_forwards, **info}
     logger.info("compensation at layer %d (shift %.3g): hidden-state MSE %.4g -> %.4g", j, shifts[j], before, after)
     return [op], report

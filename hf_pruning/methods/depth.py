@@ -268,8 +268,9 @@ class DepthConfig(PruningConfig):
     compensate: bool = field(default=False, metadata={
         "help": "GradMAP's stage 2: fit a d x d projection at the kept layer that drifted most and fuse it into "
                 "its MLP down projection"})
-    ridge: float = field(default=1e-2, metadata={"help": "compensation: ridge strength (relative to the "
-                                                          "contribution's energy per dimension), > 0"})
+    ridge: float | None = field(default=None, metadata={
+        "help": "compensation: ridge strength (relative to the contribution's energy per dimension), > 0; "
+                "default: chosen by leave-one-sample-out error"})
     solver: str = field(default="closed_form", metadata={"help": "compensation: closed_form (one solve) or adam"})
 
     def uses_calibration(self) -> bool:
@@ -287,7 +288,8 @@ class DepthConfig(PruningConfig):
         if self.num_removals is not None and (isinstance(self.num_removals, bool)
                                               or not isinstance(self.num_removals, int) or self.num_removals < 1):
             raise ConfigError(f"num_removals must be a positive integer, got {self.num_removals!r}")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge > 0:
+        if self.ridge is not None and (isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float))
+                                       or not self.ridge > 0):
             raise ConfigError(f"ridge must be a number > 0 (it keeps the compensation solvable), got {self.ridge!r}")
         if self.solver not in ("closed_form", "adam"):
             raise ConfigError(f"solver must be 'closed_form' or 'adam', got {self.solver!r}")
