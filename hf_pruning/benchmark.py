@@ -175,6 +175,27 @@ class BenchmarkRunner:
         tmp.write_text(json.dumps(self.results, indent=1))
         os.replace(tmp, self.path)
         self.path.with_suffix(".md").write_text(markdown_table(self.results))
+        self._write_maps()
+
+    def _write_maps(self) -> None:
+        """A removal map PNG per depth row (``<results>-maps/<method>-<settings>.png``), when matplotlib is there."""
+        try:
+            from .plots import removal_map
+        except ImportError:
+            return
+        folder = self.path.with_name(self.path.stem + "-maps")
+        n_layers = self.results.get("n_layers")
+        for r in self.results["rows"]:
+            order = (r.get("report") or {}).get("order")
+            if r.get("group") != "depth" or not order or not n_layers or r.get("error"):
+                continue
+            name = r["method"] + "".join(f"-{k}-{v}" for k, v in sorted(r["settings"].items()))
+            path = folder / f"{name}.png"
+            if not path.exists():
+                try:
+                    removal_map(order, path, num_layers=n_layers, title=f"{r['method']} {json.dumps(r['settings'])}")
+                except ImportError:
+                    return
 
     def _drop_rows_outside_grid(self) -> None:
         """Rows whose settings left the grid (a tuned setting changed) would be stale: drop them."""
@@ -209,6 +230,7 @@ class BenchmarkRunner:
         self._finercut = None
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
         dense = load_model()
+        self.results["n_layers"] = int(dense.config.num_hidden_layers)
         reference = None
         for group, method, settings in tqdm(self.grid(), desc="benchmark rows", unit="row"):
             if self.done(method, settings):

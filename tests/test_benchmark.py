@@ -107,6 +107,8 @@ def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path,
     assert comp["exact_over_naive_layer_forwards"] < 1
     assert comp["fast_ppl"] > 0 and short["select_s"] > 0
     assert "Search cost of finercut" in path.with_suffix(".md").read_text()
+    maps = sorted(p.name for p in (tmp_path / "depth-maps").glob("*.png"))
+    assert "finercut-sublayer_ratio-0.25.png" in maps and len(maps) == 5  # one per depth row
     grad = rows[("gradmap", json.dumps({"param_ratio": 0.2}))]
     sel = grad["selection_comparison"]
     assert sel["blocks"] == len(grad["report"]["order"]) and sel["sleb_naive_s"] > 0
