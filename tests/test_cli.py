@@ -52,7 +52,9 @@ def test_prune_with_method_flags_and_eval(tmp_path, capsys):
 
 def test_unknown_method_and_bad_source_exit_2(tmp_path, capsys):
     assert main(["-q", "prune", "x", "y", "--method", "nope"]) == 2
-    assert "registered: llm_barber, magnitude, plan, sparsegpt, wanda" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown pruning method 'nope'" in err
+    assert "registered: finercut, gradmap, llm_barber, magnitude, plan, shortgpt, sleb, sparsegpt, taylor, wanda" in err
     hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
     assert main(["-q", "eval", str(tmp_path / "dense"), "--ppl", "default"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
