@@ -29,6 +29,7 @@ import torch
 from ..calibration import calibration_mode, hooks
 from ..calibration.capture import run_layer
 from ..plan import AddLinear, RemoveLayers
+from ..remote.hf_pruning_surgery import adapter_for
 from .depth import Candidate, DepthRunner, plan_for
 
 logger = logging.getLogger(__name__)
@@ -128,15 +129,13 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     if not removed:
         return [], {"skipped": "nothing was removed"}
     with calibration_mode(model):
-        dense = DepthRunner(model, calibration)
-        pruned = DepthRunner(model, calibration)
-        adapter, layers = pruned.adapter, pruned.layers
+        adapter = adapter_for(model)
+        layers = adapter.decoder_layers(model)
         if any(adapter.residual_norms(layer) for layer in layers):
             raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
                              "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
-        for c in removed:
-            pruned.remove(c, refresh=False)
-        pruned.refresh(min(c.layer for c in removed))
+        dense = DepthRunner(model, calibration)  # one dense pass
+        pruned = DepthRunner(model, calibration, removed=removed)  # one pruned pass
         whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
         kept = [i for i in range(len(layers)) if i not in whole]
         # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the

@@ -133,10 +133,10 @@ class DepthRunner:
 
     ``calibration``: LongTensor ``[n_samples, seq_len]``; every row is run on its own (batch 1), so costs can be
     cut short per sample. ``token_weight`` scales the work counter (a runner on a subset of the tokens of the
-    main calibration counts its share of a full layer-forward).
+    main calibration counts its share of a full layer-forward). ``removed``: candidates removed from the start.
     """
 
-    def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0):
+    def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0, removed: tuple = ()):
         self.model = model
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)
@@ -145,6 +145,8 @@ class DepthRunner:
         self.n = calibration.shape[0]
         self.token_weight = token_weight
         self.removed: dict[int, set[str]] = {}
+        for c in removed:  # start from these removals: the first pass is already the pruned one
+            self.removed.setdefault(c.layer, set()).add(c.kind)
         self.layer_forwards = 0.0
         self.head_forwards = 0.0
         inputs, self.kwargs = capture_layer_inputs(model, calibration)
