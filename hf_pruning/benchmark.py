@@ -30,7 +30,7 @@ from .config import PruningConfig
 from .evaluation import compare_speed, forward_seconds, measure_pruning, perplexity, zero_shot
 from .evaluation.zero_shot import LOCAL_TASKS
 from .registry import list_methods
-from .remote.hf_pruning_surgery import inspect_model
+from .remote.hf_pruning_surgery import adapter_for, inspect_model
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ BARBER_SETTINGS_NM = {  # N:M allows output1 only
 #: parameter budgets of the depth rows (see GRID)
 DEPTH_RATIOS = (0.1333, 0.2333)
 
+#: HARP's layer count on SmolLM2 (30 layers, 3 KV groups): KV cache -1/3, like one KV group per layer
+HARP_LAYERS = 10
+
 #: the grid of docs/BENCHMARKS.md: (group, method, settings). Methods not yet registered have no rows.
 GRID: list[tuple[str, str, dict]] = [
     ("reference", "dense", {}),
@@ -67,7 +70,12 @@ GRID: list[tuple[str, str, dict]] = [
     # GradMAP's stage 1 alone, and its stage 2 after the other block methods
     *[("depth", "gradmap", {"param_ratio": r, "compensate": False}) for r in DEPTH_RATIOS],
     *[("depth", m, {"param_ratio": r, "compensate": True}) for r in DEPTH_RATIOS for m in ("shortgpt", "sleb", "taylor")],
-    *[("attention", m, {}) for m in ("harp", "flap", "heads_magnitude", "heads_wanda")],
+    # HARP on the top 10 of 30 layers removes 1/3 of the KV cache, as one of 3 KV groups per layer does; with
+    # FLAP matched, all three remove 1/3 of the attention parameters (8.33% of decoder parameters)
+    ("attention", "harp", {"num_layers": HARP_LAYERS}),
+    ("attention", "harp", {"num_layers": HARP_LAYERS, "flap_match": True}),
+    ("attention", "flap", {"param_ratio": 0.0833}),
+    *[("attention", "heads", {"score": s, "unit": "group", "per_layer": 1}) for s in ("magnitude", "wanda")],
 ]
 #: every row carries these (null when not measured, e.g. after an error)
 ROW_FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
@@ -126,8 +134,6 @@ def _nonzero(module) -> int:
 
 
 def _decoder_nonzero(model) -> int:
-    from .remote.hf_pruning_surgery import adapter_for
-
     return _nonzero(adapter_for(model).decoder_layers(model))
 
 
@@ -311,6 +317,8 @@ class BenchmarkRunner:
         comp = (row["report"] or {}).get("compensation")
         if comp and cost.get("forward_s"):
             row["compensation_passes"] = comp["compensation_s"] / cost["forward_s"]
+        if method == "harp" and not settings.get("flap_match"):
+            row["search_comparison_harp"] = self._compare_harp_searches(dense, config)
         if method == "gradmap" and getattr(config, "compensate", False) and config.order is None:
             row["selection_comparison"] = self._compare_selection(dense, calib, row)
         row.update(extra)
@@ -327,6 +335,30 @@ class BenchmarkRunner:
                                                           search=mode), calib)["steps"]
             out[f"sleb_{mode}_s"] = steps[-1].seconds
             out[f"gradmap_over_sleb_{mode}"] = row["select_s"] / steps[-1].seconds
+        return out
+
+    def _compare_harp_searches(self, dense, config) -> dict:
+        """HARP's alpha search, cached and naive, on the depth calibration rows, timed in this run."""
+        from .methods.harp import AlphaSearch
+        from .methods.harp.pruner import harp_layers
+
+        layers, _ = harp_layers(dense, config)
+        out = {"layers": len(layers), "grid": len(config.grid)}
+        for mode in ("cached", "naive"):
+            search = AlphaSearch(dense, self.calib_depth, layers, config.grid, mode)
+            alphas, _, _ = search.run(progress=False)
+            out[mode] = {**search.cost(), "alphas": [alphas[i] for i in layers]}
+        unit = forward_seconds(dense, self.calib_depth)
+        n_layers = len(adapter_for(dense).decoder_layers(dense))
+        for mode in ("cached", "naive"):
+            out[mode]["passes"] = out[mode]["search_s"] / unit
+        out["forward_s"] = unit
+        out["same_alphas"] = out["cached"]["alphas"] == out["naive"]["alphas"]
+        out["cached_over_naive_s"] = out["cached"]["search_s"] / out["naive"]["search_s"]
+        out["cached_over_naive_layer_forwards"] = (out["cached"]["search_layer_forwards"]
+                                                   / out["naive"]["search_layer_forwards"])
+        # the target: N x grid x (fraction of layers re-run) passes; the fraction averages (k+1)/L over the N layers
+        out["target_passes"] = len(config.grid) * sum((k + 1) / n_layers for k in range(len(layers)))
         return out
 
     # ----- FinerCut: one shared search, and the naive / fast searches it is compared with -------------------
@@ -440,6 +472,20 @@ def markdown_table(results: dict) -> str:
                 "", f"Exact order identical to naive: {comp['exact_order_identical']}. Fast: same removal set "
                 f"{comp['fast_same_set']}, perplexity {comp['fast_ppl']:.2f} vs exact {comp['exact_ppl']:.2f} "
                 f"(ratio {comp['fast_ppl_over_exact']:.3f}).",
+            ]
+    for r in results["rows"]:
+        comp = r.get("search_comparison_harp")
+        if comp:
+            lines += [
+                "", f"HARP alpha search of {r['method']} {json.dumps(r['settings'])} ({comp['layers']} layers x "
+                f"{comp['grid']} grid points) on the depth calibration rows, measured in this run (one forward "
+                f"{comp['forward_s']:.2f} s; target: at most {comp['target_passes']:.1f} passes):", "",
+                "| search | seconds | passes | layer-forwards | head-forwards | alphas (ascending layers) |",
+                "|---|---|---|---|---|---|",
+                *[f"| {m} | {comp[m]['search_s']:.1f} | {comp[m]['passes']:.1f} | {comp[m]['search_layer_forwards']:.0f} "
+                  f"| {comp[m]['search_head_forwards']:.0f} | {comp[m]['alphas']} |" for m in ("cached", "naive")],
+                "", f"Same alphas: {comp['same_alphas']}; cached / naive: {comp['cached_over_naive_s']:.3f} of the time, "
+                f"{comp['cached_over_naive_layer_forwards']:.3f} of the layer-forwards.",
             ]
     return "\n".join(lines) + "\n"
 

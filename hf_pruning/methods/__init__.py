@@ -1,7 +1,10 @@
 """Pruning methods: one folder each. Importing a folder registers its method (one line per method here)."""
 
 from .finercut import FinerCutConfig
+from .flap import FLAPConfig
 from .gradmap import GradMAPConfig
+from .harp import HARPConfig
+from .heads import HeadsConfig
 from .llm_barber import BarberConfig
 from .magnitude import MagnitudeConfig
 from .manual import PlanConfig
@@ -11,4 +14,4 @@ from .sparsegpt import SparseGPTConfig
 from .taylor import TaylorConfig
 from .wanda import WandaConfig
 
-__all__ = ["BarberConfig", "FinerCutConfig", "GradMAPConfig", "MagnitudeConfig", "PlanConfig", "SLEBConfig", "ShortGPTConfig", "SparseGPTConfig", "TaylorConfig", "WandaConfig"]
+__all__ = ["BarberConfig", "FLAPConfig", "FinerCutConfig", "GradMAPConfig", "HARPConfig", "HeadsConfig", "MagnitudeConfig", "PlanConfig", "SLEBConfig", "ShortGPTConfig", "SparseGPTConfig", "TaylorConfig", "WandaConfig"]

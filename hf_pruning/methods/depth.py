@@ -128,6 +128,33 @@ def layers_return_tuple(model, ids: torch.Tensor) -> bool:
         return isinstance(adapter_for(model).decoder_layers(model)[0](inputs[0], **kwargs[0]), tuple)
 
 
+@torch.no_grad()
+def head_logits(model, layers, ids: torch.Tensor, final_hidden: torch.Tensor, tuple_out: bool) -> torch.Tensor:
+    """The model's logits ``[T, V]`` (float32) for token ids ``[T]`` given the last layer's output ``[1, T, d]``.
+
+    Runs the model's own forward with every decoder layer passing its input through and the last one
+    returning ``final_hidden``, so the final norm, any output projection, the LM head and logit soft-capping
+    are exactly the model's. ``tuple_out``: whether decoder layers return tuples (older transformers).
+    """
+    last = len(layers) - 1
+    wrap = (lambda h: (h,)) if tuple_out else (lambda h: h)
+
+    def through(idx):
+        def forward(hidden_states, *args, **kwargs):
+            return wrap(final_hidden if idx == last else hidden_states)
+
+        return forward
+
+    try:
+        for idx, layer in enumerate(layers):
+            layer.forward = through(idx)
+        out = model(ids[None].to(final_hidden.device), use_cache=False)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    return out.logits[0].float()
+
+
 class DepthRunner:
     """Runs decoder layers on calibration rows with candidates removed; caches the residual stream.
 
@@ -222,30 +249,9 @@ class DepthRunner:
 
     @torch.no_grad()
     def logits(self, sample: int, final_hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits ``[T, V]`` (float32) for ``sample`` given the last layer's output ``[1, T, d]``.
-
-        Runs the model's own forward with every decoder layer passing its input through and the last one
-        returning ``final_hidden``, so the final norm, any output projection, the LM head and logit
-        soft-capping are exactly the model's.
-        """
-        last = len(self.layers) - 1
-        wrap = (lambda h: (h,)) if self._tuple_out else (lambda h: h)
-
-        def through(idx):
-            def forward(hidden_states, *args, **kwargs):
-                return wrap(final_hidden if idx == last else hidden_states)
-
-            return forward
-
-        try:
-            for idx, layer in enumerate(self.layers):
-                layer.forward = through(idx)
-            out = self.model(self.ids[sample][None].to(final_hidden.device), use_cache=False)
-        finally:
-            for layer in self.layers:
-                layer.__dict__.pop("forward", None)
+        """The model's logits ``[T, V]`` (float32) for ``sample`` given the last layer's output ``[1, T, d]``."""
         self.head_forwards += self.token_weight / self.n
-        return out.logits[0].float()
+        return head_logits(self.model, self.layers, self.ids[sample], final_hidden, self._tuple_out)
 
     def dense_logits(self) -> list[torch.Tensor]:
         """Logits ``[T, V]`` per sample with the current removals (the dense model when nothing is removed)."""
