@@ -115,3 +115,24 @@ def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path,
     assert sel["gradmap_over_sleb_naive"] == pytest.approx(grad["select_s"] / sel["sleb_naive_s"])
     assert grad["compensation_passes"] > 0
     assert rows[("shortgpt", json.dumps({"param_ratio": 0.2, "compensate": True}))]["compensation_passes"] > 0
+
+
+def test_attention_rows_compare_harp_searches(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}),
+                                        ("attention", "harp", {"num_layers": 2, "grid": [0.0, 0.5, 1.0]}),
+                                        ("attention", "harp", {"num_layers": 2, "grid": [0.0, 1.0], "flap_match": True}),
+                                        ("attention", "heads", {"per_layer": 1})])
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    s = settings(data_dir)
+    s.depth_calib_samples, s.depth_calib_seq_len = 2, 32
+    path = tmp_path / "attention.json"
+    results = bench.BenchmarkRunner(path, s).run(lambda: copy.deepcopy(base).eval(), tok)
+    rows = [r for r in results["rows"] if r["group"] == "attention"]
+    assert len(rows) == 3 and all(r["error"] is None for r in rows)
+    harp, matched, heads = rows
+    comp = harp["search_comparison_harp"]
+    assert comp["same_alphas"] and comp["cached_over_naive_layer_forwards"] < 1
+    assert comp["cached"]["passes"] > 0 and comp["target_passes"] == pytest.approx(3 * (1 + 2) / 6)
+    assert "search_comparison_harp" not in matched  # one comparison per layer count is enough
+    assert harp["kv_removed"] == pytest.approx(2 / 6) and heads["kv_removed"] == pytest.approx(1 / 4)
+    assert "HARP alpha search of harp" in path.with_suffix(".md").read_text()

@@ -54,7 +54,7 @@ def test_unknown_method_and_bad_source_exit_2(tmp_path, capsys):
     assert main(["-q", "prune", "x", "y", "--method", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown pruning method 'nope'" in err
-    assert "registered: finercut, gradmap, llm_barber, magnitude, plan, shortgpt, sleb, sparsegpt, taylor, wanda" in err
+    assert "registered: finercut, flap, gradmap, harp, heads, llm_barber, magnitude, plan, shortgpt, sleb, sparsegpt, taylor, wanda" in err
     hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
     assert main(["-q", "eval", str(tmp_path / "dense"), "--ppl", "default"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
@@ -65,3 +65,17 @@ def test_folder_that_is_not_a_model_exits_2(tmp_path, capsys):
     assert main(["-q", "eval", str(tmp_path), "--speed"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-prune: error:") and "config.json" in err
+
+
+def test_prune_harp_and_heads_from_the_command_line(tmp_path, capsys):
+    hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense")
+    assert main(["-q", "prune", str(tmp_path / "dense"), str(tmp_path / "harp"), "--method", "harp",
+                 "--layers", "[4, 5]", "--alphas", "[0.0, 0.5]"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "show", str(tmp_path / "harp")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [layer["attention"] for layer in shown["layers"][4:]] == ["none", "value_only"]
+    assert main(["-q", "prune", str(tmp_path / "dense"), str(tmp_path / "heads"), "--method", "heads",
+                 "--unit", "query", "--per-layer", "3"]) == 2
+    assert "breaks the GQA groups" in capsys.readouterr().err
+    assert not (tmp_path / "heads").exists()

@@ -167,3 +167,31 @@ def test_compensation_lowers_perplexity_after_removing_blocks(smollm2):
     assert type(compensated).__name__ == "LlamaForCausalLM"  # fused into down_proj: still the stock class
     ppl_plain, ppl_comp = perplexity(plain, windows), perplexity(compensated, windows)
     assert ppl_comp < ppl_plain, (ppl_comp, ppl_plain)
+
+
+def test_harp_short_search_on_smollm2(smollm2, tmp_path):
+    """Two top layers, a 3-point grid on 2 x 64 calibration tokens: cached == naive, the score is the saved
+    model's calibration perplexity, the KV cache drops by 2/30, and the result reloads without hf_pruning."""
+    import copy
+    import math
+
+    from hf_pruning.calibration import build_calibration
+    from hf_pruning.methods.harp import AlphaSearch
+
+    base, tok = smollm2
+    calib = build_calibration(tok, source="default:calibration", n_samples=2, seq_len=64, seed=0)
+    grid = [0.0, 0.5, 1.0]
+    found = {mode: AlphaSearch(base, calib, [28, 29], grid, mode).run(progress=False) for mode in ("cached", "naive")}
+    assert found["cached"][0] == found["naive"][0]
+    pruned = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.HARPConfig(num_layers=2, grid=grid), calib)
+    report = pruned.hf_pruning_report
+    assert report["alphas"] == [found["naive"][0][28], found["naive"][0][29]]
+    assert report["accounting"]["kv_removed_fraction"] == pytest.approx(2 / 30)
+    last = report["alpha_trace"][-1]
+    with torch.no_grad():
+        loss = pruned(calib, labels=calib, use_cache=False).loss
+    assert math.exp(float(loss)) == pytest.approx(last["ppl"][last["alpha"]], rel=1e-4)
+    hf_pruning.save_pretrained(pruned, tmp_path / "m", tokenizer=tok)
+    out = reload_in_fresh_process(tmp_path / "m", calib[:1, :32], max_new_tokens=2)
+    with torch.no_grad():
+        assert torch.equal(out["logits"], pruned(calib[:1, :32]).logits)
