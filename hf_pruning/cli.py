@@ -128,7 +128,7 @@ def cmd_prune(args) -> int:
     model = _load(args.model)
     tokenizer = _tokenizer(args.model)
     calibration = None
-    if spec.needs_calibration:
+    if spec.needs_calibration and config.uses_calibration():  # e.g. HARP with given alphas needs none
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
         calibration = build_calibration(tokenizer, source=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
