@@ -48,13 +48,14 @@ def swapped_layers(layers: nn.ModuleList, replacements: dict[int, nn.Module]):
 
 
 @torch.no_grad()
-def input_moments(model, calibration: torch.Tensor, linears: dict[str, nn.Module], batch_size: int = 4,
-                  progress: bool = False) -> dict[str, Moments]:
-    """One forward over ``calibration`` ``[n, T]`` collecting the input moments of every linear in ``linears``."""
+def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: int = 4,
+                  progress: bool = False) -> dict:
+    """One forward over ``calibration`` ``[n, T]`` collecting the input moments of every module in ``linears``
+    (any key -> module); returns key -> :class:`Moments`."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    stats: dict[str, Moments] = {}
+    stats: dict = {}
 
     def record(name):
         def hook(module, args):
