@@ -91,6 +91,26 @@ def flops_per_token(model, context: int = 2048) -> float:
     return _state_flops(inspect_model(model), _head_params(model), context)
 
 
+PARTS = ("qk", "vo", "mlp")
+
+
+def part_params(states, which: str) -> int:
+    """Decoder parameters in one part of the layers ``states``: ``qk`` (query/key projections and biases), ``vo``
+    (value and output projections, the value bias; the fused pair of a value-only layer) or ``mlp``."""
+    n = 0
+    for s in states:
+        d, hd = s.hidden, s.head_dim
+        if which == "qk" and s.attention == "full":
+            n += d * hd * (s.q_heads + s.kv_heads) + ((s.q_heads + s.kv_heads) * hd if s.qkv_bias else 0)
+        elif which == "vo" and s.attention == "full":
+            n += d * hd * (s.kv_heads + s.q_heads) + (s.kv_heads * hd if s.qkv_bias else 0)
+        elif which == "vo" and s.attention == "value_only":
+            n += 2 * d * hd * s.kv_heads + (s.kv_heads * hd if s.qkv_bias else 0)
+        elif which == "mlp" and s.mlp == "full":
+            n += (s.n_mlp_in + 1) * s.hidden * s.mlp_width
+    return n
+
+
 def accounting(model, plan=None, context: int = 2048) -> dict:
     """What ``plan`` saves on ``model`` (or, without a plan, nothing yet), computed from layer shapes.
 
@@ -101,20 +121,6 @@ def accounting(model, plan=None, context: int = 2048) -> dict:
     before = inspect_model(model)
     after = simulate_plan(model, plan) if plan is not None else before
 
-    def part(states, which):
-        n = 0
-        for s in states:
-            d, hd = s.hidden, s.head_dim
-            if which == "qk" and s.attention == "full":
-                n += d * hd * (s.q_heads + s.kv_heads) + ((s.q_heads + s.kv_heads) * hd if s.qkv_bias else 0)
-            elif which == "vo" and s.attention == "full":
-                n += d * hd * (s.kv_heads + s.q_heads) + (s.kv_heads * hd if s.qkv_bias else 0)
-            elif which == "vo" and s.attention == "value_only":
-                n += 2 * d * hd * s.kv_heads + (s.kv_heads * hd if s.qkv_bias else 0)
-            elif which == "mlp" and s.mlp == "full":
-                n += (s.n_mlp_in + 1) * s.hidden * s.mlp_width
-        return n
-
     total = sum(s.num_params() for s in before)
     kv0 = sum(s.kv_bytes_per_token(2) for s in before)
     head = _head_params(model)
@@ -124,7 +130,7 @@ def accounting(model, plan=None, context: int = 2048) -> dict:
         "decoder_params": total,
         "params_removed": removed,
         "params_removed_fraction": removed / total if total else 0.0,
-        "removed_by_part": {k: part(before, k) - part(after, k) for k in ("qk", "vo", "mlp")},
+        "removed_by_part": {k: part_params(before, k) - part_params(after, k) for k in PARTS},
         "kv_removed_fraction": 1 - sum(s.kv_bytes_per_token(2) for s in after) / kv0 if kv0 else 0.0,
         "context": context,
         "flops_per_token_before": f0,

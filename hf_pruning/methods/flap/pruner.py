@@ -33,6 +33,11 @@ def mlp_outputs(model) -> dict[int, torch.nn.Linear]:
             if states[i].mlp == "full"}
 
 
+def mlp_channels(model) -> int:
+    """MLP intermediate channels over all layers that still have an MLP."""
+    return sum(lin.in_features for lin in mlp_outputs(model).values())
+
+
 def channel_scores(outputs: dict[int, torch.nn.Linear], moments: dict[int, Moments], metric: str) -> dict[int, torch.Tensor]:
     """Raw FLAP score per MLP channel, per layer: ``[width]`` float64."""
     scores = {}
@@ -122,9 +127,8 @@ def flap_ops(model, calibration: torch.Tensor, remove: int, metric: str = "wifv"
 def run_flap(model, config: FLAPConfig, calibration) -> PruningResult:
     from ...evaluation.speed import accounting
 
-    total_channels = sum(lin.in_features for lin in mlp_outputs(model).values())
     if config.ratio is not None:
-        remove = round(config.ratio * total_channels)
+        remove = round(config.ratio * mlp_channels(model))
     else:
         target = config.param_ratio * sum(s.num_params() for s in inspect_model(model))
         remove = round(target / channel_params(model))

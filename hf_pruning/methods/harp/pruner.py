@@ -65,23 +65,18 @@ def harp_plan(layers: list[int], alphas: list[float]) -> PruningPlan:
 
 def _flap_channels(model, config: HARPConfig, layers: list[int], plan: PruningPlan) -> int:
     """How many MLP channels the FLAP step removes."""
-    from ...evaluation.speed import accounting
-    from ..flap.pruner import channel_params, mlp_outputs
+    from ...evaluation.speed import accounting, part_params
+    from ..flap.pruner import channel_params, mlp_channels
 
     if config.flap_ratio is not None:
-        return round(config.flap_ratio * sum(lin.in_features for lin in mlp_outputs(model).values()))
+        return round(config.flap_ratio * mlp_channels(model))
     # flap_match: total = (N/L) of all attention parameters, what uniform head pruning at the same KV-cache
     # reduction removes; the HARP ops already remove Q/K (and V/O where alpha = 0)
-    dense_attention = sum(_attention_params(s) for s in inspect_model(model))
-    target = dense_attention * len(layers) / len(inspect_model(model))
+    states = inspect_model(model)
+    target = (part_params(states, "qk") + part_params(states, "vo")) * len(layers) / len(states)
     harp = accounting(model, plan)["removed_by_part"]
     fill = target - harp["qk"] - harp["vo"]
     return max(0, round(fill / channel_params(model)))
-
-
-def _attention_params(s) -> int:
-    d, hd = s.hidden, s.head_dim
-    return d * hd * 2 * (s.q_heads + s.kv_heads) + ((s.q_heads + 2 * s.kv_heads) * hd if s.qkv_bias else 0)
 
 
 @register_method("harp", HARPConfig)
