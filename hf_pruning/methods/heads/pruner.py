@@ -59,7 +59,7 @@ def head_scores(model, config: HeadsConfig, calibration: torch.Tensor | None) ->
             o_norm = moments[f"{i}.o"].norm  # [nq*hd]
             x_norm = moments[f"{i}.k"].norm  # [d]
             per_col = wo.abs().sum(1) * o_norm  # [nq*hd]
-            q = [float(_rows(per_col[:, None], h, hd).sum()) for h in range(s.q_heads)]
+            q = per_col.view(s.q_heads, hd).sum(1).tolist()  # [nq]
             kv = [float((_rows(wk, g, hd).abs() * x_norm).sum() + (_rows(wv, g, hd).abs() * x_norm).sum())
                   for g in range(s.kv_heads)]
         out[i] = (q, [sum(q[g * rep : (g + 1) * rep]) + kv[g] for g in range(s.kv_heads)])
