@@ -23,7 +23,9 @@ from .api import (  # noqa: E402
     prune_,
     save_pretrained,
 )
+from .card import CardTemplateError, build_card  # noqa: E402
 from .config import ConfigError, PruningConfig  # noqa: E402
+from .hub import HubPushError, push_to_hub  # noqa: E402
 from .methods import (  # noqa: E402
     BarberConfig,
     FinerCutConfig,
@@ -41,8 +43,10 @@ from .methods import (  # noqa: E402
 )
 from .methods.layerwise import sparsity_report  # noqa: E402
 from .plan import PlanError, PruningPlan  # noqa: E402
+from .recovery import NoTrainableTargetError, RecoveryConfig, recover_  # noqa: E402
 from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
 from .remote.hf_pruning_surgery import UnsupportedArchitectureError  # noqa: E402
+from .summary import pruning_summary  # noqa: E402
 
 
 def _register_auto_classes() -> None:
@@ -60,6 +64,14 @@ _register_auto_classes()
 
 __all__ = [
     "BarberConfig",
+    "CardTemplateError",
+    "HubPushError",
+    "NoTrainableTargetError",
+    "RecoveryConfig",
+    "build_card",
+    "pruning_summary",
+    "push_to_hub",
+    "recover_",
     "ConfigError",
     "FinerCutConfig",
     "FLAPConfig",

@@ -29,6 +29,9 @@ from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES
 
 logger = logging.getLogger(__name__)
 
+#: measured numbers saved next to the weights (the model card quotes them)
+EVALUATION_NAME = "evaluation.json"
+
 
 class QuantizedModelError(ValueError):
     """Pruning needs float weights; the model still carries a quantizer."""
@@ -117,8 +120,9 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
         execute_ops_(model, plan.ops)
     merged = PruningPlan(ops=[*current.ops, *plan.ops], base=base)
     _record(model, merged)
+    model.hf_pruning_evaluation = None  # numbers measured before this plan no longer describe the model
     logger.info("applied %d op(s); the model now carries %d op(s)", len(plan.ops), len(merged.ops))
-    return model
+    return _bind(model)
 
 
 def _record(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
@@ -173,7 +177,8 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) ->
         _apply_masks_(model, result.masks)
     _record(model, get_plan(model), pruning_config=result.record or config.to_dict())
     model.hf_pruning_report = result.report
-    return model
+    model.hf_pruning_evaluation = None  # numbers measured before this pruning no longer describe the model
+    return _bind(model)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -191,10 +196,14 @@ def predicted_decoder_params(model: nn.Module, plan: PruningPlan | None = None) 
 # loading and saving
 # ---------------------------------------------------------------------------------------------------------
 def _bind(model: nn.Module) -> nn.Module:
-    """Give a model ``model.prune_(...)``, ``model.apply_plan_(...)`` and an atomic ``save_pretrained``."""
+    """Give a model ``model.prune_(...)``, ``model.apply_plan_(...)``, an atomic ``save_pretrained`` that writes a
+    model card, and a ``push_to_hub`` that uploads the same files in one commit."""
     model.prune_ = types.MethodType(prune_, model)
     model.apply_plan_ = types.MethodType(apply_plan_, model)
     model.save_pretrained = types.MethodType(save_pretrained, model)
+    from .hub import push_to_hub
+
+    model.push_to_hub = types.MethodType(push_to_hub, model)
     return model
 
 
@@ -213,24 +222,43 @@ def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None 
     model = AutoModelForCausalLM.from_pretrained(pretrained, *args, **kwargs)
     if gguf_file is not None:
         clear_quantizer_(model)
+    evaluation = Path(pretrained, EVALUATION_NAME)
+    if evaluation.is_file():  # what the card quotes; kept so that a re-save or a push keeps the numbers
+        model.hf_pruning_evaluation = json.loads(evaluation.read_text())
     return _bind(model)
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, tokenizer=None, card=None,
+                    evaluation: dict | None = None, repo_id: str | None = None, base_model: str | None = None,
+                    **kwargs) -> None:
     """Save atomically: write into a temporary sibling folder, then swap it into place.
 
     An interrupted save leaves the previous folder (or nothing) behind, never a half-written one. Extra
     arguments go to transformers' ``save_pretrained``; ``tokenizer=`` saves a tokenizer alongside.
+
+    A model card (``README.md``, see :mod:`hf_pruning.card`) is written with the weights: generated from the
+    model's plan and settings plus ``evaluation`` (measured numbers, optional), ``repo_id`` and ``base_model``
+    (for the loading snippets and metadata). A card already in ``save_directory`` that hf_pruning did not write
+    is kept as it is; ``card="text"`` (or a ``ModelCard``) writes the user's own card, ``card=False`` none.
+    ``evaluation`` defaults to ``model.hf_pruning_evaluation`` and is also written to ``evaluation.json``.
     """
-    tokenizer = kwargs.pop("tokenizer", None)
+    from .card import CARD_NAME, write_card
+
+    evaluation = evaluation if evaluation is not None else getattr(model, "hf_pruning_evaluation", None)
     target = Path(save_directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    existing = target / CARD_NAME
+    keep = existing.read_text(encoding="utf-8") if existing.is_file() else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old = None
     try:
         type(model).save_pretrained(model, tmp, *args, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if evaluation:
+            (tmp / EVALUATION_NAME).write_text(json.dumps(evaluation, indent=2, default=float))
+        write_card(model, tmp, keep=keep, card=card, evaluation=evaluation, repo_id=repo_id, base_model=base_model,
+                   location=str(save_directory))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -242,6 +270,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if evaluation:
+        model.hf_pruning_evaluation = evaluation
     logger.info("saved %s to %s", type(model).__name__, target)
 
 

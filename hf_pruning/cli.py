@@ -4,7 +4,10 @@
     hf-prune eval MODEL [--ppl SOURCE] [--tasks ...] [--speed]                  evaluate, print JSON
     hf-prune bench [--quick]                                                    the benchmark grid
     hf-prune apply MODEL PLAN.json OUT      apply a hand-written plan, save atomically
-    hf-prune show MODEL                     print the plan and per-layer structure a model carries
+    hf-prune inspect MODEL [--json] [--plots DIR]   plan, per-layer shapes, sparsity and savings of a model
+    hf-prune push MODEL REPO_ID [--dry-run]  upload a saved folder to the Hub (one commit, card included)
+    hf-prune recover MODEL OUT [--data SRC]  LoRA recovery fine-tuning, masks kept, merged and saved
+    hf-prune cards                          regenerate model_cards/ from the benchmark results
     hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning
 
 Method flags come from the method's config dataclass (``hf-prune prune --method NAME --help`` lists them).
@@ -48,28 +51,105 @@ def cmd_apply(args) -> int:
     return 0
 
 
-def cmd_show(args) -> int:
+def _inspect_text(model, summary: dict) -> str:
+    """The human-readable report of ``hf-prune inspect``."""
     import hf_pruning
-    from hf_pruning.adapters import inspect_model
+
+    plan = hf_pruning.get_plan(model)
+    s = summary
+    lines = [
+        f"class: {type(model).__name__}",
+        f"methods: {', '.join(m or '?' for m in s['methods']) or '(none recorded)'}",
+        f"plan: {len(plan)} op(s)" + (": " + ", ".join(sorted({op.name for op in plan.ops})) if plan.ops else ""),
+        f"layers: {s['layers']['before']} -> {s['layers']['after']}",
+        f"parameters: {s['params']['before']:,} -> {s['params']['after']:,} "
+        f"(decoder layers -{s['params_removed_fraction']:.2%})",
+        f"KV cache per token (bf16): {s['kv_bytes_per_token']['before']:,} -> {s['kv_bytes_per_token']['after']:,} "
+        f"bytes (-{s['kv_removed_fraction']:.2%})",
+        f"zero weights in decoder linears: {s['sparsity']:.2%}",
+        "",
+        f"{'layer':>5} {'attention':>10} {'q':>3} {'kv':>3} {'mlp':>5} {'width':>6} {'params':>11} {'sparsity':>8}",
+    ]
+    for row in s["per_layer"]:
+        lines.append(f"{row['layer']:>5} {row['attention']:>10} {row['q_heads']:>3} {row['kv_heads']:>3} "
+                     f"{row['mlp']:>5} {row['mlp_width']:>6} {row['params']:>11,} {row['sparsity']:>8.2%}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect(args) -> int:
+    import hf_pruning
 
     model = _load(args.model)
-    out = {
-        "class": type(model).__name__,
-        "parameters": hf_pruning.parameter_count(model),
-        "pruning_plan": hf_pruning.get_plan(model).to_dict(),
-        "pruning_config": getattr(model.config, "pruning_config", None),
-        "sparsity": hf_pruning.sparsity_report(model),
-        "layers": [
-            {"attention": s.attention, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "mlp": s.mlp,
-             "mlp_width": s.mlp_width}
-            for s in inspect_model(model)
-        ],
-    }
-    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    summary = hf_pruning.pruning_summary(model)
+    if args.json:
+        out = {"class": type(model).__name__, "parameters": hf_pruning.parameter_count(model),
+               "pruning_plan": hf_pruning.get_plan(model).to_dict(),
+               "pruning_config": getattr(model.config, "pruning_config", None),
+               "summary": {k: v for k, v in summary.items() if k != "per_layer"},
+               "layers": summary["per_layer"], "sparsity": hf_pruning.sparsity_report(model)}
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+        sys.stdout.write(_inspect_text(model, summary))
+    if args.plots:
+        from pathlib import Path
+
+        from hf_pruning import plots
+
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [plots.removal_map(model, folder / "removal_map.png", title=args.model),
+                   plots.sparsity_plot(model, folder / "sparsity.png", title=args.model)]
+        sys.stderr.write("plots: " + ", ".join(str(p) for p in written) + "\n")
     if args.removal_map:
         from hf_pruning.plots import removal_map
 
         removal_map(model, args.removal_map, title=f"{args.model}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from hf_pruning.hub import push_folder
+
+    out = push_folder(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                      commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
+                      dry_run=args.dry_run, base_model=args.base_model)
+    if args.dry_run:
+        sys.stdout.write(f"dry run: would upload {len(out['files'])} files to {args.repo_id}: "
+                         f"{', '.join(out['files'])}\n")
+    else:
+        sys.stdout.write(f"pushed {args.model} to {args.repo_id}: {getattr(out, 'commit_url', out)}\n")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    import hf_pruning
+    from hf_pruning.calibration import evaluation_windows, load_text
+    from hf_pruning.recovery import RecoveryConfig
+
+    config = config_from_args(RecoveryConfig, args)
+    model = _load(args.model)
+    tokenizer = _tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; recovery trains on text and needs one")
+    eval_ids = None
+    if args.eval:
+        eval_ids = evaluation_windows(tokenizer, load_text(args.eval), args.eval_seq_len, args.eval_windows)
+    report = hf_pruning.recover_(model, args.data, tokenizer=tokenizer, config=config, eval_ids=eval_ids)
+    evaluation = None
+    if eval_ids is not None:
+        evaluation = {"ppl": report["ppl_after"], "ppl_before_recovery": report["ppl_before"],
+                      "ppl_text": args.eval, "ppl_tokens": int(eval_ids.numel())}
+    hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer, evaluation=evaluation)
+    keep = ("targets", "masked_targets", "train_tokens", "train_s", "loss_first", "loss_last", "ppl_before", "ppl_after")
+    sys.stdout.write(json.dumps({k: report[k] for k in keep if k in report}, indent=2) + "\n")
+    return 0
+
+
+def cmd_cards(args) -> int:
+    from hf_pruning.reference_cards import write_reference_cards
+
+    written = write_reference_cards(args.results, args.out, only=args.only, data_dir=args.data_dir)
+    sys.stdout.write("".join(f"{p}\n" for p in written))
     return 0
 
 
@@ -220,10 +300,45 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("plan", help="pruning plan JSON file")
     p.add_argument("out", help="output folder (written atomically)")
     p.set_defaults(func=cmd_apply)
-    p = sub.add_parser("show", help="print the plan and per-layer structure of a model")
+    p = sub.add_parser("inspect", help="print the plan, per-layer shapes, sparsity and savings of a saved model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="everything as JSON (plan, settings, summary, sparsity)")
+    p.add_argument("--plots", metavar="DIR", help="also write removal_map.png and sparsity.png into DIR")
+    p.add_argument("--removal-map", metavar="PNG", help="also draw which sublayers were removed, in order (PNG)")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("show", help="the same as inspect --json (kept for scripts)")
     p.add_argument("model")
     p.add_argument("--removal-map", metavar="PNG", help="also draw which sublayers were removed, in order (PNG)")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=cmd_inspect, json=True, plots=None)
+    p = sub.add_parser("push", help="upload a saved model folder to the Hub (weights, code, card in one commit)")
+    p.add_argument("model", help="saved model folder")
+    p.add_argument("repo_id", help="namespace/name on the Hub")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None, help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to (created when missing)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--base-model", default=None, help="the base model's Hub id, for the card's metadata")
+    p.add_argument("--endpoint", default=None, help="another Hub endpoint (default: huggingface.co or HF_ENDPOINT)")
+    p.add_argument("--dry-run", action="store_true", help="build the files and list them; upload nothing")
+    p.set_defaults(func=cmd_push)
+    p = sub.add_parser("recover", help="LoRA recovery fine-tuning of a pruned model (masks kept), merged and saved")
+    p.add_argument("model", help="pruned model folder")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--data", default="default:calibration", help="training text (same sources as prune --calib)")
+    p.add_argument("--eval", default=None, help="evaluation text for perplexity before/after (e.g. default:evaluation)")
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    from hf_pruning.recovery import RecoveryConfig
+
+    add_config_arguments(p, RecoveryConfig)
+    p.set_defaults(func=cmd_recover)
+    p = sub.add_parser("cards", help="regenerate the reference model cards (model_cards/) from benchmark results")
+    p.add_argument("--results", default="benchmarks/results/smollm2.json")
+    p.add_argument("--out", default="model_cards")
+    p.add_argument("--only", default=None, help="comma-separated methods (default: every reference row)")
+    p.add_argument("--data-dir", default=None, help="folder of the Austen novels (default: ../shared/data/austen)")
+    p.set_defaults(func=cmd_cards)
     p = sub.add_parser("verify", help="reload a saved model in a fresh process without hf_pruning")
     p.add_argument("model")
     p.set_defaults(func=cmd_verify)
@@ -265,10 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from hf_pruning.config import ConfigError
+    from hf_pruning.hub import HubPushError
     from hf_pruning.plan import PlanError
 
     try:
         return args.func(args)
+    except HubPushError as err:
+        sys.stderr.write(f"hf-prune: push failed: {err}\n")
+        return 1
     except (PlanError, ConfigError, ValueError, FileNotFoundError, OSError, ImportError) as err:
         sys.stderr.write(f"hf-prune: error: {err}\n")
         return 2

@@ -1,0 +1,220 @@
+"""Recovery fine-tuning with PEFT: LoRA adapters trained on text, merged into the pruned model's weights.
+
+Sparsity survives: for every targeted linear whose weight has zeros (a mask-pruned model), the adapter's
+update is multiplied by the keep-mask inside the forward pass during training, so the model that is trained
+is exactly the model that merging produces (``(W + s B A) * M = W + s (B A) * M`` because ``W * M = W``);
+after ``merge_and_unload`` the mask is applied once more to the merged weight, so no pruned weight comes back.
+Structural pruning needs nothing special: the targets are the linears that exist in the pruned layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import types
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class NoTrainableTargetError(ValueError):
+    """LoRA found no linear layer to adapt (the names match nothing in this pruned model)."""
+
+
+@dataclass
+class RecoveryConfig:
+    """LoRA recovery settings (the defaults suit a ~100M-1B model on a CPU or a small GPU)."""
+
+    method: ClassVar[str] = "lora_recovery"
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    #: last name components to adapt (e.g. ["q_proj", "v_proj"]); None = every linear in the decoder layers
+    target_modules: list[str] | None = None
+    seq_len: int = 256  # window length when texts are given
+    preserve_sparsity: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "r", "seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"recovery lr must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+def _token_batches(data, tokenizer, seq_len: int) -> torch.Tensor:
+    """Training ids ``[n, seq_len]`` from token ids, a text, a list of texts or a text source name."""
+    from .calibration.data import NotEnoughTextError, load_text, tokenize_text
+
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.long or data.dim() != 2 or data.shape[1] < 2:
+            raise ValueError(f"token ids must be a LongTensor [n_samples, seq_len >= 2], got {tuple(data.shape)} "
+                             f"{data.dtype}")
+        return data
+    if tokenizer is None:
+        raise ValueError("recovery from text needs tokenizer=; or pass token ids [n_samples, seq_len]")
+    if isinstance(data, (list, tuple)):
+        text = "\n\n".join(str(t) for t in data)
+    else:
+        text = load_text(data)  # a file, a folder, "default:calibration", a dataset name...
+    ids = tokenize_text(tokenizer, text)
+    n = ids.numel() // seq_len
+    if n < 1:
+        raise NotEnoughTextError(f"the recovery text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)  # [n, seq_len]
+
+
+def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT ``lora.Linear`` forward whose update ``s * B @ A`` is multiplied by the keep-mask (shape of W)."""
+    result = self.base_layer(x, *args, **kwargs)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in], [out, r]
+        delta = (b @ a) * (self.scaling[name] * self.hf_pruning_keep)  # [out, in]
+        result = result + F.linear(self.lora_dropout[name](x.to(a.dtype)), delta).to(result.dtype)
+    return result
+
+
+def attach_masked_lora(model: nn.Module, lora_config, masks: dict[str, torch.Tensor]):
+    """``get_peft_model(model, lora_config)`` with the update of each module named in ``masks`` multiplied by its
+    keep-mask (bool, shape of the weight) in the forward pass."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    peft_modules = dict(peft_model.base_model.model.named_modules())
+    for name, keep in masks.items():
+        layer = peft_modules[name]
+        layer.hf_pruning_keep = keep.to(layer.base_layer.weight.dtype)
+        layer.forward = types.MethodType(_masked_lora_forward, layer)
+    return peft_model
+
+
+def merge_masked_lora_(peft_model, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Merge the adapters into ``model`` and re-apply ``masks``; raises if a pruned weight came back."""
+    peft_modules = dict(peft_model.base_model.model.named_modules())
+    for name in masks:
+        del peft_modules[name].forward  # back to PEFT's own forward and merge
+        del peft_modules[name].hf_pruning_keep
+    merged = peft_model.merge_and_unload()
+    if merged is not model:
+        raise RuntimeError("PEFT returned a different model object from merge_and_unload; cannot recover in place")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, keep in masks.items():
+            w = modules[name].weight
+            w.mul_(keep.to(w.dtype))
+            if int((w != 0).sum()) > int(keep.sum()):
+                raise RuntimeError(f"merging refilled pruned weights of {name}")
+
+
+def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | None = None,
+             eval_ids: torch.Tensor | None = None, **overrides) -> dict:
+    """Fine-tune LoRA adapters on ``data`` and merge them into ``model`` in place; returns a report.
+
+    ``data`` is a LongTensor ``[n_samples, seq_len]``, a text, a list of texts or a source
+    :func:`hf_pruning.calibration.load_text` accepts (then ``tokenizer`` is needed). Settings come from
+    ``config`` (:class:`RecoveryConfig`) with keyword ``overrides``. With ``eval_ids`` the report holds the
+    perplexity before and after. The model keeps its class, plan and sparsity; ``pruning_config`` records the
+    recovery. Raises :class:`NoTrainableTargetError` when no linear matches the targets.
+    """
+    from peft import LoraConfig
+
+    from .api import _record, get_plan, lora_target_modules
+    from .evaluation import perplexity
+
+    config = config or RecoveryConfig()
+    if overrides:
+        config = RecoveryConfig(**{**asdict(config), **overrides})
+    ids = _token_batches(data, tokenizer, config.seq_len)
+    targets = lora_target_modules(model, config.target_modules)
+    if not targets:
+        raise NoTrainableTargetError(
+            f"no linear layer in the decoder layers matches target_modules={config.target_modules}; this pruned "
+            "model has none of them (e.g. q_proj is gone from value-only layers). Pass other names, or None for "
+            "every linear projection"
+        )
+    modules = dict(model.named_modules())
+    masks = {}
+    if config.preserve_sparsity:
+        for name in targets:
+            keep = modules[name].weight != 0  # [out, in]
+            if not bool(keep.all()):
+                masks[name] = keep
+    report = {"targets": len(targets), "masked_targets": len(masks), "train_tokens": int(ids.numel()),
+              "settings": asdict(config)}
+    if eval_ids is not None:
+        report["ppl_before"] = perplexity(model, eval_ids)
+
+    torch.manual_seed(config.seed)
+    was_training = model.training
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, bias="none")
+    peft_model = attach_masked_lora(model, lora, masks)
+    try:
+        if config.gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.enable_input_require_grads()
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        report["trainable_params"] = sum(p.numel() for p in trainable)
+        opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        g = torch.Generator().manual_seed(config.seed)
+        losses = []
+        peft_model.train()
+        start = time.perf_counter()
+        order = torch.randperm(ids.shape[0], generator=g)
+        cursor = 0
+        for _ in tqdm(range(config.steps), desc="LoRA recovery", unit="step", leave=False):
+            if cursor + config.batch_size > order.numel():  # a new epoch: reshuffle
+                order, cursor = torch.randperm(ids.shape[0], generator=g), 0
+            batch = ids[order[cursor: cursor + config.batch_size]]  # [batch, seq_len]
+            cursor += config.batch_size
+            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"the recovery loss became {loss.item()}; lower lr (now {config.lr})")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        report["train_s"] = time.perf_counter() - start
+        if config.gradient_checkpointing:
+            peft_model.gradient_checkpointing_disable()
+    except BaseException:  # leave the model as it was: adapters removed unmerged, PEFT's forwards back
+        for name in masks:
+            layer = dict(peft_model.base_model.model.named_modules())[name]
+            del layer.forward, layer.hf_pruning_keep
+        peft_model.unload()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was_training)
+        raise
+    merge_masked_lora_(peft_model, model, masks)
+    for p in model.parameters():
+        p.requires_grad_(True)  # PEFT froze the base weights; give the user back a normal model
+    model.train(was_training)
+    report["losses"] = losses
+    report["loss_first"], report["loss_last"] = losses[0], losses[-1]
+    if eval_ids is not None:
+        report["ppl_after"] = perplexity(model, eval_ids)
+    entry = {"method": "lora_recovery", **{k: v for k, v in asdict(config).items() if k != "gradient_checkpointing"}}
+    _record(model, get_plan(model), pruning_config=entry)
+    model.hf_pruning_evaluation = None
+    logger.info("LoRA recovery: %d targets (%d masked), %d steps, loss %.3f -> %.3f", len(targets), len(masks),
+                config.steps, losses[0], losses[-1])
+    return report
