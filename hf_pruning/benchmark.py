@@ -77,10 +77,16 @@ GRID: list[tuple[str, str, dict]] = [
     ("attention", "flap", {"param_ratio": 0.0833}),
     *[("attention", "heads", {"score": s, "unit": "group", "per_layer": 1}) for s in ("magnitude", "wanda")],
 ]
+#: LoRA recovery after pruning (issue: Hub artifacts): settings of ``hf_pruning.recover_`` on the calibration books
+RECOVERY = {"steps": 100, "batch_size": 4, "seq_len": 256, "lr": 3e-4, "r": 8, "lora_alpha": 16}
+GRID += [  # one structural and one mask row; the pruning part is the same as the depth / unstructured row's
+    ("recovery", "shortgpt", {"param_ratio": 0.2333, "recover": RECOVERY}),
+    ("recovery", "wanda", {"pattern": "2:4", "recover": RECOVERY}),
+]
 #: every row carries these (null when not measured, e.g. after an error)
 ROW_FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained",
               "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup",
-              "select_s", "search_layer_forwards", "compensation_passes", "error")
+              "select_s", "search_layer_forwards", "compensation_passes", "ppl_before_recovery", "recover_s", "error")
 QUICK = {("reference", "dense"), ("unstructured", "wanda"), ("depth", "shortgpt"), ("attention", "harp")}
 
 
@@ -184,11 +190,18 @@ class BenchmarkRunner:
         self._write_maps()
 
     def _write_maps(self) -> None:
-        """A removal map PNG per depth row (``<results>-maps/<method>-<settings>.png``), when matplotlib is there."""
+        """A removal map PNG per depth row (``<results>-maps/<method>-<settings>.png``) and the perplexity and
+        accuracy-retained against removed-parameter plots of all rows (``<results>-ppl.png``, ``-acc.png``),
+        when matplotlib is there."""
         try:
-            from .plots import removal_map
+            from .plots import ratio_plot, removal_map
         except ImportError:
             return
+        for metric, suffix in (("ppl", "ppl"), ("acc_retained", "acc")):
+            try:
+                ratio_plot(self.results, self.path.with_name(f"{self.path.stem}-{suffix}.png"), metric=metric)
+            except ValueError as err:  # no plottable rows yet
+                logger.info("no %s plot yet: %s", metric, err)
         folder = self.path.with_name(self.path.stem + "-maps")
         n_layers = self.results.get("n_layers")
         for r in self.results["rows"]:
@@ -235,6 +248,7 @@ class BenchmarkRunner:
                                              seq_len=s.depth_calib_seq_len, seed=s.seed)
         self._finercut = None
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
+        self.tokenizer = tokenizer
         dense = load_model()
         self.results["n_layers"] = int(dense.config.num_hidden_layers)
         reference = None
@@ -247,7 +261,7 @@ class BenchmarkRunner:
                    **dict.fromkeys(ROW_FIELDS)}
             try:
                 reference = reference or self._reference(dense, tokenizer, eval_ids)
-                row_calib = self.calib_depth if group == "depth" else calib
+                row_calib = self.calib_depth if group == "depth" or (group, method) == ("recovery", "shortgpt") else calib
                 row.update(self._row(method, settings, dense, load_model, tokenizer, row_calib, eval_ids, reference))
                 row["error"] = None
             except Exception as err:  # a failing row is recorded and the run goes on
@@ -289,13 +303,16 @@ class BenchmarkRunner:
                     "decode_speedup": None, "ideal_speedup": 1.0,
                     "params": parameter_count(dense), "decoder_params": _decoder_params(dense)}
         model = load_model()
-        config = PruningConfig.from_dict({"method": method, **settings})
+        recover = settings.get("recover")
+        config = PruningConfig.from_dict({"method": method, **{k: v for k, v in settings.items() if k != "recover"}})
         extra = {}
         if method == "finercut":  # one search serves every FinerCut row: its cost up to each row's stop
             config, cost, extra = self._finercut_row(config, dense, calib, load_model, eval_ids)
             prune_(model, config, calibration=calib)
         else:
             cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
+        if recover is not None:
+            extra.update(self._recover(model, recover, eval_ids))
         ppl = perplexity(model, eval_ids)
         acc = zero_shot(model, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)
         speed = compare_speed(dense, model, s.prefill_tokens, s.decode_tokens, s.speed_repeats, s.seed)
@@ -317,12 +334,24 @@ class BenchmarkRunner:
         comp = (row["report"] or {}).get("compensation")
         if comp and cost.get("forward_s"):
             row["compensation_passes"] = comp["compensation_s"] / cost["forward_s"]
-        if method == "harp" and not settings.get("flap_match"):
+        if recover is None and method == "harp" and not settings.get("flap_match"):
             row["search_comparison_harp"] = self._compare_harp_searches(dense, config)
-        if method == "gradmap" and getattr(config, "compensate", False) and config.order is None:
+        if recover is None and method == "gradmap" and getattr(config, "compensate", False) and config.order is None:
             row["selection_comparison"] = self._compare_selection(dense, calib, row)
         row.update(extra)
         return row
+
+    def _recover(self, model, recover: dict, eval_ids) -> dict:
+        """LoRA recovery of a pruned row on windows of the calibration books (never the evaluation books)."""
+        from .recovery import recover_
+
+        text = _books(self.settings.data_dir, CALIBRATION_BOOKS)
+        ids = evaluation_windows(self.tokenizer, text, recover["seq_len"])  # [n, seq_len], consecutive windows
+        report = recover_(model, ids, **recover, eval_ids=eval_ids)
+        model.eval()
+        keep = ("targets", "masked_targets", "trainable_params", "train_tokens", "train_s", "loss_first", "loss_last")
+        return {"ppl_before_recovery": report["ppl_before"], "recover_s": report["train_s"],
+                "recovery": {k: report[k] for k in keep}}
 
     def _compare_selection(self, dense, calib, row) -> dict:
         """SLEB-style greedy selection of the same number of blocks, exact and naive, timed in this run."""
@@ -452,6 +481,18 @@ def markdown_table(results: dict) -> str:
                  _fmt(r.get("ideal_speedup"), "{:.2f}"), _fmt(r.get("select_s"), "{:.1f}"),
                  _fmt(r.get("search_layer_forwards"), "{:.0f}"), r.get("error") or ""]
         lines.append("| " + " | ".join(cells) + " |")
+    recovered = [r for r in results["rows"] if r.get("ppl_before_recovery") is not None and not r.get("error")]
+    if recovered:
+        lines += ["", "LoRA recovery (`hf_pruning.recover_`, masks kept) after pruning, trained on the calibration "
+                  "books; perplexity on the evaluation books:", "",
+                  "| method | settings | ppl before | ppl after | train tokens | train s | loss first → last |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in recovered:
+            rec = r.get("recovery") or {}
+            settings = {k: v for k, v in r["settings"].items() if k != "recover"}
+            lines.append(f"| {r['method']} | {json.dumps(settings)} | {r['ppl_before_recovery']:.2f} | {r['ppl']:.2f} | "
+                         f"{rec.get('train_tokens', 0):,} | {_fmt(r.get('recover_s'), '{:.0f}')} | "
+                         f"{_fmt(rec.get('loss_first'), '{:.3f}')} → {_fmt(rec.get('loss_last'), '{:.3f}')} |")
     for r in results["rows"]:
         sel = r.get("selection_comparison")
         if sel:

@@ -245,10 +245,15 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
                          model_name=name, eval_results=_eval_results(evaluation) or None)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"a {arch} model"
     removed = summary["params_removed_fraction"]
+    parts = []
+    if removed > 0 or summary["kv_removed_fraction"] > 0:
+        parts.append(f"{removed:.1%} of the decoder-layer parameters removed, KV cache "
+                     f"{summary['kv_removed_fraction']:.1%} smaller")
+    if summary["sparsity"] > 0.001:
+        parts.append(f"{summary['sparsity']:.1%} of the decoder-layer weights set to zero")
     intro = (f"A pruned version of {base_text}, made with hf_pruning "
-             f"({', '.join(dict.fromkeys(methods)) or 'no method recorded'}): {removed:.1%} of the decoder-layer "
-             f"parameters removed, KV cache {summary['kv_removed_fraction']:.1%} smaller"
-             + (f", {summary['sparsity']:.1%} of decoder weights zero" if summary["sparsity"] > 0.001 else "") + ".")
+             f"({', '.join(dict.fromkeys(methods)) or 'a hand-written plan'}): "
+             f"{'; '.join(parts) or 'nothing removed yet'}.")
     values = {
         "model_name": name,
         "intro": intro,

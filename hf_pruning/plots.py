@@ -172,6 +172,8 @@ def _series_label(method: str, settings: dict) -> str:
             continue
         if key == "pattern":
             parts.append(str(value))
+        elif key == "recover":  # the benchmark's recovery rows: their LoRA settings are in the results file
+            parts.append("+ LoRA recovery")
         elif isinstance(value, bool):
             parts.append(key if value else f"no {key}")
         else:

@@ -1022,3 +1022,32 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(response.body)
+
+
+def loopback_only_client():
+    """huggingface_hub's default HTTP client, plus a hook that refuses any host but the local stand-in."""
+    import httpx2
+    from huggingface_hub.utils import _http as hf_http
+
+    client = hf_http.default_client_factory()
+
+    def refuse_remote(request: httpx2.Request) -> None:
+        if request.url.host not in ("127.0.0.1", "localhost"):
+            raise RuntimeError(f"test tried to reach a remote host: {request.url}")
+
+    client.event_hooks = {**client.event_hooks, "request": [refuse_remote, *client.event_hooks["request"]]}
+    return client
+
+
+def local_only(monkeypatch):
+    """Generator for an autouse fixture: the huggingface_hub client may only reach 127.0.0.1 (a CI-wide
+    HF_HUB_OFFLINE=1 must not block the local stand-in; telemetry stays off)."""
+    from huggingface_hub import close_session, constants, set_client_factory
+    from huggingface_hub.utils import _http as hf_http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    set_client_factory(loopback_only_client)
+    yield
+    set_client_factory(hf_http.default_client_factory)
+    close_session()

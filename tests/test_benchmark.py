@@ -136,3 +136,21 @@ def test_attention_rows_compare_harp_searches(tmp_path, data_dir, monkeypatch):
     assert "search_comparison_harp" not in matched  # one comparison per layer count is enough
     assert harp["kv_removed"] == pytest.approx(2 / 6) and heads["kv_removed"] == pytest.approx(1 / 4)
     assert "HARP alpha search of harp" in path.with_suffix(".md").read_text()
+
+
+def test_recovery_rows_report_perplexity_before_and_after(tmp_path, data_dir, monkeypatch):
+    recover = {"steps": 4, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "r": 4, "lora_alpha": 8}
+    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("unstructured", "wanda", {"pattern": "2:4"}),
+                                        ("recovery", "wanda", {"pattern": "2:4", "recover": recover})])
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    path = tmp_path / "recovery.json"
+    results = bench.BenchmarkRunner(path, settings(data_dir)).run(lambda: copy.deepcopy(base).eval(), tok)
+    pruned, recovered = results["rows"][1:]
+    assert pruned["error"] is None and recovered["error"] is None, recovered["error"]
+    # the same pruning before recovery; masks kept through it (non-zero count unchanged)
+    assert recovered["ppl_before_recovery"] == pytest.approx(pruned["ppl"])
+    assert recovered["params_removed"] == pytest.approx(pruned["params_removed"])
+    assert recovered["ppl"] != pruned["ppl"] and recovered["recover_s"] > 0
+    rec = recovered["recovery"]
+    assert rec["masked_targets"] == rec["targets"] > 0 and rec["train_tokens"] > 0
+    assert "LoRA recovery (`hf_pruning.recover_`" in path.with_suffix(".md").read_text()

@@ -79,3 +79,42 @@ def test_prune_harp_and_heads_from_the_command_line(tmp_path, capsys):
                  "--unit", "query", "--per-layer", "3"]) == 2
     assert "breaks the GQA groups" in capsys.readouterr().err
     assert not (tmp_path / "heads").exists()
+
+
+def test_inspect_text_json_and_plots(tmp_path, capsys):
+    model = hf_pruning.apply_plan_(tiny_model("llama"), {"ops": [
+        {"op": "drop_mlp", "layer": 1}, {"op": "remove_heads", "layer": 3, "heads": [0, 1]},
+        {"op": "remove_layers", "layers": [5]}]})
+    hf_pruning.prune_(model, hf_pruning.MagnitudeConfig(sparsity=0.5))
+    hf_pruning.save_pretrained(model, tmp_path / "m")
+    assert main(["-q", "inspect", str(tmp_path / "m"), "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "methods: magnitude" in out and "layers: 6 -> 5" in out
+    lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in lines] == ["0", "1", "2", "3", "4"]
+    assert lines[1][4] == "none" and lines[3][2:4] == ["6", "3"]  # no MLP in layer 1; layer 3 lost a KV group
+    assert all(row[-1] == "50.00%" for row in lines if row[4] != "none")
+    assert (tmp_path / "plots" / "removal_map.png").exists() and (tmp_path / "plots" / "sparsity.png").exists()
+    assert main(["-q", "inspect", str(tmp_path / "m"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["summary"]["layers"] == {"before": 6, "after": 5} and shown["summary"]["mlp"]["none"] == 1
+
+
+def test_recover_command_keeps_masks_and_reports_perplexity(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    model = hf_pruning.prune_(tiny_model("llama"), hf_pruning.MagnitudeConfig(pattern="2:4"))
+    hf_pruning.save_pretrained(model, tmp_path / "sparse", tokenizer=tiny_tokenizer())
+    assert main(["-q", "recover", str(tmp_path / "sparse"), str(tmp_path / "out"), "--steps", "3",
+                 "--seq-len", "32", "--batch-size", "2", "--eval", "default:evaluation", "--eval-windows", "2",
+                 "--eval-seq-len", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["masked_targets"] == report["targets"] > 0 and report["ppl_after"] > 0
+    recovered = hf_pruning.from_pretrained(tmp_path / "out")
+    assert hf_pruning.sparsity_report(recovered)["overall"] == 0.5
+    assert recovered.config.pruning_config[-1]["method"] == "lora_recovery"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "perplexity before recovery" in card and f"{report['ppl_after']:.2f}" in card
+    assert main(["-q", "recover", str(tmp_path / "sparse"), str(tmp_path / "bad"), "--target-modules",
+                 '["nothing_like_this"]']) == 2
+    assert "no linear layer" in capsys.readouterr().err and not (tmp_path / "bad").exists()

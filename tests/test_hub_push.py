@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hub_standin import HubStandIn
-from huggingface_hub import close_session, constants, set_client_factory
-from huggingface_hub.utils import _http as hf_http
-from test_hub_standin import _loopback_only_client
 from tiny_models import tiny_model
 
 import hf_pruning
@@ -15,23 +11,8 @@ from hf_pruning.cli import main
 
 TOKEN = "hf_test_token"
 REPO = "test-user/tiny-pruned"
+pytestmark = pytest.mark.usefixtures("local_hub_client")
 PLAN = {"ops": [{"op": "drop_mlp", "layer": 2}, {"op": "value_only_attention", "layer": 4}]}
-
-
-@pytest.fixture(autouse=True)
-def _local_only(monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    set_client_factory(_loopback_only_client)
-    yield
-    set_client_factory(hf_http.default_client_factory)
-    close_session()
-
-
-@pytest.fixture
-def hub():
-    with HubStandIn(tokens=(TOKEN,)) as standin:
-        yield standin
 
 
 def _model():

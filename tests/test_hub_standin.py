@@ -17,10 +17,7 @@ from huggingface_hub import (  # noqa: E402
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
-    close_session,
-    constants,
     hf_hub_download,
-    set_client_factory,
 )
 from huggingface_hub.errors import (  # noqa: E402
     EntryNotFoundError,
@@ -28,9 +25,8 @@ from huggingface_hub.errors import (  # noqa: E402
     HFValidationError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import _http as hf_http  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("local_hub_client")]
 
 TOKEN = "hf_test_token"
 REPO = "test-user/tiny-pruned"
@@ -43,35 +39,6 @@ FOLDER_FILES = {
     "plans/pruning_plan.json": b'{"ops": []}',
     "plans/deep/notes.txt": "h\u00e9llo \u2713\n".encode(),
 }
-
-
-def _loopback_only_client() -> httpx2.Client:
-    """huggingface_hub's default client, plus a hook that refuses any host but the local stand-in."""
-    client = hf_http.default_client_factory()
-
-    def refuse_remote(request: httpx2.Request) -> None:
-        if request.url.host not in ("127.0.0.1", "localhost"):
-            raise RuntimeError(f"test tried to reach a remote host: {request.url}")
-
-    client.event_hooks = {**client.event_hooks, "request": [refuse_remote, *client.event_hooks["request"]]}
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _local_only(monkeypatch):
-    # The stand-in is local: a CI-wide HF_HUB_OFFLINE=1 must not block it, telemetry must stay off.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    set_client_factory(_loopback_only_client)
-    yield
-    set_client_factory(hf_http.default_client_factory)
-    close_session()
-
-
-@pytest.fixture
-def hub():
-    with HubStandIn(tokens=(TOKEN,)) as standin:
-        yield standin
 
 
 @pytest.fixture

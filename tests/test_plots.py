@@ -203,3 +203,11 @@ def test_ratio_plot_errors_name_the_problem(results, metric, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         ratio_plot(results, tmp_path / "x.png", metric=metric)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_series_labels_name_the_distinguishing_settings():
+    from hf_pruning.plots import _series_label
+
+    assert _series_label("wanda", {"pattern": "2:4"}) == "wanda 2:4"
+    assert _series_label("gradmap", {"param_ratio": 0.2, "compensate": False}) == "gradmap no compensate"
+    assert _series_label("shortgpt", {"param_ratio": 0.2, "recover": {"steps": 5}}) == "shortgpt + LoRA recovery"

@@ -195,3 +195,32 @@ def test_harp_short_search_on_smollm2(smollm2, tmp_path):
     out = reload_in_fresh_process(tmp_path / "m", calib[:1, :32], max_new_tokens=2)
     with torch.no_grad():
         assert torch.equal(out["logits"], pruned(calib[:1, :32]).logits)
+
+
+def test_lora_recovery_lowers_perplexity_after_removing_blocks_and_card_and_inspect(smollm2, tmp_path, capsys):
+    import copy
+
+    from huggingface_hub import ModelCard
+
+    from hf_pruning.calibration import build_calibration, evaluation_windows
+    from hf_pruning.cli import main
+    from hf_pruning.evaluation import perplexity
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    calib = build_calibration(tok, source="default:calibration", n_samples=2, seq_len=64)
+    hf_pruning.prune_(model, hf_pruning.ShortGPTConfig(num_removals=4), calibration=calib)
+    train = build_calibration(tok, source="default:calibration", n_samples=16, seq_len=128, seed=1)
+    eval_ids = evaluation_windows(tok, default_text("evaluation"), 256, 2)
+    before = perplexity(model, eval_ids)
+    report = hf_pruning.recover_(model, train, steps=8, batch_size=2, lr=5e-4, eval_ids=eval_ids)
+    assert report["ppl_before"] == pytest.approx(before)
+    assert report["ppl_after"] < 0.97 * before, report
+    model.eval().save_pretrained(tmp_path / "m", tokenizer=tok, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                 evaluation={"ppl": report["ppl_after"], "ppl_before_recovery": before})
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "custom_code" not in card.data.tags
+    assert "| decoder layers | 30 | 26 | -4 |" in card.text and (tmp_path / "m" / "pruning_map.png").exists()
+    assert main(["-q", "inspect", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "layers: 30 -> 26" in out and "methods: shortgpt, lora_recovery" in out
