@@ -1,0 +1,33 @@
+"""GradMAP: rank decoder blocks by the mean magnitude of their loss gradients on the calibration data and
+remove the lowest-ranked one, re-scoring after every removal (one backward pass per decision). Then, at the
+kept layer whose output drifted furthest from the dense model's, fit a d x d projection that pulls the hidden
+states back and fuse it into that layer's MLP down projection, so inference costs nothing extra.
+
+    python examples/prune_gradmap.py                         # 4 of SmolLM2's 30 blocks -> outputs/gradmap
+    python examples/prune_gradmap.py --compensate false --score taylor
+"""
+
+from __future__ import annotations
+
+import common
+
+import hf_pruning
+
+
+def main(model=None, tokenizer=None, calibration=None, eval_ids=None, out_dir="outputs/gradmap",
+         num_removals: int = 4, score: str = "grad", mode: str = "iterative", compensate: bool = True,
+         n_samples: int = 4, seq_len: int = 128) -> dict:
+    """Delete blocks by gradient score and compensate with GradMAP; returns common.prune_and_evaluate's numbers.
+
+    num_removals: how many decoder blocks go.
+    score: grad (mean |dL/dθ|), taylor (sum |θ dL/dθ|) or output (norm of dL/d block output).
+    mode: iterative (re-score after every removal) or one_shot (rank once).
+    compensate: stage 2, the fused projection; False gives the ranking alone.
+    n_samples, seq_len: calibration windows for the gradients and the fit.
+    """
+    config = hf_pruning.GradMAPConfig(num_removals=num_removals, score=score, mode=mode, compensate=compensate)
+    return common.prune_and_evaluate(config, model, tokenizer, calibration, eval_ids, out_dir, n_samples, seq_len)
+
+
+if __name__ == "__main__":
+    common.cli(main, __doc__)
