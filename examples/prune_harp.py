@@ -25,8 +25,7 @@ def main(model=None, tokenizer=None, calibration=None, eval_ids=None, out_dir="o
         KV-cache saving.
     n_samples, seq_len: calibration windows on which the search measures perplexity.
     """
-    config = hf_pruning.HARPConfig(num_layers=num_layers, flap_match=flap_match,
-                                   **({"grid": grid} if grid is not None else {}))
+    config = hf_pruning.HARPConfig(num_layers=num_layers, flap_match=flap_match, grid=grid)
     return common.prune_and_evaluate(config, model, tokenizer, calibration, eval_ids, out_dir, n_samples, seq_len)
 
 

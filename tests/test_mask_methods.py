@@ -156,6 +156,7 @@ def test_sparse_model_saves_as_stock_class(tmp_path):
     (lambda: WandaConfig(sparsity=1.0), r"sparsity must be a fraction in \(0, 1\)"),
     (lambda: WandaConfig(sparsity=0), r"sparsity must be a fraction"),
     (lambda: MagnitudeConfig(pattern="4:4"), "0 < N < M"),
+    (lambda: MagnitudeConfig(sparsity=0.7, pattern="2:4"), "contradicts pattern='2:4'"),
     (lambda: BarberConfig(threshold=1.5), r"threshold must be a fraction in \[0, 1\]"),
     (lambda: BarberConfig(pattern="2:4", granularity="block"), "use granularity='output1'"),
     (lambda: BarberConfig(init="random"), "init must be one of"),

@@ -32,6 +32,12 @@ class SparsityConfig(PruningConfig):
         if nm is None:
             check_fraction("sparsity", self.sparsity)
         else:
+            # 0.5 is the field's default, so it cannot tell "not given" from "given": only other values conflict
+            if self.sparsity not in (0.5, nm[0] / nm[1]):
+                raise ConfigError(
+                    f"sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which zeroes {nm[0]}/{nm[1]} of "
+                    "the weights; leave sparsity out (or give N/M) with an N:M pattern"
+                )
             self.sparsity = nm[0] / nm[1]
 
     @property

@@ -34,7 +34,7 @@ class HARPConfig(PruningConfig):
                 "attention sublayer); default: searched"})
     preset: str | None = field(default=None, metadata={
         "help": "published alphas: llama-3.1-8b, mistral-7b-v0.3, qwen2-7b or gemma2-9b (sets the layers too)"})
-    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={
+    grid: list[float] | None = field(default_factory=lambda: list(DEFAULT_GRID), metadata={
         "help": "alpha values the search tries (default 0.0, 0.1, ..., 1.0)"})
     search: str = field(default="cached", metadata={
         "help": "cached (re-run only the layers from the searched one up; the residual stream below is cached) "
@@ -66,6 +66,8 @@ class HARPConfig(PruningConfig):
                 raise ConfigError(f"unknown HARP preset {self.preset!r}; known: {', '.join(PRESETS)}")
             if self.alphas is not None:
                 raise ConfigError("give either a preset or alphas, not both")
+        if self.grid is None:  # "the default grid" (convenient for wrappers that pass every field)
+            self.grid = list(DEFAULT_GRID)
         for name, values in (("alphas", self.alphas), ("grid", self.grid)):
             if values is None:
                 continue
