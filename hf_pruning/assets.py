@@ -48,7 +48,7 @@ def smollm2_path() -> Path:
     logger.info("converting %s to %s (once; dequantizing takes 20-60 s)", SMOLLM2_GGUF, target)
     model = from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    save_pretrained(model, target, tokenizer=tokenizer)
+    save_pretrained(model, target, tokenizer=tokenizer, card=False)  # a local cache, not a pruned model
     return target
 
 

@@ -349,7 +349,8 @@ class BenchmarkRunner:
         ids = evaluation_windows(self.tokenizer, text, recover["seq_len"])  # [n, seq_len], consecutive windows
         report = recover_(model, ids, **recover, eval_ids=eval_ids)
         model.eval()
-        keep = ("targets", "masked_targets", "trainable_params", "train_tokens", "train_s", "loss_first", "loss_last")
+        keep = ("targets", "masked_targets", "trainable_params", "data_tokens", "trained_tokens", "train_s",
+                "loss_first", "loss_last")
         return {"ppl_before_recovery": report["ppl_before"], "recover_s": report["train_s"],
                 "recovery": {k: report[k] for k in keep}}
 
@@ -485,13 +486,15 @@ def markdown_table(results: dict) -> str:
     if recovered:
         lines += ["", "LoRA recovery (`hf_pruning.recover_`, masks kept) after pruning, trained on the calibration "
                   "books; perplexity on the evaluation books:", "",
-                  "| method | settings | ppl before | ppl after | train tokens | train s | loss first → last |",
+                  "| method | settings | ppl before | ppl after | tokens trained | train s | loss first → last |",
                   "|---|---|---|---|---|---|---|"]
         for r in recovered:
             rec = r.get("recovery") or {}
             settings = {k: v for k, v in r["settings"].items() if k != "recover"}
+            rs = r["settings"]["recover"]
+            trained = rs["steps"] * rs.get("batch_size", 4) * rs.get("seq_len", 256)  # recover_'s defaults
             lines.append(f"| {r['method']} | {json.dumps(settings)} | {r['ppl_before_recovery']:.2f} | {r['ppl']:.2f} | "
-                         f"{rec.get('train_tokens', 0):,} | {_fmt(r.get('recover_s'), '{:.0f}')} | "
+                         f"{trained:,} | {_fmt(r.get('recover_s'), '{:.0f}')} | "
                          f"{_fmt(rec.get('loss_first'), '{:.3f}')} → {_fmt(rec.get('loss_last'), '{:.3f}')} |")
     for r in results["rows"]:
         sel = r.get("selection_comparison")

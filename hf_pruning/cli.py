@@ -140,7 +140,7 @@ def cmd_recover(args) -> int:
         evaluation = {"ppl": report["ppl_after"], "ppl_before_recovery": report["ppl_before"],
                       "ppl_text": args.eval, "ppl_tokens": int(eval_ids.numel())}
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer, evaluation=evaluation)
-    keep = ("targets", "masked_targets", "train_tokens", "train_s", "loss_first", "loss_last", "ppl_before", "ppl_after")
+    keep = ("targets", "masked_targets", "trained_tokens", "train_s", "loss_first", "loss_last", "ppl_before", "ppl_after")
     sys.stdout.write(json.dumps({k: report[k] for k in keep if k in report}, indent=2) + "\n")
     return 0
 

@@ -157,8 +157,8 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
             keep = modules[name].weight != 0  # [out, in]
             if not bool(keep.all()):
                 masks[name] = keep
-    report = {"targets": len(targets), "masked_targets": len(masks), "train_tokens": int(ids.numel()),
-              "settings": asdict(config)}
+    report = {"targets": len(targets), "masked_targets": len(masks), "data_tokens": int(ids.numel()),
+              "trained_tokens": config.steps * config.batch_size * int(ids.shape[1]), "settings": asdict(config)}
     if eval_ids is not None:
         report["ppl_before"] = perplexity(model, eval_ids)
 

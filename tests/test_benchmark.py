@@ -152,5 +152,5 @@ def test_recovery_rows_report_perplexity_before_and_after(tmp_path, data_dir, mo
     assert recovered["params_removed"] == pytest.approx(pruned["params_removed"])
     assert recovered["ppl"] != pruned["ppl"] and recovered["recover_s"] > 0
     rec = recovered["recovery"]
-    assert rec["masked_targets"] == rec["targets"] > 0 and rec["train_tokens"] > 0
+    assert rec["masked_targets"] == rec["targets"] > 0 and rec["trained_tokens"] == 4 * 2 * 16 <= rec["data_tokens"]
     assert "LoRA recovery (`hf_pruning.recover_`" in path.with_suffix(".md").read_text()

@@ -69,7 +69,7 @@ def test_recover_keeps_sparsity_and_lowers_the_loss(tmp_path):
     assert "lora_recovery" in (tmp_path / "m" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "qwen2"])
+@pytest.mark.parametrize("arch", ["gemma2", "qwen2", "mistral"])
 def test_recover_structurally_pruned_model_and_reload(arch, tmp_path):
     model = hf_pruning.apply_plan_(tiny_model(arch), {"ops": [
         {"op": "value_only_attention", "layer": 5}, {"op": "drop_attention", "layer": 4},
