@@ -77,8 +77,14 @@ def test_recover_structurally_pruned_model_and_reload(arch, tmp_path):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     x = tokens(batch=8, length=32)
     report = hf_pruning.recover_(model, x, steps=8, lr=1e-2, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    assert report["masked_targets"] == 0 and report["loss_last"] < report["loss_first"]
+    # Mistral's groups hold 4 heads: removing 2 leaves zero padding heads (zero q rows, zero o columns), which the
+    # recovery keeps at zero like any mask; the other tiny models lose a whole group and have no zeros
+    padded = 2 if arch == "mistral" else 0
+    assert report["masked_targets"] == padded and report["loss_last"] < report["loss_first"]
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    if padded:
+        attn = model.model.layers[1].self_attn
+        assert int((attn.q_proj.weight == 0).all(dim=1).sum()) == 2 * attn.head_dim  # two padding heads, still zero
     assert type(model).__name__.startswith("Pruned")
     model.eval().save_pretrained(tmp_path / "m")
     with torch.no_grad():
