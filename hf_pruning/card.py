@@ -219,13 +219,13 @@ def template_variables(template_text: str) -> set[str]:
 
 def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str | None = None,
                evaluation: dict | None = None, picture: str | None = None, template_path: str | os.PathLike | None = None,
-               location: str | None = None, **variables):
+               location: str | None = None, summary: dict | None = None, **variables):
     """The ``huggingface_hub.ModelCard`` of a pruned model.
 
     ``evaluation`` holds what was measured, with the benchmark rows' keys (``ppl``, ``dense_ppl``, ``ppl_text``,
     ``ppl_tokens``, ``acc``, ``dense_acc``, ``acc_retained``, ``prefill_speedup``, ``decode_speedup``,
     ``ideal_speedup``, ``note``); any subset. ``picture`` is a file name next to the card. The loading snippets
-    name ``repo_id``, else ``location`` (a local folder). A custom
+    name ``repo_id``, else ``location`` (a local folder); ``summary`` is a precomputed :func:`pruning_summary`. A custom
     ``template_path`` may use the default variables plus any passed as keyword arguments; a variable it needs
     and nobody provides raises :class:`CardTemplateError`.
     """
@@ -233,7 +233,7 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
 
     plan = PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
     history = [h for h in (getattr(model.config, "pruning_config", None) or []) if isinstance(h, dict)]
-    summary = pruning_summary(model)
+    summary = summary if summary is not None else pruning_summary(model)
     arch = adapter_for(model).arch
     custom_code = not plan.is_stock_expressible()
     repo = repo_id or location or "<namespace>/<name>"
@@ -279,7 +279,7 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
     return ModelCard.from_template(data, template_path=str(path), **values)
 
 
-def _draw_picture(model: nn.Module, folder: Path) -> str | None:
+def _draw_picture(model: nn.Module, folder: Path, summary: dict) -> str | None:
     """A removal map (structural plans) or a per-layer sparsity plot (masks) next to the card, if matplotlib is there."""
     plan = PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
     drops = any(op.name in ("drop_attention", "drop_mlp", "remove_layers") for op in plan.ops)
@@ -289,7 +289,7 @@ def _draw_picture(model: nn.Module, folder: Path) -> str | None:
         if drops:
             plots.removal_map(model, folder / "pruning_map.png")
             return "pruning_map.png"
-        if pruning_summary(model)["sparsity"] > 0.01:
+        if summary["sparsity"] > 0.01:
             plots.sparsity_plot(model, folder / "sparsity.png")
             return "sparsity.png"
     except ImportError as err:
@@ -313,6 +313,7 @@ def write_card(model: nn.Module, folder: str | os.PathLike, *, keep: str | None 
         logger.info("kept the existing model card (it was not written by hf_pruning)")
         path.write_text(keep, encoding="utf-8")
         return path
-    image = _draw_picture(model, folder) if picture else None
-    build_card(model, picture=image, **card_kwargs).save(path)
+    summary = pruning_summary(model)  # one pass over the weights serves the picture and the card
+    image = _draw_picture(model, folder, summary) if picture else None
+    build_card(model, picture=image, summary=summary, **card_kwargs).save(path)
     return path

@@ -60,7 +60,7 @@ class RecoveryConfig:
 
 def _token_batches(data, tokenizer, seq_len: int) -> torch.Tensor:
     """Training ids ``[n, seq_len]`` from token ids, a text, a list of texts or a text source name."""
-    from .calibration.data import NotEnoughTextError, load_text, tokenize_text
+    from .calibration.data import evaluation_windows, load_text
 
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.long or data.dim() != 2 or data.shape[1] < 2:
@@ -73,11 +73,7 @@ def _token_batches(data, tokenizer, seq_len: int) -> torch.Tensor:
         text = "\n\n".join(str(t) for t in data)
     else:
         text = load_text(data)  # a file, a folder, "default:calibration", a dataset name...
-    ids = tokenize_text(tokenizer, text)
-    n = ids.numel() // seq_len
-    if n < 1:
-        raise NotEnoughTextError(f"the recovery text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)  # [n, seq_len]
+    return evaluation_windows(tokenizer, text, seq_len)  # [n, seq_len], consecutive; raises when too short
 
 
 def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

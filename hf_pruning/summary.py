@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from .api import parameter_count
 from .methods.layerwise import sparsity_report
 from .plan import PruningPlan
 from .remote.hf_pruning_adapter_base import _set_config_fields
@@ -34,10 +35,6 @@ def dense_reference(model: nn.Module) -> nn.Module:
     _set_config_fields(config, base["num_hidden_layers"], base.get("layer_types"))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
-
-
-def _unique_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _kv_bytes(states, bytes_per_value: int = 2) -> int:
@@ -78,7 +75,7 @@ def pruning_summary(model: nn.Module) -> dict:
         "kv_heads_removed": sum(ref.kv_heads - s.kv_heads for s in full_attn),
         "mlp_channels_removed": sum(ref.mlp_width - s.mlp_width for s in full_mlp),
         "decoder_params": {"before": dec0, "after": dec1},
-        "params": {"before": _unique_params(dense), "after": _unique_params(model)},
+        "params": {"before": parameter_count(dense), "after": parameter_count(model)},
         "params_removed_fraction": 1 - dec1 / dec0 if dec0 else 0.0,
         "kv_bytes_per_token": {"before": kv0, "after": kv1},
         "kv_removed_fraction": 1 - kv1 / kv0 if kv0 else 0.0,
