@@ -24,8 +24,11 @@ CONFIGS = {
     "barber_wanda": BarberConfig(init="wanda", threshold=0.5),
     "barber_magnitude_block": BarberConfig(init="magnitude", granularity="block", threshold=0.5),
     "barber_sparsegpt_retain": BarberConfig(init="sparsegpt", blocksize=32, retain_reconstruction=True),
+    "barber_sparsegpt_reconstruct": BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True, threshold=0.5),
+    "sparsegpt_two_pass": SparseGPTConfig(blocksize=32, one_pass=False),
     "wanda_2:4": WandaConfig(pattern="2:4"),
     "barber_2:4": BarberConfig(init="wanda", pattern="2:4", threshold=0.5),
+    "barber_2:4_row_rule": BarberConfig(init="wanda", pattern="2:4", threshold=0.5, nm_rule="row"),
     "sparsegpt_4:8": SparseGPTConfig(pattern="4:8", blocksize=32),
 }
 
@@ -71,6 +74,22 @@ def test_mask_method_end_to_end(arch, case):
         assert torch.isfinite(model(tokens()).logits).all()
 
 
+def test_barber_reconstruct_without_swaps_replays_sparsegpt():
+    """threshold=0 keeps SparseGPT's mask; re-solving from the dense weights on the same layer input gives
+    SparseGPT's own values for q/k/v of layer 0 (the fixed-mask update replays the adaptive one)."""
+    sgpt = hf_pruning.prune_(tiny_model("llama"), SparseGPTConfig(blocksize=32), calibration=CALIB)
+    barber = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
+                                                                 threshold=0.0), calibration=CALIB)
+    assert barber.hf_pruning_report["swapped"] == 0
+    for n in ("q_proj", "k_proj", "v_proj"):
+        a, b = linears(sgpt)[f"0.self_attn.{n}"].weight, linears(barber)[f"0.self_attn.{n}"].weight
+        assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    dense = linears(tiny_model("llama"))["0.self_attn.q_proj"].weight
+    kept = linears(barber)["0.self_attn.q_proj"].weight != 0
+    assert not torch.equal(linears(barber)["0.self_attn.q_proj"].weight[kept], dense[kept])  # values were updated
+
+
 def test_barber_swaps_and_changes_the_initial_mask():
     wanda = hf_pruning.prune_(tiny_model("llama"), WandaConfig(), calibration=CALIB)
     barber = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="wanda", threshold=1.0), calibration=CALIB)
@@ -86,13 +105,19 @@ def test_barber_swaps_and_changes_the_initial_mask():
         assert torch.equal(a.weight == 0, b.weight == 0)
 
 
-def test_layerwise_stats_equal_a_batched_full_model_computation():
-    """Wanda's sequential layer-by-layer inputs equal hooks on the whole (partially pruned) model in one batch."""
-    model = tiny_model("qwen2")
-    reference = copy.deepcopy(model)
-    hf_pruning.prune_(model, WandaConfig(), calibration=CALIB)
+def _wanda_mask_(lin, sum_sq):
     from hf_pruning.methods.sparsity import select_mask
 
+    w = lin.weight
+    w[select_mask(w.abs() * sum_sq.sqrt()[None], 0.5, None, True, w == 0)] = 0
+
+
+def test_layerwise_stats_equal_a_batched_full_model_computation():
+    """Two-pass Wanda's sequential layer-by-layer inputs equal hooks on the whole (partially pruned) model in
+    one batch: each layer's statistics come from its unpruned linears."""
+    model = tiny_model("qwen2")
+    reference = copy.deepcopy(model)
+    hf_pruning.prune_(model, WandaConfig(one_pass=False), calibration=CALIB)
     with torch.no_grad():
         for layer in layers_of(reference):
             norms, handles = {}, []
@@ -105,10 +130,34 @@ def test_layerwise_stats_equal_a_batched_full_model_computation():
                 h.remove()
             for name, lin in layer.named_modules():
                 if isinstance(lin, torch.nn.Linear):
-                    w = lin.weight
-                    w[select_mask(w.abs() * norms[name].sqrt()[None], 0.5, None, True, w == 0)] = 0
+                    _wanda_mask_(lin, norms[name])
     for a, b in zip(linears(model).values(), linears(reference).values()):
         assert torch.equal(a.weight == 0, b.weight == 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_pass_wanda_equals_pruning_on_arrival_in_one_full_forward(arch):
+    """One-pass Wanda = a single batched forward of the whole model in which every linear is pruned on the
+    statistics of its own input just before it runs (so o/down projections see the pruned q/k/v, gate/up)."""
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    hf_pruning.prune_(model, WandaConfig(), calibration=CALIB)
+    with torch.no_grad():
+        handles = [lin.register_forward_pre_hook(
+            lambda m, a: _wanda_mask_(m, a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0)))
+            for lin in linears(reference).values()]
+        reference(CALIB, use_cache=False)
+        for h in handles:
+            h.remove()
+    differ = [n for (n, a), b in zip(linears(model).items(), linears(reference).values())
+              if not torch.equal(a.weight == 0, b.weight == 0)]
+    assert not differ
+    two_pass = hf_pruning.prune_(tiny_model(arch), WandaConfig(one_pass=False), calibration=CALIB)
+    # layer 0's q/k/v read the same input either way; what comes after them in the layer does not
+    first = [n for n in linears(model) if n.startswith("0.") and n.split(".")[-1] in ("q_proj", "k_proj", "v_proj")]
+    same = {n for (n, a), b in zip(linears(model).items(), linears(two_pass).values())
+            if torch.equal(a.weight == 0, b.weight == 0)}
+    assert len(first) == 3 and set(first) <= same and len(same) < len(linears(model))
 
 
 def test_barber_holds_one_layer_copy_at_a_time(monkeypatch):
@@ -162,6 +211,8 @@ def test_sparse_model_saves_as_stock_class(tmp_path):
     (lambda: BarberConfig(init="random"), "init must be one of"),
     (lambda: BarberConfig(init="existing"), "dense_reference"),
     (lambda: SparseGPTConfig(pattern="2:4", blocksize=30), "multiple of M=4"),
+    (lambda: BarberConfig(pattern="2:4", nm_rule="group"), "nm_rule must be one of"),
+    (lambda: BarberConfig(init="sparsegpt", reconstruct=True, retain_reconstruction=True), "pick one"),
 ])
 def test_bad_configs(make, message):
     with pytest.raises(ConfigError, match=message):

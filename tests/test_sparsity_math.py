@@ -13,6 +13,7 @@ from hf_pruning.methods.sparsity import (
     parse_pattern,
     rebuild_masks,
     rebuild_nm,
+    rebuild_nm_pairs,
     rebuild_rows,
     unstructured_mask,
 )
@@ -115,3 +116,50 @@ def test_sparsegpt_compensates_better_than_masking_alone():
     nm_solved = w.clone()
     nm = sparsegpt_solve_(nm_solved, h, 0.5, (2, 4), blocksize=8)
     assert (nm.reshape(16, 8, 4).sum(-1) == 2).all()
+
+
+def test_fixed_mask_reconstruction_keeps_the_mask_and_lowers_the_error():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)  # [N, C]
+    w = torch.randn(16, 32, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    mask = torch.rand(16, 32, generator=g) < 0.5  # any mask, not one SparseGPT would choose
+    solved = w.clone()
+    returned = sparsegpt_solve_(solved, h, 0.5, None, blocksize=8, fixed_mask=mask)
+    assert torch.equal(returned, mask) and torch.equal(solved == 0, mask)
+    err_solved = (x @ (w - solved).T).pow(2).mean()
+    err_masked = (x @ (w - w.masked_fill(mask, 0)).T).pow(2).mean()
+    assert err_solved < 0.9 * err_masked  # 0.82 here: the update helps even for a random mask
+
+
+def test_nm_pair_rule_only_swaps_where_the_group_gains():
+    # one row, two groups of 4 (2:4). Group 0: kept 10, 9; pruned 8, 1. Group 1: kept 2, 7; pruned 6, 0.
+    score = torch.tensor([[10.0, 9.0, 8.0, 1.0, 2.0, 7.0, 6.0, 0.0]])
+    pruned = torch.tensor([[False, False, True, True, False, False, True, True]])
+    # the official row rule regrows the best pruned weight (8) and drops its group's lowest kept one (9)
+    row = rebuild_nm(score, pruned, 1.0, 2, 4)
+    assert bool(row[0, 1]) and not bool(row[0, 2])
+    # the pair rule: group 0 has no beneficial pair (8 < 9); group 1 swaps 6 in for 2 (gain 4)
+    pairs = rebuild_nm_pairs(score, pruned, 1.0, 2, 4)
+    assert pairs.tolist() == [[False, False, True, True, True, False, False, True]]
+    assert torch.equal(rebuild_nm_pairs(score, pruned, 0.0, 2, 4), pruned)
+
+
+def test_nm_pair_rule_takes_the_largest_gains_and_keeps_the_pattern():
+    # three groups with gains 5, 3, 1 (one beneficial pair each); threshold 2/3 -> the two largest
+    score = torch.tensor([[6.0, 1.0, 0.0, 9.0, 4.0, 1.0, 0.0, 9.0, 2.0, 1.0, 0.0, 9.0]])
+    pruned = torch.tensor([[True, False, True, False] * 3])
+    new = rebuild_nm_pairs(score, pruned, 2 / 3, 2, 4)
+    assert new.tolist() == [[False, True, True, False, False, True, True, False, True, False, True, False]]
+    g = torch.Generator().manual_seed(1)
+    score = torch.rand(16, 32, generator=g)
+    start = nm_mask(torch.rand(16, 32, generator=g), 2, 4)
+    new = rebuild_nm_pairs(score, start, 1.0, 2, 4)
+    assert not torch.equal(new, start)
+    assert (new.reshape(16, 8, 4).sum(-1) == 2).all()
+    # every changed group ends with a higher kept score than it started with
+    kept_before = (score * ~start).reshape(16, 8, 4).sum(-1)
+    kept_after = (score * ~new).reshape(16, 8, 4).sum(-1)
+    changed = (new != start).reshape(16, 8, 4).any(-1)
+    assert (kept_after[changed] > kept_before[changed]).all()
+    assert torch.equal(kept_after[~changed], kept_before[~changed])

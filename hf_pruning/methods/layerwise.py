@@ -19,6 +19,11 @@ from .sparsity import parse_pattern
 logger = logging.getLogger(__name__)
 
 
+ONE_PASS_HELP = ("prune each linear as the layer's single forward over all calibration rows reaches it (o/down "
+                 "projections then see the pruned q/k/v and gate/up; one layer pass); False: the official two "
+                 "passes (statistics from the unpruned layer, then a pass through the pruned one)")
+
+
 @dataclass
 class SparsityConfig(PruningConfig):
     """Fields shared by the mask methods. With an N:M pattern, ``sparsity`` becomes N/M."""
@@ -77,6 +82,39 @@ def collect_input_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: di
     return stats
 
 
+def prune_in_flight(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
+                    prune_linear: Callable[[str, nn.Linear, torch.Tensor], None]) -> list[torch.Tensor]:
+    """Run ``layer`` ONCE over all calibration rows, pruning each linear just before the forward reaches it.
+
+    ``prune_linear(name, linear, x)`` gets the linear's input over every calibration token (``[tokens, in]``,
+    float32; linears reading the same tensor get the same object) and changes the weight in place; the linear
+    then computes with the pruned weight, so the layer's output is the pruned layer's output and no second
+    pass is needed. Linears later in the layer (o_proj,
+    down_proj) therefore see inputs from the already-pruned ones before them (SparseGPT's "true sequential").
+    All rows go through in one call (a hook must see every token before the weight changes): the activations
+    of one layer for all calibration tokens are held. Returns the outputs split like ``inputs``.
+    """
+    linears = prunable_linears(layer)
+    done: set[str] = set()
+    last: list = [None, None]  # (raw input, flattened): q/k/v read one tensor and get the same ``x`` object
+
+    def pre(mod, args, name):
+        if name not in done:  # a linear called twice in one forward is pruned on its first call
+            done.add(name)
+            if last[0] is not args[0]:
+                last[:] = [args[0], args[0].detach().reshape(-1, args[0].shape[-1]).float()]
+            prune_linear(name, mod, last[1])
+
+    with hooks() as handles:
+        for name, lin in linears.items():
+            handles.append(lin.register_forward_pre_hook(lambda mod, args, name=name: pre(mod, args, name)))
+        out = run_layer(layer, torch.cat(inputs), kwargs)  # [rows, T, d]
+    missing = sorted(set(linears) - done)
+    if missing:
+        raise RuntimeError(f"the layer's forward never called {missing}; prune with one_pass=False")
+    return list(out.split([h.shape[0] for h in inputs]))
+
+
 #: calibration rows run through a layer together (the same batch as the forward that defines "passes")
 LAYER_BATCH = 4
 
@@ -86,8 +124,9 @@ def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: 
                batch_size: int | None = None) -> list[dict]:
     """Call ``process_layer(index, layer, inputs, kwargs) -> dict`` for every decoder layer in order, then
     propagate the inputs through the (now pruned) layer. ``inputs`` is a list of hidden-state batches
-    ``[b, T, d]`` (masks and rotary embeddings captured for one row broadcast over the batch). Returns the
-    per-layer reports."""
+    ``[b, T, d]`` (masks and rotary embeddings captured for one row broadcast over the batch). A
+    ``process_layer`` that already ran the pruned layer returns ``(report, outputs)`` instead, and the
+    propagation pass is skipped. Returns the per-layer reports."""
     adapter = adapter_for(model)
     reports = []
     with calibration_mode(model):
@@ -96,8 +135,10 @@ def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: 
         inputs = [torch.cat(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
         del rows
         for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc=desc, unit="layer")):
-            reports.append(process_layer(i, layer, inputs, layer_kwargs[i]) or {})
-            inputs = [run_layer(layer, h, layer_kwargs[i]) for h in inputs]
+            result = process_layer(i, layer, inputs, layer_kwargs[i])
+            report, outputs = result if isinstance(result, tuple) else (result, None)
+            reports.append(report or {})
+            inputs = outputs if outputs is not None else [run_layer(layer, h, layer_kwargs[i]) for h in inputs]
     return reports
 
 

@@ -121,19 +121,55 @@ def rebuild_nm(score: torch.Tensor, pruned: torch.Tensor, threshold: float, n: i
     return ((was & ~regrow) | newly_pruned).reshape(rows, cols)
 
 
+def rebuild_nm_pairs(score: torch.Tensor, pruned: torch.Tensor, threshold: float, n: int, m: int) -> torch.Tensor:
+    """The swap under an N:M pattern, made only where it helps inside its own group.
+
+    In every group of ``m`` of a row ``[R, C]``, the best pruned weight is paired with the worst kept one, the
+    second best with the second worst, and so on (``min(n, m - n)`` pairs); a pair is beneficial when the
+    pruned weight scores strictly higher. Per row, ``r`` = beneficial pairs and the ``k = floor(threshold * r)``
+    pairs with the largest score gain are swapped. Every group keeps its count, so the pattern holds and no
+    swap lowers the group's kept score (``rebuild_nm``, the official rule, may: a weight regrown on its
+    row-wide rank replaces the group's lowest kept weight even when that one scores higher).
+    """
+    rows, cols = score.shape
+    pairs = min(n, m - n)
+    s = score.float().reshape(rows, cols // m, m)  # [R, G, m]
+    was = pruned.reshape(rows, cols // m, m)
+    inf = torch.full_like(s, float("inf"))
+    grow_order = torch.sort(torch.where(was, s, -inf), dim=-1, descending=True, stable=True).indices[..., :pairs]
+    keep_order = torch.sort(torch.where(was, inf, s), dim=-1, stable=True).indices[..., :pairs]  # [R, G, P]
+    grow_vals = torch.where(was, s, -inf).gather(-1, grow_order)
+    keep_vals = torch.where(was, inf, s).gather(-1, keep_order)
+    gain = grow_vals - keep_vals  # [R, G, P]; -inf / nan where a side is empty
+    good = torch.isfinite(grow_vals) & torch.isfinite(keep_vals) & (gain > 0)
+    flat = torch.where(good, gain, torch.full_like(gain, float("-inf"))).reshape(rows, -1)  # [R, G*P]
+    k = (good.reshape(rows, -1).sum(-1, keepdim=True).double() * threshold).floor().long()  # [R, 1]
+    chosen = (_rank(torch.sort(flat, dim=-1, descending=True, stable=True).indices) < k).reshape(gain.shape)
+    regrow = torch.zeros_like(was).scatter_(-1, grow_order, chosen)
+    newly_pruned = torch.zeros_like(was).scatter_(-1, keep_order, chosen)
+    return ((was & ~regrow) | newly_pruned).reshape(rows, cols)
+
+
+NM_RULES = ("row", "pairs")
+
+
 def rebuild_masks(scores: list[torch.Tensor], pruned: list[torch.Tensor], threshold: float, granularity: str,
-                  nm: tuple[int, int] | None = None) -> list[torch.Tensor]:
+                  nm: tuple[int, int] | None = None, nm_rule: str = "row") -> list[torch.Tensor]:
     """Rebuild the masks of one block's matrices ``[R_i, C_i]`` with the chosen grouping.
 
     ``output1``: each output row; ``input1``: each input column; ``layer``: each whole matrix; ``block``: all
-    matrices of the block together. N:M patterns allow ``output1`` only (groups run along rows).
+    matrices of the block together. N:M patterns allow ``output1`` only (groups run along rows); ``nm_rule``
+    picks ``rebuild_nm`` ("row", the official rule) or ``rebuild_nm_pairs`` ("pairs").
     """
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if nm is not None:
         if granularity != "output1":
             raise ConfigError(f"an N:M pattern keeps groups along rows: use granularity='output1', not {granularity!r}")
-        return [rebuild_nm(s, p, threshold, *nm) for s, p in zip(scores, pruned)]
+        if nm_rule not in NM_RULES:
+            raise ConfigError(f"nm_rule must be one of {NM_RULES}, got {nm_rule!r}")
+        rule = rebuild_nm if nm_rule == "row" else rebuild_nm_pairs
+        return [rule(s, p, threshold, *nm) for s, p in zip(scores, pruned)]
     if granularity == "output1":
         return [rebuild_rows(s, p, threshold) for s, p in zip(scores, pruned)]
     if granularity == "input1":

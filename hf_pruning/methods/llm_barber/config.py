@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import ConfigError
-from ..layerwise import SparsityConfig
-from ..sparsity import GRANULARITIES
+from ..layerwise import ONE_PASS_HELP, SparsityConfig
+from ..sparsity import GRANULARITIES, NM_RULES
 
 INITS = ("magnitude", "wanda", "sparsegpt", "existing")
 METRICS = ("WD", "W", "D")
@@ -25,8 +25,15 @@ class BarberConfig(SparsityConfig):
     metric: str = field(default="WD", metadata={"help": "WD = |W| x RMS grad, W = |W|, D = RMS grad"})
     retain_reconstruction: bool = field(default=False, metadata={
         "help": "keep SparseGPT's updated values for weights that stay kept (default: dense values)"})
+    nm_rule: str = field(default="pairs", metadata={
+        "help": "N:M swaps: pairs (default: swap only where the regrown weight beats the one it replaces in its "
+                "group) or row (the official rule: regrow by row rank, prune the group's lowest kept weight)"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "after the rebuild, update the kept weights for the new mask with SparseGPT's solver on the "
+                "block's sparse-path inputs (an extension: the paper restores dense values)"})
     dense_reference: str | None = field(default=None, metadata={
         "help": "with init=existing: folder of the dense checkpoint, read one layer at a time"})
+    one_pass: bool = field(default=True, metadata={"help": "Wanda / SparseGPT initializer: " + ONE_PASS_HELP})
     blocksize: int = field(default=128, metadata={"help": "SparseGPT initializer: columns per block"})
     percdamp: float = field(default=0.01, metadata={"help": "SparseGPT initializer: Hessian dampening"})
 
@@ -43,6 +50,11 @@ class BarberConfig(SparsityConfig):
             raise ConfigError(f"threshold must be a fraction in [0, 1], got {self.threshold!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.nm_rule not in NM_RULES:
+            raise ConfigError(f"nm_rule must be one of {NM_RULES}, got {self.nm_rule!r}")
+        if self.reconstruct and self.retain_reconstruction:
+            raise ConfigError("reconstruct=True recomputes the kept values; it cannot also retain_reconstruction: "
+                              "pick one")
         if self.init == "existing" and not self.dense_reference:
             raise ConfigError("init='existing' rebuilds the model's own zeros against the dense weights: pass "
                               "dense_reference=<folder of the dense checkpoint>")

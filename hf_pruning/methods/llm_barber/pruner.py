@@ -21,7 +21,8 @@ from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
 from ..layerwise import check_widths, prunable_linears, sequential, sparsity_report
 from ..magnitude.pruner import magnitude_prune_layer_
-from ..sparsegpt.pruner import sparsegpt_prune_layer_
+from ..sparsegpt.pruner import add_to_hessian, new_hessian, sparsegpt_prune_layer_
+from ..sparsegpt.scoring import sparsegpt_solve_
 from ..sparsity import rebuild_masks
 from ..wanda.pruner import wanda_prune_layer_
 from .config import BarberConfig
@@ -33,14 +34,16 @@ logger = logging.getLogger(__name__)
 def _blocks(adapter, layer) -> dict[str, dict]:
     """Per block: the module whose input/output is captured, and a dense forward built from a layer copy."""
     attn = getattr(layer, adapter.attn_name)
-    blocks = {"attention": {"prefix": adapter.attn_name + ".", "in": attn, "out": attn, "tuple_out": True}}
+    blocks = {"attention": {"prefix": adapter.attn_name + ".", "in": attn, "out": attn, "tuple_out": True,
+                            "stop_after": True}}
     if adapter.mlp_name:
         mlp = getattr(layer, adapter.mlp_name)
-        blocks["mlp"] = {"prefix": adapter.mlp_name + ".", "in": mlp, "out": mlp, "tuple_out": False}
+        blocks["mlp"] = {"prefix": adapter.mlp_name + ".", "in": mlp, "out": mlp, "tuple_out": False,
+                         "stop_after": False}
     else:  # OPT: fc1 -> activation -> fc2 on the layer itself
         blocks["mlp"] = {"prefix": None, "names": (*adapter.mlp_in_names, adapter.mlp_out_name),
                          "in": getattr(layer, adapter.mlp_in_names[0]), "out": getattr(layer, adapter.mlp_out_name),
-                         "tuple_out": False}
+                         "tuple_out": False, "stop_after": False}
     return blocks
 
 
@@ -52,6 +55,7 @@ def _block_linears(layer, block: dict) -> dict[str, nn.Linear]:
 
 
 def _dense_forward(adapter, dense_layer, name: str, kwargs: dict):
+    """The block ``name`` of ``dense_layer`` (any layer: the live one too) as a function of its input."""
     if name == "attention":
         attn = getattr(dense_layer, adapter.attn_name)
         return lambda x: attn(hidden_states=x, **kwargs)[0]
@@ -61,10 +65,18 @@ def _dense_forward(adapter, dense_layer, name: str, kwargs: dict):
     return lambda x: fc_out(dense_layer.activation_fn(fc_in(x)))
 
 
-def _capture_block_io(layer, inputs, kwargs, block) -> tuple[list, list, dict]:
+class _BlockDone(Exception):
+    """Ends a capture forward once the captured block has run (never escapes this module)."""
+
+
+def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None) -> tuple[list, list, dict]:
     """Run the (sparse) layer over the input batches; return the block's inputs and outputs split per
-    calibration row (``[1, T, d]`` each: the block error's gradient is taken row by row) and its call kwargs."""
+    calibration row (``[1, T, d]`` each: the block error's gradient is taken row by row) and its call kwargs.
+    With ``hessians`` (name -> linear), the same pass also returns each linear's input Hessian in its place."""
     xs, ys, call_kwargs = [], [], {}
+    stats = {}
+    if hessians is not None:
+        stats = {name: new_hessian(lin) for name, lin in hessians.items()}
 
     def pre(mod, args, kw):
         xs.extend((args[0] if args else kw["hidden_states"]).detach().split(1))
@@ -73,12 +85,22 @@ def _capture_block_io(layer, inputs, kwargs, block) -> tuple[list, list, dict]:
 
     def post(mod, args, out):
         ys.extend((out[0] if block["tuple_out"] else out).detach().split(1))
+        if block["stop_after"]:
+            raise _BlockDone  # the rest of the layer is not needed for this block
 
     with hooks() as handles:
         handles.append(block["in"].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block["out"].register_forward_hook(post))
+        for name, lin in (hessians or {}).items():
+            handles.append(lin.register_forward_hook(
+                lambda mod, args, out, name=name: add_to_hessian(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())))
         for h in inputs:
-            run_layer(layer, h, kwargs)
+            try:
+                run_layer(layer, h, kwargs)
+            except _BlockDone:
+                pass
+    if hessians is not None:
+        hessians.update({name: st["h"] for name, st in stats.items()})
     return xs, ys, call_kwargs
 
 
@@ -115,6 +137,43 @@ def _initialize_(layer, inputs, kwargs, config: BarberConfig) -> None:
     # "existing": the model's zeros are the initial mask
 
 
+def _out_linear_name(adapter, layer, name: str) -> str:
+    """Full name (inside the layer) of the block's output projection: o_proj / out_proj, down_proj / fc2."""
+    if name == "attention":
+        attn = getattr(layer, adapter.attn_name)
+        return f"{adapter.attn_name}.{getattr(attn, 'out_name', adapter.o_name)}"
+    return f"{adapter.mlp_name}.{adapter.mlp_out_name}" if adapter.mlp_name else adapter.mlp_out_name
+
+
+def _reconstruct_block_(adapter, layer, name, linears, masks, hessians, xs, call_kwargs, dense_linears, config):
+    """``reconstruct=True``: re-solve the block's kept weights for the new masks from the dense values.
+
+    The linears that read the block input (q/k/v, gate/up, fc1) use the Hessians of the capture pass; the
+    output projection's input changes with them, so its Hessian is taken afterwards by running the updated
+    block over the captured inputs (SparseGPT's sequential order inside the block).
+    """
+    def solve(n, hessian):
+        w = linears[n].weight.data
+        w.copy_(dense_linears[n].weight.data)
+        sparsegpt_solve_(w, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp,
+                         fixed_mask=masks[n])
+
+    out_name = _out_linear_name(adapter, layer, name)
+    for n in linears:
+        if n != out_name:
+            solve(n, hessians[n])
+    if out_name not in linears:
+        return
+    stat = new_hessian(linears[out_name])
+    forward = _dense_forward(adapter, layer, name, call_kwargs)  # the live (sparse, updated) block
+    with hooks() as handles:
+        handles.append(linears[out_name].register_forward_hook(
+            lambda mod, args, out: add_to_hessian(stat, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        for x in xs:
+            forward(x)
+    solve(out_name, stat["h"])
+
+
 def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None) -> dict:
     """Initializer + mask rebuild of one decoder layer, in place. Returns swap counts per block."""
     dense_layer = copy.deepcopy(layer).float()  # the only dense copy held: one layer
@@ -127,13 +186,21 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
         if not linears:  # the sublayer was dropped structurally
             continue
         dense_linears = dict(_block_linears(dense_layer, _blocks(adapter, dense_layer)[name]))
-        xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block)
-        forward = _dense_forward(adapter, dense_layer, name, call_kwargs)
-        grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys)
         names = list(linears)
         pruned = [linears[n].weight.data == 0 for n in names]
+        hessians = None
+        if config.reconstruct:
+            # score the mask itself, not the initializer's update: at a least-squares update the kept weights'
+            # error gradient vanishes and every pruned weight would look better than every kept one
+            for n, mask in zip(names, pruned):
+                linears[n].weight.data.copy_(dense_linears[n].weight.data.masked_fill(mask, 0))
+            out_name = _out_linear_name(adapter, layer, name)  # its Hessian is taken after the others' update
+            hessians = {n: lin for n, lin in linears.items() if n != out_name}
+        xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians)
+        forward = _dense_forward(adapter, dense_layer, name, call_kwargs)
+        grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys)
         scores = [barber_scores(dense_linears[n].weight.data, grads[n], config.metric) for n in names]
-        new_masks = rebuild_masks(scores, pruned, config.threshold, config.granularity, config.nm)
+        new_masks = rebuild_masks(scores, pruned, config.threshold, config.granularity, config.nm, config.nm_rule)
         swapped = 0
         for n, old, new in zip(names, pruned, new_masks):
             w = linears[n].weight.data
@@ -142,8 +209,11 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
                 values = torch.where(~old & ~new, w, values)
             w.copy_(values.masked_fill(new, 0))
             swapped += int((old & ~new).sum())
+        if hessians is not None:
+            _reconstruct_block_(adapter, layer, name, linears, dict(zip(names, new_masks)), hessians, xs,
+                                call_kwargs, dense_linears, config)
         report[name] = {"swapped": swapped}
-        del xs, ys, grads
+        del xs, ys, grads, hessians
     del dense_layer
     return report
 

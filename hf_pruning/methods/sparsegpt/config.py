@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import ConfigError
-from ..layerwise import SparsityConfig
+from ..layerwise import ONE_PASS_HELP, SparsityConfig
 
 
 @dataclass
@@ -16,6 +16,7 @@ class SparseGPTConfig(SparsityConfig):
     method: ClassVar[str] = "sparsegpt"
     blocksize: int = field(default=128, metadata={"help": "columns processed together (mask chosen per block)"})
     percdamp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
+    one_pass: bool = field(default=True, metadata={"help": ONE_PASS_HELP})
 
     def __post_init__(self):
         super().__post_init__()

@@ -5,28 +5,53 @@ from __future__ import annotations
 import torch
 
 from ...registry import PruningResult, register_method
-from ..layerwise import check_widths, collect_input_stats, prunable_linears, sequential, sparsity_report
+from ..layerwise import (
+    check_widths,
+    collect_input_stats,
+    prunable_linears,
+    prune_in_flight,
+    sequential,
+    sparsity_report,
+)
 from .config import SparseGPTConfig
-from .scoring import sparsegpt_solve_
+from .scoring import inverse_hessian_factor, sparsegpt_solve_
 
 
-def _new_stat(lin):
+def new_hessian(lin):
     return {"h": torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device), "n": 0}
 
 
-def _update(stat, x):  # x: [tokens, in]
+def add_to_hessian(stat, x):  # x: [tokens, in]
     n = x.shape[0]
     total = stat["n"] + n
     stat["h"].mul_(stat["n"] / total).add_(x.T @ x, alpha=2.0 / total)  # running 2/N * sum x x^T
     stat["n"] = total
 
 
-def sparsegpt_prune_layer_(layer, inputs, kwargs, config) -> dict:
-    stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
+def _solve_(lin, hessian: torch.Tensor, config, factor: torch.Tensor | None = None) -> None:
+    sparsegpt_solve_(lin.weight.data, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp,
+                     factor=factor)
+
+
+def sparsegpt_prune_layer_(layer, inputs, kwargs, config):
+    """Prune every linear of ``layer`` with SparseGPT, in place.
+
+    ``config.one_pass``: solved in flight (q/k/v read the same input: they share one Hessian and its
+    factorisation), returns ``({}, outputs)``; otherwise Hessians from the unpruned layer first (returns ``{}``)."""
+    if config.one_pass:
+        last: dict = {}
+
+        def prune(name, lin, x):  # x: [tokens, in]
+            if last.get("x") is not x:
+                stat = new_hessian(lin)
+                add_to_hessian(stat, x)
+                last.update(x=x, h=stat["h"], u=inverse_hessian_factor(stat["h"], config.percdamp))
+            _solve_(lin, last["h"], config, last["u"])
+
+        return {}, prune_in_flight(layer, inputs, kwargs, prune)
+    stats = collect_input_stats(layer, inputs, kwargs, new_hessian, add_to_hessian)
     for name, lin in prunable_linears(layer).items():
-        sparsegpt_solve_(lin.weight.data, stats[name]["h"], config.sparsity, config.nm, config.blocksize,
-                         config.percdamp)
-        del stats[name]
+        _solve_(lin, stats.pop(name)["h"], config)
     return {}
 
 

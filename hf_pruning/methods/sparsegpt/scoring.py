@@ -19,20 +19,25 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
 
 @torch.no_grad()
 def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-                     blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+                     blocksize: int = 128, percdamp: float = 0.01,
+                     fixed_mask: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Prune ``weight`` ``[R, C]`` in place, updating the kept weights to compensate; returns the pruned mask.
 
     Columns are visited left to right in blocks. Inside a block, the mask is chosen once (unstructured: the
     ``sparsity`` fraction of lowest w^2 / [H^-1]_jj^2 in the block) or every M columns (N:M). Each pruned
     column's error is spread over the columns not yet visited through the inverse-Hessian factor.
-    Weights that are already zero are pruned first.
+    Weights that are already zero are pruned first. With ``fixed_mask`` (``[R, C]``, True = pruned) no mask is
+    chosen: that one is applied and only the compensating update is made (LLM-Barber's ``reconstruct``).
+    ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (linears that
+    read one input share it). The factorisation is float64, the sweep float32 (as the reference code).
     """
     rows, cols = weight.shape
-    w = weight.double()
+    w = weight.float().clone()
     already_zero = weight == 0
-    u = inverse_hessian_factor(hessian, percdamp)  # [C, C] upper
+    u = (factor if factor is not None else inverse_hessian_factor(hessian, percdamp)).float()  # [C, C] upper
     dead = torch.diag(hessian) == 0
-    w[:, dead] = 0
+    if fixed_mask is None:  # inputs that never fire: their weights are free to prune (a fixed mask keeps them)
+        w[:, dead] = 0
     mask = torch.zeros_like(already_zero)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
@@ -40,25 +45,26 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
         ub = u[b0:b1, b0:b1]  # [B, B]
         d = torch.diag(ub)  # [B]
         errors = torch.zeros_like(block)
-        if nm is None:
+        if fixed_mask is not None:
+            bmask = fixed_mask[:, b0:b1].clone()
+        elif nm is None:
             score = block.pow(2) / d.pow(2)[None, :]
             k = int(block.numel() * sparsity)
             bmask = lowest_per_row(score.reshape(1, -1), k, already_zero[:, b0:b1].reshape(1, -1)).reshape(block.shape)
         else:
             bmask = torch.zeros_like(block, dtype=torch.bool)
         for j in range(b1 - b0):
-            if nm is not None and j % nm[1] == 0:
+            if fixed_mask is None and nm is not None and j % nm[1] == 0:
                 group = slice(j, j + nm[1])
                 score = block[:, group].pow(2) / d[group].pow(2)[None, :]
                 bmask[:, group] = lowest_per_row(score, nm[0], already_zero[:, b0:b1][:, group])
             col = block[:, j]
-            q = torch.where(bmask[:, j], torch.zeros_like(col), col)
-            err = (col - q) / d[j]  # [R]
-            block[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            block[:, j] = q
+            err = col.masked_fill(~bmask[:, j], 0) / d[j]  # [R]: the pruned part of the column, scaled
+            block[:, j:].addr_(err, ub[j, j:], alpha=-1)  # spread over the rest of the block
+            block[:, j].masked_fill_(bmask[:, j], 0)
             errors[:, j] = err
         w[:, b0:b1] = block
-        w[:, b1:] -= errors @ u[b0:b1, b1:]
+        w[:, b1:].addmm_(errors, u[b0:b1, b1:], alpha=-1)
         mask[:, b0:b1] = bmask
     w[mask] = 0
     weight.copy_(w.to(weight.dtype))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..layerwise import SparsityConfig
+from ..layerwise import ONE_PASS_HELP, SparsityConfig
 
 
 @dataclass
@@ -13,3 +13,4 @@ class WandaConfig(SparsityConfig):
     """Wanda (pruning by weights and activations), layer by layer on sparse-path inputs."""
 
     method: ClassVar[str] = "wanda"
+    one_pass: bool = field(default=True, metadata={"help": ONE_PASS_HELP})

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from ...registry import PruningResult, register_method
-from ..layerwise import check_widths, collect_input_stats, prunable_linears, sequential, sparsity_report
+from ..layerwise import (
+    check_widths,
+    collect_input_stats,
+    prunable_linears,
+    prune_in_flight,
+    sequential,
+    sparsity_report,
+)
 from ..sparsity import select_mask
 from .config import WandaConfig
 
@@ -18,13 +25,24 @@ def _update(stat, x):  # x: [tokens, in]
     stat += x.pow(2).sum(0)
 
 
-def wanda_prune_layer_(layer, inputs, kwargs, config) -> dict:
-    """Mask every linear of ``layer`` by |W| * ||X_j||_2 (per output row), in place."""
+def _mask_(lin, sum_sq: torch.Tensor, config) -> None:
+    """Zero ``lin``'s lowest |W| * ||X_j||_2 per output row; ``sum_sq`` ``[in]`` = sum of x_j^2 over tokens."""
+    w = lin.weight.data
+    score = w.abs().float() * sum_sq.sqrt()[None, :]  # [out, in]
+    w[select_mask(score, config.sparsity, config.nm, per_row=True, already_zero=w == 0)] = 0
+
+
+def wanda_prune_layer_(layer, inputs, kwargs, config):
+    """Mask every linear of ``layer`` by |W| * ||X_j||_2 (per output row), in place.
+
+    ``config.one_pass``: pruned in flight, returns ``({}, outputs)``; otherwise statistics from the unpruned
+    layer first (returns ``{}``; the caller runs the pruned layer)."""
+    if config.one_pass:
+        outputs = prune_in_flight(layer, inputs, kwargs, lambda name, lin, x: _mask_(lin, x.pow(2).sum(0), config))
+        return {}, outputs
     stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
     for name, lin in prunable_linears(layer).items():
-        w = lin.weight.data
-        score = w.abs().float() * stats[name].sqrt()[None, :]  # [out, in]
-        w[select_mask(score, config.sparsity, config.nm, per_row=True, already_zero=w == 0)] = 0
+        _mask_(lin, stats[name], config)
     return {}
 
 
