@@ -29,12 +29,13 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     Weights that are already zero are pruned first. With ``fixed_mask`` (``[R, C]``, True = pruned) no mask is
     chosen: that one is applied and only the compensating update is made (LLM-Barber's ``reconstruct``).
     ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (linears that
-    read one input share it). The factorisation is float64, the sweep float32 (as the reference code).
+    read one input share it). Factorisation and sweep run in float64: on SmolLM2 a float32 sweep (the reference
+    code's) raised the pruned model's perplexity by 1.7% (52.60 vs 51.69 on held-out text).
     """
     rows, cols = weight.shape
-    w = weight.float().clone()
+    w = weight.to(torch.float64, copy=True)
     already_zero = weight == 0
-    u = (factor if factor is not None else inverse_hessian_factor(hessian, percdamp)).float()  # [C, C] upper
+    u = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)  # [C, C] upper, float64
     dead = torch.diag(hessian) == 0
     if fixed_mask is None:  # inputs that never fire: their weights are free to prune (a fixed mask keeps them)
         w[:, dead] = 0
