@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 ## the whole test suite (offline, CPU; includes the real-model and oldest-transformers tests)
 test: $(STAMP) $(OLD_STAMP)
-	$(PY) -m ruff check hf_pruning tests examples
+	$(PY) -m ruff check hf_pruning tests examples benchmarks
 	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest
 
 ## the benchmark grid of docs/BENCHMARKS.md on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
@@ -51,7 +51,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not real and not oldtf"
 
 lint: $(STAMP)
-	$(PY) -m ruff check hf_pruning tests examples
+	$(PY) -m ruff check hf_pruning tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) outputs

@@ -99,8 +99,10 @@ def test_demo_main_job_runs(tmp_path):
     assert 20 < summary["dense"]["ppl"] < 60 and summary["pruned"]["ppl"] > summary["dense"]["ppl"]
 
 
-def test_llm_barber_improves_on_its_wanda_initializer(smollm2):
-    """Small calibration (8 x 256 tokens of the embedded text); perplexity on 4 x 512 evaluation tokens."""
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_llm_barber_improves_on_its_wanda_initializer(smollm2, pattern):
+    """Small calibration (8 x 256 tokens of the embedded text); perplexity on 4 x 512 evaluation tokens.
+    At 2:4 this is the pair rule's doing (the official row rule made Wanda 2:4 worse on SmolLM2)."""
     import copy
 
     from hf_pruning.calibration import build_calibration, evaluation_windows
@@ -109,9 +111,9 @@ def test_llm_barber_improves_on_its_wanda_initializer(smollm2):
     base, tok = smollm2
     calib = build_calibration(tok, source="default:calibration", n_samples=8, seq_len=256, seed=0)
     windows = evaluation_windows(tok, default_text("evaluation"), 512, 4)
-    wanda = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.WandaConfig(), calibration=calib)
-    barber = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.BarberConfig(init="wanda", threshold=0.1),
-                               calibration=calib)
+    wanda = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.WandaConfig(pattern=pattern), calibration=calib)
+    barber = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.BarberConfig(init="wanda", pattern=pattern,
+                                                                            threshold=0.1), calibration=calib)
     assert hf_pruning.sparsity_report(barber)["overall"] == pytest.approx(0.5, abs=1e-3)
     assert barber.hf_pruning_report["swapped"] > 0
     ppl_wanda, ppl_barber = perplexity(wanda, windows), perplexity(barber, windows)

@@ -1,0 +1,49 @@
+"""Perplexity of pruning settings on held-out text, for choosing the benchmark grid's settings.
+
+Usage (from the repository root, in the project's virtualenv)::
+
+    python benchmarks/tune_on_heldout.py '{"method": "wanda", "pattern": "2:4"}' \
+        '{"method": "llm_barber", "init": "wanda", "pattern": "2:4", "threshold": 0.1}'
+
+Each argument is a config dict (``PruningConfig.from_dict``). The model is the real SmolLM2-135M
+(ASSETS.md), calibrated on the benchmark's calibration tokens (16 x 512 from Persuasion and Sense and
+Sensibility, seed 0) and scored on the first 16 windows of 512 tokens of Northanger Abbey: a book in
+neither the calibration nor the evaluation set, so settings are never chosen on the evaluation text.
+One line per config: the config, perplexity, pruning seconds, overall sparsity, swaps (LLM-Barber).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+
+import hf_pruning
+from hf_pruning.assets import load_smollm2
+from hf_pruning.benchmark import CALIBRATION_BOOKS, BenchSettings, _books
+from hf_pruning.calibration import build_calibration, evaluation_windows
+from hf_pruning.evaluation import perplexity
+
+HELD_OUT_BOOKS = ("northangerabbey",)
+
+
+def main(configs: list[str]) -> None:
+    base, tok = load_smollm2()
+    data = BenchSettings().data_dir
+    calib = build_calibration(tok, text=_books(data, CALIBRATION_BOOKS), n_samples=16, seq_len=512, seed=0)
+    held_out = evaluation_windows(tok, _books(data, HELD_OUT_BOOKS), 512, 16)
+    print("dense", "%.2f" % perplexity(base, held_out), flush=True)
+    for text in configs:
+        model = copy.deepcopy(base)
+        start = time.time()
+        hf_pruning.prune_(model, hf_pruning.PruningConfig.from_dict(json.loads(text)), calibration=calib)
+        seconds = time.time() - start
+        print(text, "ppl %.2f" % perplexity(model, held_out), "time %.1f" % seconds,
+              "sp %.4f" % hf_pruning.sparsity_report(model)["overall"], model.hf_pruning_report.get("swapped"),
+              flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
