@@ -67,16 +67,23 @@ def check_widths(model, nm: tuple[int, int] | None) -> None:
                                   f"not a multiple of {nm[1]}; use an unstructured sparsity or another M")
 
 
+def input_stat_hooks(handles: list, linears: dict[str, nn.Linear], make_stat: Callable[[nn.Linear], object],
+                     update: Callable[[object, torch.Tensor], None]) -> dict:
+    """Hook every linear so each call feeds its input ``[tokens, in]`` (float32) to ``update(stat, x)``; the
+    hook handles go to ``handles``. Returns name -> stat, filled as forwards run."""
+    stats = {name: make_stat(lin) for name, lin in linears.items()}
+    for name, lin in linears.items():
+        handles.append(lin.register_forward_hook(
+            lambda mod, args, out, name=name: update(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        ))
+    return stats
+
+
 def collect_input_stats(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
                         make_stat: Callable[[nn.Linear], object], update: Callable[[object, torch.Tensor], None]) -> dict:
     """Run ``layer`` over ``inputs`` once with hooks feeding each linear's input ``[tokens, in]`` to ``update``."""
-    linears = prunable_linears(layer)
-    stats = {name: make_stat(lin) for name, lin in linears.items()}
     with hooks() as handles:
-        for name, lin in linears.items():
-            handles.append(lin.register_forward_hook(
-                lambda mod, args, out, name=name: update(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())
-            ))
+        stats = input_stat_hooks(handles, prunable_linears(layer), make_stat, update)
         for h in inputs:
             run_layer(layer, h, kwargs)
     return stats

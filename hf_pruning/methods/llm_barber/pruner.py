@@ -19,7 +19,7 @@ from torch import nn
 from ...calibration import hooks, run_layer
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
-from ..layerwise import check_widths, prunable_linears, sequential, sparsity_report
+from ..layerwise import check_widths, input_stat_hooks, prunable_linears, sequential, sparsity_report
 from ..magnitude.pruner import magnitude_prune_layer_
 from ..sparsegpt.pruner import add_to_hessian, new_hessian, sparsegpt_prune_layer_
 from ..sparsegpt.scoring import sparsegpt_solve_
@@ -74,9 +74,6 @@ def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None
     calibration row (``[1, T, d]`` each: the block error's gradient is taken row by row) and its call kwargs.
     With ``hessians`` (name -> linear), the same pass also returns each linear's input Hessian in its place."""
     xs, ys, call_kwargs = [], [], {}
-    stats = {}
-    if hessians is not None:
-        stats = {name: new_hessian(lin) for name, lin in hessians.items()}
 
     def pre(mod, args, kw):
         xs.extend((args[0] if args else kw["hidden_states"]).detach().split(1))
@@ -91,9 +88,7 @@ def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None
     with hooks() as handles:
         handles.append(block["in"].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block["out"].register_forward_hook(post))
-        for name, lin in (hessians or {}).items():
-            handles.append(lin.register_forward_hook(
-                lambda mod, args, out, name=name: add_to_hessian(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        stats = input_stat_hooks(handles, hessians or {}, new_hessian, add_to_hessian)
         for h in inputs:
             try:
                 run_layer(layer, h, kwargs)
@@ -145,7 +140,8 @@ def _out_linear_name(adapter, layer, name: str) -> str:
     return f"{adapter.mlp_name}.{adapter.mlp_out_name}" if adapter.mlp_name else adapter.mlp_out_name
 
 
-def _reconstruct_block_(adapter, layer, name, linears, masks, hessians, xs, call_kwargs, dense_linears, config):
+def _reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians, xs, call_kwargs, dense_linears,
+                        config):
     """``reconstruct=True``: re-solve the block's kept weights for the new masks from the dense values.
 
     The linears that read the block input (q/k/v, gate/up, fc1) use the Hessians of the capture pass; the
@@ -158,20 +154,16 @@ def _reconstruct_block_(adapter, layer, name, linears, masks, hessians, xs, call
         sparsegpt_solve_(w, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp,
                          fixed_mask=masks[n])
 
-    out_name = _out_linear_name(adapter, layer, name)
-    for n in linears:
-        if n != out_name:
-            solve(n, hessians[n])
+    for n in hessians:
+        solve(n, hessians[n])
     if out_name not in linears:
         return
-    stat = new_hessian(linears[out_name])
     forward = _dense_forward(adapter, layer, name, call_kwargs)  # the live (sparse, updated) block
     with hooks() as handles:
-        handles.append(linears[out_name].register_forward_hook(
-            lambda mod, args, out: add_to_hessian(stat, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        stats = input_stat_hooks(handles, {out_name: linears[out_name]}, new_hessian, add_to_hessian)
         for x in xs:
             forward(x)
-    solve(out_name, stat["h"])
+    solve(out_name, stats[out_name]["h"])
 
 
 def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None) -> dict:
@@ -210,7 +202,7 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
             w.copy_(values.masked_fill(new, 0))
             swapped += int((old & ~new).sum())
         if hessians is not None:
-            _reconstruct_block_(adapter, layer, name, linears, dict(zip(names, new_masks)), hessians, xs,
+            _reconstruct_block_(adapter, layer, name, out_name, linears, dict(zip(names, new_masks)), hessians, xs,
                                 call_kwargs, dense_linears, config)
         report[name] = {"swapped": swapped}
         del xs, ys, grads, hessians
