@@ -5,11 +5,14 @@ Usage (from the repository root, in the project's virtualenv)::
     python benchmarks/tune_on_heldout.py '{"method": "wanda", "pattern": "2:4"}' \
         '{"method": "llm_barber", "init": "wanda", "pattern": "2:4", "threshold": 0.1}'
 
+    python benchmarks/tune_on_heldout.py --depth '{"method": "gradmap", "num_removals": 4}'
+
 Each argument is a config dict (``PruningConfig.from_dict``). The model is the real SmolLM2-135M
 (ASSETS.md), calibrated on the benchmark's calibration tokens (16 x 512 from Persuasion and Sense and
-Sensibility, seed 0) and scored on the first 16 windows of 512 tokens of Northanger Abbey: a book in
-neither the calibration nor the evaluation set, so settings are never chosen on the evaluation text.
-One line per config: the config, perplexity, pruning seconds, overall sparsity, swaps (LLM-Barber).
+Sensibility, seed 0; with ``--depth``, the depth rows' 4 x 128) and scored on the first 16 windows of 512
+tokens of Northanger Abbey: a book in neither the calibration nor the evaluation set, so settings are never
+chosen on the evaluation text. One line per config: the config, perplexity, pruning seconds, overall sparsity,
+swaps (LLM-Barber), the removal order (depth methods).
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ HELD_OUT_BOOKS = ("northangerabbey",)
 
 
 def main(configs: list[str]) -> None:
+    depth = "--depth" in configs
+    configs = [c for c in configs if c != "--depth"]
     base, tok = load_smollm2()
-    data = BenchSettings().data_dir
-    calib = build_calibration(tok, text=_books(data, CALIBRATION_BOOKS), n_samples=16, seq_len=512, seed=0)
+    settings = BenchSettings()
+    samples, seq_len = ((settings.depth_calib_samples, settings.depth_calib_seq_len) if depth
+                        else (settings.calib_samples, settings.calib_seq_len))
+    calib = build_calibration(tok, text=_books(settings.data_dir, CALIBRATION_BOOKS), n_samples=samples,
+                              seq_len=seq_len, seed=settings.seed)
+    data = settings.data_dir
     held_out = evaluation_windows(tok, _books(data, HELD_OUT_BOOKS), 512, 16)
     print("dense", "%.2f" % perplexity(base, held_out), flush=True)
     for text in configs:
@@ -41,7 +50,7 @@ def main(configs: list[str]) -> None:
         seconds = time.time() - start
         print(text, "ppl %.2f" % perplexity(model, held_out), "time %.1f" % seconds,
               "sp %.4f" % hf_pruning.sparsity_report(model)["overall"], model.hf_pruning_report.get("swapped"),
-              flush=True)
+              model.hf_pruning_report.get("order", ""), flush=True)
         del model
 
 

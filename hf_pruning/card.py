@@ -36,7 +36,8 @@ METHOD_TEXT = {
             "channel is folded into the down projection's bias.",
     "heads": "Uniform head pruning: the same number of attention heads (or whole KV groups) removed from every "
              "layer, ranked by weight magnitude or by a Wanda-style activation score.",
-    "gradmap": "GradMAP: decoder layers ranked by a gradient-based importance (one backward pass per removal), "
+    "gradmap": "GradMAP: decoder layers ranked by a gradient-based importance (the first-order loss cost of removing "
+               "each layer's residual update, from a backward pass of the language-model loss), "
                "then a d x d correction fitted on calibration data and fused into a kept layer's MLP output "
                "projection.",
     "taylor": "Taylor block importance: each decoder layer scored by |weight x gradient| of the language-model "

@@ -139,10 +139,11 @@ def _dead_blocks(model, blocks):
     return model
 
 
+@pytest.mark.parametrize("score", ["taylor", "contribution"])
 @pytest.mark.parametrize("mode", ["iterative", "one_shot"])
-def test_forced_answer_identity_blocks_go_first(mode):
+def test_forced_answer_identity_blocks_go_first(mode, score):
     model = _dead_blocks(tiny_model("llama"), [1, 3])
-    hf_pruning.prune_(model, GradMAPConfig(num_removals=2, score="taylor", mode=mode, compensate=False),
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=2, score=score, mode=mode, compensate=False),
                       calibration=CALIB)
     report = model.hf_pruning_report
     assert report["order"] == ["1.block", "3.block"]
@@ -159,7 +160,7 @@ def test_iterative_mode_rescores_the_pruned_model(monkeypatch):
 
     monkeypatch.setattr(gradmap.pruner, "gradient_scores", spy)
     model = tiny_model("mistral")
-    hf_pruning.prune_(model, GradMAPConfig(num_removals=3, compensate=False), calibration=CALIB)
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=3, mode="iterative", compensate=False), calibration=CALIB)
     removed = [int(c.split(".")[0]) for c in model.hf_pruning_report["order"]]
     assert seen == [[], sorted(removed[:1]), sorted(removed[:2])]
 
@@ -178,6 +179,24 @@ def test_scores_are_those_of_the_pruned_model_and_only_blocks_get_gradients():
     expected = {i: float(sum(p.grad.abs().sum() for p in layers[i].parameters()))
                 / sum(p.numel() for p in layers[i].parameters()) for i in range(5)}
     assert scores == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", PRE_NORM)
+def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch):
+    """Independent reference: autograd on the hidden states transformers returns (layer inputs, in the graph)."""
+    model = tiny_model(arch)
+    scores = gradmap.gradient_scores(model, CALIB, set(), "contribution", layers_return_tuple(model, CALIB))
+    assert all(p.grad is None for p in model.parameters())  # activation gradients only
+    n_layers = len(adapter_for(model).decoder_layers(model))
+    expected = [0.0] * (n_layers - 1)  # the last entry of hidden_states is after the final norm: not compared
+    for row in CALIB:
+        out = model(row[None], labels=row[None], output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states  # h_0 (embeddings) .. h_{L-1} are layer inputs, [1, T, d] each
+        grads = torch.autograd.grad(out.loss / len(CALIB), hidden[1:n_layers])
+        for i in range(n_layers - 1):  # block i maps h_i to h_{i+1}
+            expected[i] += float((grads[i] * (hidden[i + 1] - hidden[i])).detach().abs().sum())
+    assert [scores[i] for i in range(n_layers - 1)] == pytest.approx(expected, rel=1e-4)
+    assert all(v > 0 for v in scores.values())
 
 
 def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):

@@ -61,21 +61,28 @@ def _shift(pruned: list[torch.Tensor], dense: list[torch.Tensor], relative: bool
     return drift / max(float(norms.mean()), 1e-12)
 
 
-def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[torch.Tensor, dict]:
-    """Closed-form ridge fit of ``P`` with ``P a ≈ b`` around the identity; ``a``, ``b``: ``[tokens, d]``."""
-    a, b = a.double(), b.double()
-    d = a.shape[1]
-    gram = a.T @ a  # [d, d] = A A^T with A = a^T
-    cross = b.T @ a  # [d, d] = B A^T
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """``P = (C + lam I)(G + lam I)^-1`` with ``lam = ridge * tr(G) / d``; ``gram`` G, ``cross`` C: ``[d, d]`` float64."""
+    d = gram.shape[0]
     lam = ridge * float(torch.trace(gram)) / d
     if lam <= 0:
         lam = ridge  # all-zero contributions: fall back to the raw strength
-    eye = torch.eye(d, dtype=torch.float64, device=a.device)
+    eye = torch.eye(d, dtype=torch.float64, device=gram.device)
     system = gram + lam * eye  # symmetric positive definite for lam > 0
-    # P (G + lam I) = C + lam I  <=>  (G + lam I) P^T = (C + lam I)^T
-    p = torch.linalg.solve(system, (cross + lam * eye).T).T
-    cond = float(torch.linalg.cond(system))
-    return p, {"lambda": lam, "condition": cond, "gram_rank": int(torch.linalg.matrix_rank(gram))}
+    # P (G + lam I) = C + lam I  <=>  (G + lam I) P^T = (C + lam I)^T, solved by Cholesky
+    return torch.cholesky_solve((cross + lam * eye).T, torch.linalg.cholesky(system)).T, lam
+
+
+def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[torch.Tensor, dict]:
+    """Closed-form ridge fit of ``P`` with ``P a ≈ b`` around the identity; ``a``, ``b``: ``[tokens, d]``.
+    The report has the system's condition number and the Gram matrix's rank."""
+    a, b = a.double(), b.double()
+    gram = a.T @ a  # [d, d] = A A^T with A = a^T
+    p, lam = _ridge_solve(gram, b.T @ a, ridge)  # cross: [d, d] = B A^T
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0)  # [d] ascending
+    rank = int((eig > eig[-1] * gram.shape[0] * torch.finfo(torch.float64).eps).sum())
+    cond = float((eig[-1] + lam) / (eig[0] + lam))
+    return p, {"lambda": lam, "condition": cond, "gram_rank": rank}
 
 
 def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> tuple[float, dict]:
@@ -88,14 +95,23 @@ def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> t
     folds = sample_of.clone()
     if int(folds.max()) == 0:
         folds[folds.numel() // 2:] = 1
-    errors = {}
-    for ridge in RIDGE_GRID:
-        total = 0.0
-        for f in folds.unique():
-            held = folds == f
-            p, _ = solve_projection(a[~held], b[~held], ridge)
-            total += float(((a[held].double() @ p.T - b[held].double()) ** 2).sum())
-        errors[ridge] = total / a.shape[0]
+    a, b = a.double(), b.double()
+    errors = dict.fromkeys(RIDGE_GRID, 0.0)
+    for f in folds.unique():
+        held = folds == f
+        fit_a, fit_b = a[~held], b[~held]  # [tokens - held, d]
+        gram, cross = fit_a.T @ fit_a, fit_b.T @ fit_a  # [d, d] each, shared by every ridge
+        # one eigendecomposition G = Q diag(e) Q^T serves every ridge: P^T = Q diag(1/(e+lam)) Q^T (C + lam I)^T,
+        # so the held-out prediction a_h P^T = S (Q^T C^T) + lam S Q^T with S = (a_h Q) diag(1/(e+lam))
+        e, q = torch.linalg.eigh(gram)  # [d], [d, d]
+        e = e.clamp_min(0)
+        a_q, q_c = a[held] @ q, q.T @ cross.T  # [held, d], [d, d]
+        trace = float(e.sum())
+        for ridge in RIDGE_GRID:
+            lam = ridge * trace / gram.shape[0] if trace > 0 else ridge  # as _ridge_solve
+            scaled = a_q / (e + lam)  # [held, d]
+            pred = scaled @ q_c + lam * (scaled @ q.T)  # [held, d]
+            errors[ridge] += float(((pred - b[held]) ** 2).sum()) / a.shape[0]
     best = min(errors, key=errors.get)
     return best, {"ridge_validation_mse": errors}
 
@@ -135,7 +151,8 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
             raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
                              "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
         dense = DepthRunner(model, calibration)  # one dense pass
-        pruned = DepthRunner(model, calibration, removed=removed)  # one pruned pass
+        # the pruned pass runs from the first removal on; the layers below it are the dense pass's
+        pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
         whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
         kept = [i for i in range(len(layers)) if i not in whole]
         # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the

@@ -163,7 +163,10 @@ class DepthRunner:
     main calibration counts its share of a full layer-forward). ``removed``: candidates removed from the start.
     """
 
-    def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0, removed: tuple = ()):
+    def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0, removed: tuple = (),
+                 prefix_from: DepthRunner | None = None):
+        """``prefix_from``: a runner on the same rows with nothing removed; its cached stream up to the first
+        removed layer is this runner's too, so only the layers from there on are run."""
         self.model = model
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)
@@ -176,9 +179,18 @@ class DepthRunner:
             self.removed.setdefault(c.layer, set()).add(c.kind)
         self.layer_forwards = 0.0
         self.head_forwards = 0.0
-        inputs, self.kwargs = capture_layer_inputs(model, calibration)
         self._tuple_out = None
-        # cache[l][s]: input of layer l for sample s under the current removal set (cache[L]: final hidden)
+        if prefix_from is not None:
+            if prefix_from.removed or prefix_from.ids is not calibration:
+                raise ValueError("prefix_from must be a runner on the same calibration rows with nothing removed")
+            first = min(self.removed, default=len(self.layers))
+            self.kwargs, self._tuple_out = prefix_from.kwargs, prefix_from._tuple_out
+            # cache[l][s]: input of layer l for sample s under the current removal set (cache[L]: final hidden)
+            self.cache = [list(prefix_from.cache[i]) if i <= first else [None] * self.n
+                          for i in range(len(self.layers) + 1)]
+            self.refresh(first)
+            return
+        inputs, self.kwargs = capture_layer_inputs(model, calibration)
         self.cache: list[list[torch.Tensor | None]] = [inputs] + [[None] * self.n for _ in self.layers]
         self.refresh(0)
 
@@ -238,6 +250,8 @@ class DepthRunner:
     @torch.no_grad()
     def refresh(self, start: int) -> None:
         """Recompute the cached inputs of layers ``start+1..L`` (after a change in layer ``start``)."""
+        if start >= len(self.layers):
+            return
         for s in range(self.n):
             hidden = self.cache[start][s]
             for idx in range(start, len(self.layers)):

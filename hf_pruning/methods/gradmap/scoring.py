@@ -6,7 +6,10 @@ calibration size) gives every remaining block's score at once:
 - ``grad`` (GradMAP's default): mean |dL/dθ| over the block's parameters (normalised per parameter, so blocks
   compare globally);
 - ``taylor``: sum over the block of |θ · dL/dθ| (first-order Taylor importance, Shortened-LLaMA style);
-- ``output``: the norm of dL/dh over the block's output hidden states.
+- ``output``: the norm of dL/dh over the block's output hidden states;
+- ``contribution``: sum over tokens and channels of |dL/dh ⊙ (h_out - h_in)|, the first-order Taylor importance
+  of what the block adds to the residual stream, i.e. of the very change its removal makes (removing block l
+  replaces h_out by h_in). Per element, so opposite-signed effects on different tokens do not cancel.
 
 Only the parameters of the remaining decoder blocks hold gradients; embeddings, final norm and LM head do not.
 Removed blocks pass their input through, so the loss is that of the pruned model.
@@ -20,7 +23,7 @@ from ...calibration import calibration_mode, hooks
 from ...remote.hf_pruning_surgery import adapter_for
 from ..depth import skipping
 
-SCORES = ("grad", "taylor", "output")
+SCORES = ("grad", "taylor", "output", "contribution")
 
 
 def check_token_ids(calibration) -> None:
@@ -36,31 +39,49 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
     layers = adapter_for(model).decoder_layers(model)
     kept = [i for i in range(len(layers)) if i not in skip]
     device = next(model.parameters()).device
-    out_sq = dict.fromkeys(kept, 0.0)
+    acc = dict.fromkeys(kept, 0.0)  # "output": sum of squared output gradients; "contribution": its Taylor sum
     with calibration_mode(model), skipping(model, skip, tuple_out), hooks() as handles, torch.enable_grad():
-        params = {i: list(layers[i].parameters()) for i in kept}
+        on_hidden = score in ("output", "contribution")  # scores of activations: no parameter gradients needed
+        params = {i: [] if on_hidden else list(layers[i].parameters()) for i in kept}
         for i in kept:  # calibration_mode froze everything: only the scored blocks get gradients
             for p in params[i]:
                 p.requires_grad_(True)
                 p.grad = None
-        if score == "output":
+        if on_hidden:
             def keep_grad(i):
-                def hook(module, args, out):
-                    hidden = out[0] if isinstance(out, tuple) else out
-                    hidden.register_hook(lambda g: out_sq.__setitem__(i, out_sq[i] + float(g.double().pow(2).sum())))
+                def hook(module, args, kwargs, out):
+                    hidden = out[0] if isinstance(out, tuple) else out  # [1, T, d]
+                    if score == "output":
+                        def add(g):  # g: dL/dh_out [1, T, d]
+                            acc[i] += float(g.double().pow(2).sum())
+                    else:
+                        h_in = args[0] if args else kwargs["hidden_states"]  # [1, T, d]
+                        delta = (hidden - h_in).detach()  # [1, T, d]: what removing the block takes away
+
+                        def add(g):
+                            acc[i] += float((g.double() * delta.double()).abs().sum())
+                    hidden.register_hook(add)
 
                 return hook
 
             for i in kept:
-                handles.append(layers[i].register_forward_hook(keep_grad(i)))
+                handles.append(layers[i].register_forward_hook(keep_grad(i), with_kwargs=True))
         n = calibration.shape[0]
+        embed = model.get_input_embeddings()
         for row in calibration:  # accumulate: one row's activations at a time
-            ids = row[None].to(device)
-            (model(ids, labels=ids, use_cache=False).loss / n).backward()
+            ids = row[None].to(device)  # [1, T]
+            if on_hidden:  # the graph starts at the embeddings, so backward computes activation gradients only
+                embeds = embed(ids).detach().requires_grad_(True)  # [1, T, d]
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+            else:
+                loss = model(ids, labels=ids, use_cache=False).loss
+            (loss / n).backward()
         scores = {}
         for i in kept:
             if score == "output":
-                scores[i] = out_sq[i] ** 0.5
+                scores[i] = acc[i] ** 0.5
+            elif score == "contribution":
+                scores[i] = acc[i]
             elif score == "taylor":
                 scores[i] = float(sum((p.detach() * p.grad).abs().sum() for p in params[i] if p.grad is not None))
             else:
