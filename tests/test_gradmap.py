@@ -124,6 +124,25 @@ def test_compensation_composes_with_every_depth_method():
     assert "add_linear" not in [op["op"] for op in hf_pruning.get_plan(plain).to_dict()["ops"]]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_runner_reuses_the_dense_prefix_exactly(arch):
+    """The compensation's pruned pass starts at the first removal from the dense pass's cache: same stream as a
+    pruned pass from layer 0, with fewer layer calls."""
+    from hf_pruning.methods.depth import Candidate, DepthRunner
+
+    model = tiny_model(arch)
+    removed = [Candidate(3, "block"), Candidate(4, "mlp")]
+    dense = DepthRunner(model, CALIB)
+    shared = DepthRunner(model, CALIB, removed=removed, prefix_from=dense)
+    alone = DepthRunner(model, CALIB, removed=removed)
+    for mine, ref in zip(shared.cache, alone.cache):
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert shared.layer_forwards < alone.layer_forwards
+    with pytest.raises(ValueError, match="nothing removed"):
+        DepthRunner(model, CALIB, removed=removed, prefix_from=alone)
+
+
 # ----- stage 1 ---------------------------------------------------------------------------------------------
 def _dead_blocks(model, blocks):
     """Zero the output projections of ``blocks``: each becomes the identity and its Taylor score is exactly 0."""
