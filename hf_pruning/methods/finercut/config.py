@@ -37,6 +37,9 @@ class FinerCutConfig(DepthConfig):
     screen_fraction: float = field(default=0.125, metadata={"help": "fast search: fraction of each row's tokens "
                                                                     "used to screen candidates"})
     rescore: int = field(default=3, metadata={"help": "fast search: candidates re-scored exactly per step"})
+    cost_aware: bool = field(default=False, metadata={
+        "help": "remove the candidate with the smallest score increase per freed parameter (an extension for "
+                "parameter budgets; the paper removes the smallest score)"})
 
     def _budgets(self) -> dict:
         return {**super()._budgets(), "sublayer_ratio": self.sublayer_ratio}

@@ -9,7 +9,7 @@ import torch
 
 from ...calibration import calibration_mode
 from ...registry import PruningResult, register_method
-from ..depth import Candidate, candidates_for, depth_result, removal_from_order, resolve_budget
+from ..depth import Candidate, candidates_for, depth_result, removal_from_order, removal_params, resolve_budget
 from .config import FinerCutConfig
 from .search import GreedySearch
 
@@ -53,8 +53,13 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
                             config.sublayer_ratio if config.sublayer_ratio is not None else default,
                             what="block" if config.granularity == "block" else "sublayer")
     exclude, readmit = _exclusion(model, config, len(candidates))
+    weights = None
+    if config.cost_aware:  # score increase per freed parameter: a knapsack-style greedy for parameter budgets
+        freed, _ = removal_params(model)
+        weights = {c: float(freed[(c.layer, c.kind)]) for c in candidates}
     with calibration_mode(model):
-        search = GreedySearch(model, calibration, config.metric, config.search, config.screen_fraction, config.rescore)
+        search = GreedySearch(model, calibration, config.metric, config.search, config.screen_fraction, config.rescore,
+                              weights)
         steps = search.run(candidates, stop or budget.stop, len(candidates) - 1 if stop else budget.steps, exclude,
                            readmit, config.one_shot, progress)
     removed = [s.candidate for s in steps]
@@ -77,7 +82,8 @@ def run_finercut(model, config: FinerCutConfig, calibration) -> PruningResult:
         report = {
             "scores": [s.score for s in steps],
             "steps": [s.to_dict() for s in steps],
-            "search": {"mode": config.search, "metric": config.metric, "search_s": last.seconds,
+            "search": {"mode": config.search, "metric": config.metric, "cost_aware": config.cost_aware,
+                       "search_s": last.seconds,
                        "search_layer_forwards": last.layer_forwards, "search_head_forwards": last.head_forwards,
                        "calibration_tokens": found["calibration_tokens"]},
         }

@@ -13,6 +13,10 @@ Three modes select candidates with the same scores:
 - ``fast``: screens every candidate on a prefix of each calibration row (``screen_fraction`` of the tokens)
   with the same early abandoning against the ``rescore``-th best, then scores only those ``rescore``
   candidates exactly on the full rows.
+
+With ``weights`` (parameters per candidate: the ``cost_aware`` option) a step removes the candidate with the
+smallest score *increase per weight*, ``(S(removed + c) - S(removed)) / w_c``, instead of the smallest score.
+Early abandoning stays exact: a candidate is out once its partial sum exceeds ``S(removed) + best * w_c``.
 """
 
 from __future__ import annotations
@@ -55,11 +59,15 @@ class GreedySearch:
     """Greedy removal search of ``model`` on ``calibration`` ``[n, T]`` (the model is never changed)."""
 
     def __init__(self, model, calibration: torch.Tensor, metric: str = "js_code", mode: str = "exact",
-                 screen_fraction: float = 0.125, rescore: int = 3):
+                 screen_fraction: float = 0.125, rescore: int = 3, weights: dict[Candidate, float] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
+        if weights is not None and min(weights.values()) <= 0:
+            raise ValueError("cost-aware weights must be positive (parameters freed by each candidate)")
         self.mode = mode
         self.rescore = rescore
+        self.weights = weights
+        self.base: dict[int, float] = {}  # id(runner) -> summed score of the current removal set on it
         self.start_time = time.perf_counter()
         self.runner = DepthRunner(model, calibration)
         self.metric = self._metric(metric, self.runner)
@@ -88,13 +96,22 @@ class GreedySearch:
         return self.runner.head_forwards + (self.screen.head_forwards if self.screen else 0.0)
 
     # ----- scoring ---------------------------------------------------------------------------------------
+    def _key(self, runner: DepthRunner, total: float, c: Candidate) -> float:
+        """What a step minimises: the summed score, or its increase per weight when cost-aware."""
+        if self.weights is None:
+            return total
+        return (total - self.base.get(id(runner), 0.0)) / self.weights[c]
+
     def _score(self, runner: DepthRunner, metric: Metric, cands: list[Candidate], keep: int, prune: bool,
                hint: dict[Candidate, float]) -> list[tuple[float, Candidate]]:
-        """The ``keep`` lowest (sum, candidate) pairs, exact; ``hint`` (updated) orders the tries."""
-        best: list[tuple[float, Candidate]] = []  # sorted by (sum, candidate): ties go to the lower candidate
+        """The ``keep`` (sum, candidate) pairs of lowest key (``_key``), exact; ``hint`` (updated) orders the tries."""
+        best: list[tuple[float, float, Candidate]] = []  # sorted by (key, sum, candidate): ties go to the lower one
         from_layer0 = self.mode == "naive"
+        base = self.base.get(id(runner), 0.0)
         for c in sorted(cands, key=lambda c: (hint.get(c, math.inf), c)):
-            bound = best[keep - 1][0] if prune and len(best) >= keep else math.inf
+            bound = math.inf
+            if prune and len(best) >= keep:  # the sum at which c's key passes the keep-th best key
+                bound = best[keep - 1][0] if self.weights is None else base + best[keep - 1][0] * self.weights[c]
             total, done = 0.0, 0
             for s in range(runner.n):
                 hidden = runner.run(s, 0 if from_layer0 else c.layer, extra=c)
@@ -102,18 +119,22 @@ class GreedySearch:
                 done += 1
                 if total > bound:
                     break
-            hint[c] = total * runner.n / done  # an estimate when abandoned
+            hint[c] = self._key(runner, total * runner.n / done, c)  # an estimate when abandoned
             if done == runner.n and total <= bound:
-                bisect.insort(best, (total, c))
+                bisect.insort(best, (self._key(runner, total, c), total, c))
                 del best[keep:]
-        return best
+        return [(total, c) for _, total, c in best]
 
     def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
+        screened = {}
         if self.screen is not None and len(cands) > self.rescore:
-            short = [c for _, c in self._score(self.screen, self.screen_metric, cands, self.rescore, True, {})]
-            cands = short
+            screened = {c: t for t, c in self._score(self.screen, self.screen_metric, cands, self.rescore, True, {})}
+            cands = list(screened)
         best = self._score(self.runner, self.metric, cands, 1, self.mode != "naive", hint)
         total, chosen = best[0]
+        self.base[id(self.runner)] = total
+        if chosen in screened:
+            self.base[id(self.screen)] = screened[chosen]
         return chosen, total / self.runner.n
 
     def _remove(self, c: Candidate) -> None:
