@@ -336,7 +336,7 @@ class BenchmarkRunner:
         row["search_layer_forwards"] = search.get("search_layer_forwards")
         comp = (row["report"] or {}).get("compensation")
         if comp and cost.get("forward_s"):
-            row["compensation_passes"] = comp["compensation_s"] / cost["forward_s"]
+            row["compensation_passes"] = comp.get("compensation_s", 0.0) / cost["forward_s"]
         if recover is None and method == "harp" and not settings.get("flap_match"):
             row["search_comparison_harp"] = self._compare_harp_searches(dense, config)
         if recover is None and method == "gradmap" and getattr(config, "compensate", False) and config.order is None:

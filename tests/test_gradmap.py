@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -49,8 +50,21 @@ def test_ridge_is_chosen_by_held_out_error():
     few = torch.randn(24, d, generator=g, dtype=torch.float64)  # fewer tokens than dimensions, pure noise targets
     noisy, info = compensation.choose_ridge(few, few + 3 * torch.randn(24, d, generator=g, dtype=torch.float64),
                                             torch.arange(4).repeat_interleave(6))
-    assert noisy == max(compensation.RIDGE_GRID)  # nothing to learn: stay at the identity
+    assert noisy == math.inf  # nothing to learn: the identity generalises best, no compensation
     assert set(info["ridge_validation_mse"]) == set(compensation.RIDGE_GRID)
+    assert info["identity_validation_mse"] <= min(info["ridge_validation_mse"].values())
+
+
+def test_compensation_is_skipped_when_no_fit_beats_the_identity_on_held_out_rows(monkeypatch):
+    """The automatic ridge includes "no compensation": then the plan has the removals only, and says why."""
+    monkeypatch.setattr(compensation, "RIDGE_GRID", (1e-6,))  # a grid of one nearly unregularised fit
+    few = tokens(batch=2, length=6, seed=1)  # 12 tokens for a 64 x 64 fit: it cannot generalise
+    model = tiny_model("llama")
+    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block"], compensate=True), calibration=few)
+    comp = model.hf_pruning_report["compensation"]
+    assert "beats the identity" in comp["skipped"]
+    assert comp["identity_validation_mse"] <= comp["ridge_validation_mse"][1e-6]
+    assert [op["op"] for op in hf_pruning.get_plan(model).to_dict()["ops"]] == ["remove_layers"]
 
 
 def test_singular_system_is_regularised_and_reported():
@@ -82,7 +96,8 @@ def test_fused_compensation_reproduces_the_fit(arch):
     """After pruning, the fused model's hidden state at the compensated layer matches the fit's prediction."""
     dense = tiny_model(arch)
     model = tiny_model(arch)
-    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block", "4.block"], compensate=True), calibration=CALIB)
+    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block", "4.block"], compensate=True, ridge=0.1),
+                      calibration=CALIB)
     comp = model.hf_pruning_report["compensation"]
     j_new, j = comp["pruned_layer_index"], comp["layer"]
     assert comp["mse_after"] < comp["mse_before"]
@@ -98,7 +113,7 @@ def test_fused_compensation_reproduces_the_fit(arch):
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
 def test_compensated_results_save_and_reload(arch, tmp_path):
     model = tiny_model(arch)
-    hf_pruning.prune_(model, GradMAPConfig(num_removals=2), calibration=CALIB)
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=2, ridge=0.1), calibration=CALIB)
     stock = arch != "gemma2"
     assert (type(model).__name__.startswith("Pruned")) != stock
     hf_pruning.save_pretrained(model, tmp_path / "m")
@@ -111,9 +126,11 @@ def test_compensated_results_save_and_reload(arch, tmp_path):
 
 
 def test_compensation_composes_with_every_depth_method():
-    for config in (ShortGPTConfig(num_removals=2, compensate=True), SLEBConfig(num_removals=2, compensate=True),
-                   FinerCutConfig(num_removals=3, compensate=True), TaylorConfig(num_removals=2, compensate=True),
-                   GradMAPConfig(num_removals=2)):
+    # a fixed ridge: with the automatic one, these 72 calibration tokens may rightly prefer no compensation
+    for config in (ShortGPTConfig(num_removals=2, compensate=True, ridge=0.1),
+                   SLEBConfig(num_removals=2, compensate=True, ridge=0.1),
+                   FinerCutConfig(num_removals=3, compensate=True, ridge=0.1),
+                   TaylorConfig(num_removals=2, compensate=True, ridge=0.1), GradMAPConfig(num_removals=2, ridge=0.1)):
         model = tiny_model("qwen2")
         hf_pruning.prune_(model, config, calibration=CALIB)
         ops = [op["op"] for op in hf_pruning.get_plan(model).to_dict()["ops"]]

@@ -22,6 +22,7 @@ and the model stays stock; on Gemma2 (post-norm) it becomes a module after the n
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -86,7 +87,8 @@ def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[to
 
 
 def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> tuple[float, dict]:
-    """The ridge of ``RIDGE_GRID`` with the lowest leave-one-sample-out error of ``P a ≈ b``.
+    """The ridge of ``RIDGE_GRID`` with the lowest leave-one-sample-out error of ``P a ≈ b``; ``math.inf``
+    (``P = I``, no compensation) when the identity's error on the held-out rows is lower still.
 
     ``sample_of`` ``[tokens]`` names each token's calibration row; with a single row, its two halves are the
     folds. Small calibration sets need strong shrinkage toward the identity (a d x d fit from few tokens
@@ -97,6 +99,7 @@ def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> t
         folds[folds.numel() // 2:] = 1
     a, b = a.double(), b.double()
     errors = dict.fromkeys(RIDGE_GRID, 0.0)
+    identity = float(((a - b) ** 2).sum()) / a.shape[0]  # P = I (ridge -> infinity) on every fold
     for f in folds.unique():
         held = folds == f
         fit_a, fit_b = a[~held], b[~held]  # [tokens - held, d]
@@ -113,7 +116,9 @@ def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> t
             pred = scaled @ q_c + lam * (scaled @ q.T)  # [held, d]
             errors[ridge] += float(((pred - b[held]) ** 2).sum()) / a.shape[0]
     best = min(errors, key=errors.get)
-    return best, {"ridge_validation_mse": errors}
+    if identity <= errors[best]:  # no fit generalises better than leaving the layer alone
+        best = math.inf
+    return best, {"ridge_validation_mse": errors, "identity_validation_mse": identity}
 
 
 def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int = 300, lr: float = 1e-3) -> torch.Tensor:
@@ -182,6 +187,12 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         if ridge is None:
             sample_of = torch.cat([torch.full((o.reshape(-1, d).shape[0],), s) for s, o in enumerate(outs)])
             ridge, chosen = choose_ridge(a, b, sample_of)
+            if math.isinf(ridge):
+                logger.warning("compensation skipped: at layer %d no ridge fit beats the identity on held-out "
+                               "calibration rows (more calibration tokens may help)", j)
+                return [], {"skipped": "no ridge fit beats the identity on held-out calibration rows",
+                            "layer": j, "shifts": shifts, **chosen, "compensation_s": time.perf_counter() - start,
+                            "layer_forwards": dense.layer_forwards + pruned.layer_forwards}
         if solver == "adam":
             p, info = adam_projection(a, b, ridge, steps), {}
         else:
