@@ -249,7 +249,7 @@ class BenchmarkRunner:
                                   seed=s.seed)
         self.calib_depth = build_calibration(tokenizer, text=calib_text, n_samples=s.depth_calib_samples,
                                              seq_len=s.depth_calib_seq_len, seed=s.seed)
-        self._finercut = None
+        self._finercut: dict[str, dict] = {}
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
         self.tokenizer = tokenizer
         dense = load_model()
@@ -394,27 +394,30 @@ class BenchmarkRunner:
         out["target_passes"] = len(config.grid) * sum((k + 1) / n_layers for k in range(len(layers)))
         return out
 
-    # ----- FinerCut: one shared search, and the naive / fast searches it is compared with -------------------
-    def _finercut_search(self, dense, calib) -> dict:
-        if self._finercut is None:
+    # ----- FinerCut: one shared search per search setting, and the naive / fast searches it is compared with ---
+    def _finercut_search(self, dense, calib, search_settings: dict) -> dict:
+        """One search serves every FinerCut row whose settings other than the budget are ``search_settings``."""
+        key = json.dumps(search_settings, sort_keys=True)
+        if key not in self._finercut:
             from .methods.depth import candidates_for, resolve_budget
             from .methods.finercut import FinerCutConfig, finercut_search
 
-            configs = [FinerCutConfig(**st) for _, m, st in self.grid() if m == "finercut"]
+            configs = [FinerCutConfig(**st) for _, m, st in self.grid()
+                       if m == "finercut" and _search_settings(st) == search_settings]
             cands = candidates_for(dense, "sublayer")
             budgets = [resolve_budget(dense, cands, c.num_removals, c.param_ratio, c.sublayer_ratio) for c in configs]
             found = {}
             cost = measure_pruning(
-                lambda: found.update(finercut_search(dense, FinerCutConfig(), calib,
+                lambda: found.update(finercut_search(dense, FinerCutConfig(**search_settings), calib,
                                                      stop=lambda r: all(b.stop(r) for b in budgets))),
                 dense, calib)
-            self._finercut = {"steps": found["steps"], "cost": cost}
-        return self._finercut
+            self._finercut[key] = {"steps": found["steps"], "cost": cost}
+        return self._finercut[key]
 
     def _finercut_row(self, config, dense, calib, load_model, eval_ids):
         from .methods.depth import candidates_for, resolve_budget
 
-        shared = self._finercut_search(dense, calib)
+        shared = self._finercut_search(dense, calib, _search_settings(config.to_dict()))
         steps = shared["steps"]
         order = [str(st.candidate) for st in steps]
         budget = resolve_budget(dense, candidates_for(dense, "sublayer"), config.num_removals, config.param_ratio,
@@ -454,6 +457,15 @@ class BenchmarkRunner:
         out["fast_ppl"], out["exact_ppl"] = perplexity(fast_model, eval_ids), perplexity(exact_model, eval_ids)
         out["fast_ppl_over_exact"] = out["fast_ppl"] / out["exact_ppl"]
         return out
+
+
+def _search_settings(settings: dict) -> dict:
+    """A FinerCut row's settings without its budget (and the record-only fields): what its search depends on."""
+    from .methods.finercut import FinerCutConfig
+
+    defaults = FinerCutConfig().to_dict()
+    skip = {"param_ratio", "sublayer_ratio", "num_removals", "order", "method", "compensate", "ridge", "solver"}
+    return {k: v for k, v in settings.items() if k not in skip and k in defaults and v != defaults[k]}
 
 
 def _fmt(value, pattern: str = "{:.3f}") -> str:
