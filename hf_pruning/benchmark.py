@@ -70,6 +70,8 @@ GRID: list[tuple[str, str, dict]] = [
     # them exactly, FinerCut stops at its first removal reaching them)
     *[("depth", m, {"param_ratio": r}) for r in DEPTH_RATIOS for m in ("finercut", "shortgpt", "sleb", "taylor", "gradmap")],
     ("depth", "finercut", {"sublayer_ratio": 0.25}),  # the paper's ratio; also times the naive and fast searches
+    # FinerCut with the cost-aware rule (score increase per freed parameter) at the same parameter budgets
+    *[("depth", "finercut", {"param_ratio": r, "cost_aware": True}) for r in DEPTH_RATIOS],
     # GradMAP's stage 1 alone, and its stage 2 after the other block methods
     *[("depth", "gradmap", {"param_ratio": r, "compensate": False}) for r in DEPTH_RATIOS],
     *[("depth", m, {"param_ratio": r, "compensate": True}) for r in DEPTH_RATIOS for m in ("shortgpt", "sleb", "taylor")],
