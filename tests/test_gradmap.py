@@ -55,6 +55,22 @@ def test_ridge_is_chosen_by_held_out_error():
     assert info["identity_validation_mse"] <= min(info["ridge_validation_mse"].values())
 
 
+def test_ridge_search_from_one_eigendecomposition_equals_a_solve_per_ridge():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(90, 12, generator=g, dtype=torch.float64)
+    b = a @ (torch.eye(12, dtype=torch.float64) + 0.1 * torch.randn(12, 12, generator=g, dtype=torch.float64)).T
+    b = b + 0.5 * torch.randn(90, 12, generator=g, dtype=torch.float64)
+    folds = torch.arange(3).repeat_interleave(30)
+    _, info = compensation.choose_ridge(a, b, folds)
+    for ridge, mse in info["ridge_validation_mse"].items():
+        total = 0.0
+        for f in range(3):
+            held = folds == f
+            p, _ = compensation.solve_projection(a[~held], b[~held], ridge)
+            total += float(((a[held] @ p.T - b[held]) ** 2).sum())
+        assert mse == pytest.approx(total / 90, rel=1e-9)
+
+
 def test_compensation_is_skipped_when_no_fit_beats_the_identity_on_held_out_rows(monkeypatch):
     """The automatic ridge includes "no compensation": then the plan has the removals only, and says why."""
     monkeypatch.setattr(compensation, "RIDGE_GRID", (1e-6,))  # a grid of one nearly unregularised fit
