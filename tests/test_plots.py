@@ -182,8 +182,15 @@ def test_ratio_plot_of_the_real_benchmark_results(tmp_path, drawn):
     assert reference == dense[0]["ppl"]
     assert sum(len(points) for points in series.values()) == len(results["rows"]) - len(dense)  # no errors there
     assert [x for x, _ in series["sleb"]] == pytest.approx([0.1333, 0.2333], abs=1e-3)
-    assert len(series["sleb compensate"]) == 1 and len(series["wanda 2:4"]) == 1
-    assert len(series["finercut"]) == 3  # param_ratio and sublayer_ratio are both amounts: one series
+    # one series per distinguishing setting, one point per row of it (counted from the file, not hard-coded)
+    def n_rows(method, pick):
+        return sum(1 for r in results["rows"] if r["method"] == method and pick(r["settings"]))
+
+    assert len(series["sleb compensate"]) == n_rows("sleb", lambda st: st.get("compensate")) >= 1
+    assert len(series["wanda 2:4"]) == 1
+    # param_ratio and sublayer_ratio are both amounts: one series; cost_aware is a setting: its own series
+    assert len(series["finercut"]) == n_rows("finercut", lambda st: not st.get("cost_aware")) == 3
+    assert len(series["finercut cost_aware"]) == n_rows("finercut", lambda st: st.get("cost_aware")) >= 1
     for metric in ("ppl", "acc_retained"):
         _check_png(ratio_plot(RESULTS, tmp_path / f"{metric}.png", metric=metric), (825, 1800))
     ratio_plot(str(RESULTS), tmp_path / "str.png")  # a str path works too
