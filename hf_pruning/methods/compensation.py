@@ -62,12 +62,16 @@ def _shift(pruned: list[torch.Tensor], dense: list[torch.Tensor], relative: bool
     return drift / max(float(norms.mean()), 1e-12)
 
 
+def _ridge_lambda(ridge: float, trace: float, d: int) -> float:
+    """The scale-free ridge ``lam = ridge * tr(G) / d``; the raw strength when all contributions are zero."""
+    lam = ridge * trace / d
+    return lam if lam > 0 else ridge
+
+
 def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     """``P = (C + lam I)(G + lam I)^-1`` with ``lam = ridge * tr(G) / d``; ``gram`` G, ``cross`` C: ``[d, d]`` float64."""
     d = gram.shape[0]
-    lam = ridge * float(torch.trace(gram)) / d
-    if lam <= 0:
-        lam = ridge  # all-zero contributions: fall back to the raw strength
+    lam = _ridge_lambda(ridge, float(torch.trace(gram)), d)
     eye = torch.eye(d, dtype=torch.float64, device=gram.device)
     system = gram + lam * eye  # symmetric positive definite for lam > 0
     # P (G + lam I) = C + lam I  <=>  (G + lam I) P^T = (C + lam I)^T, solved by Cholesky
@@ -111,7 +115,7 @@ def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> t
         a_q, q_c = a[held] @ q, q.T @ cross.T  # [held, d], [d, d]
         trace = float(e.sum())
         for ridge in RIDGE_GRID:
-            lam = ridge * trace / gram.shape[0] if trace > 0 else ridge  # as _ridge_solve
+            lam = _ridge_lambda(ridge, trace, gram.shape[0])
             scaled = a_q / (e + lam)  # [held, d]
             pred = scaled @ q_c + lam * (scaled @ q.T)  # [held, d]
             errors[ridge] += float(((pred - b[held]) ** 2).sum()) / a.shape[0]
