@@ -176,6 +176,25 @@ def test_pruned_runner_reuses_the_dense_prefix_exactly(arch):
         DepthRunner(model, CALIB, removed=removed, prefix_from=alone)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runner_batches_rows_like_running_them_one_by_one(arch, monkeypatch):
+    """The cached stream is computed in batches of rows (a last, partial batch included); it equals running
+    every row alone, and the work counter counts rows, not calls."""
+    from hf_pruning.methods import depth
+
+    model = tiny_model(arch)
+    removed = [depth.Candidate(2, "attention")]
+    monkeypatch.setattr(depth, "LAYER_BATCH", 1)
+    alone = depth.DepthRunner(model, CALIB, removed=removed)
+    monkeypatch.setattr(depth, "LAYER_BATCH", 2)  # 3 rows: a batch of 2, then 1
+    batched = depth.DepthRunner(model, CALIB, removed=removed)
+    for mine, ref in zip(batched.cache, alone.cache):
+        assert [a.shape for a in mine] == [b.shape for b in ref]
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert batched.layer_forwards == pytest.approx(alone.layer_forwards)
+
+
 # ----- stage 1 ---------------------------------------------------------------------------------------------
 def _dead_blocks(model, blocks):
     """Zero the output projections of ``blocks``: each becomes the identity and its Taylor score is exactly 0."""

@@ -25,6 +25,9 @@ CONFIGS = {
     "barber_magnitude_block": BarberConfig(init="magnitude", granularity="block", threshold=0.5),
     "barber_sparsegpt_retain": BarberConfig(init="sparsegpt", blocksize=32, retain_reconstruction=True),
     "barber_sparsegpt_reconstruct": BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True, threshold=0.5),
+    "barber_wanda_verify": BarberConfig(init="wanda", threshold=0.5, verify=True),
+    "barber_sparsegpt_reconstruct_verify": BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
+                                                        threshold=0.1, verify=True),
     "sparsegpt_two_pass": SparseGPTConfig(blocksize=32, one_pass=False),
     "wanda_2:4": WandaConfig(pattern="2:4"),
     "barber_2:4": BarberConfig(init="wanda", pattern="2:4", threshold=0.5),
@@ -58,7 +61,7 @@ def test_mask_method_end_to_end(arch, case):
         if config.nm is not None:
             n, m = config.nm
             assert (zero.reshape(zero.shape[0], -1, m).sum(-1) == n).all(), name
-        elif case in ("wanda", "barber_wanda"):  # per-row masks (Barber output1 keeps each row's count)
+        elif case in ("wanda", "barber_wanda", "barber_wanda_verify"):  # per-row masks (Barber output1 keeps each row's count)
             assert (zero.sum(1) == int(zero.shape[1] * 0.5)).all(), name  # exact per row
         elif getattr(config, "granularity", "") == "block":  # swaps move sparsity between a block's matrices
             continue
@@ -103,6 +106,79 @@ def test_barber_swaps_and_changes_the_initial_mask():
     assert none.hf_pruning_report["swapped"] == 0
     for a, b in zip(linears(wanda).values(), linears(none).values()):
         assert torch.equal(a.weight == 0, b.weight == 0)
+
+
+def _block_output_error(model, dense, layer_index, block):
+    """MSE between the pruned and the dense block of one layer on the pruned model's own block inputs,
+    computed through forward hooks on full-model forwards (independent of LLM-Barber's capture code)."""
+    def block_of(m):
+        layer = layers_of(m)[layer_index]
+        return layer.self_attn if block == "attention" else layer.mlp
+
+    inputs, outputs = [], []
+    live = block_of(model)
+    h1 = live.register_forward_pre_hook(lambda mod, args, kw: inputs.append((args, kw)), with_kwargs=True)
+    h2 = live.register_forward_hook(lambda mod, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(CALIB, use_cache=False)  # a cache in the captured kwargs would grow on the second call below
+    h1.remove(), h2.remove()
+    ref = block_of(dense)
+    with torch.no_grad():
+        target = ref(*inputs[0][0], **inputs[0][1])
+    target = target[0] if isinstance(target, tuple) else target
+    return float(torch.nn.functional.mse_loss(outputs[0], target))
+
+
+VERIFY_CASES = {  # (settings, initializer alone): on these tiny models the Wanda rebuilds lower every block's
+    # error and the SparseGPT rebuilds at threshold 1 raise them, so both branches run
+    "wanda": ({"init": "wanda", "threshold": 0.3}, WandaConfig()),
+    "sparsegpt_retain": ({"init": "sparsegpt", "blocksize": 32, "threshold": 1.0, "retain_reconstruction": True},
+                         SparseGPTConfig(blocksize=32)),
+    "sparsegpt_reconstruct": ({"init": "sparsegpt", "blocksize": 32, "threshold": 1.0, "reconstruct": True},
+                              SparseGPTConfig(blocksize=32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERIFY_CASES))
+def test_barber_verify_keeps_a_rebuild_only_when_it_lowers_the_block_error(case):
+    """verify=True: every block ends with the lower of the two output errors; blocks that revert hold the
+    initializer's weights exactly, blocks that keep the rebuild hold the unverified rebuild's weights (layer 0
+    sees the same inputs in all three runs), and the error reported is the one the pruned model has."""
+    settings, initializer = VERIFY_CASES[case]
+    plain = hf_pruning.prune_(tiny_model("llama"), BarberConfig(**settings), calibration=CALIB)
+    checked = hf_pruning.prune_(tiny_model("llama"), BarberConfig(**settings, verify=True), calibration=CALIB)
+    alone = hf_pruning.prune_(tiny_model("llama"), initializer, calibration=CALIB)
+    reports = checked.hf_pruning_report["swaps"]
+    for r in reports:
+        for b in r.values():
+            assert b["kept_rebuild"] == (b["rebuilt_error"] < b["initial_error"])
+            assert b["kept_rebuild"] or b["swapped"] == 0
+    att = reports[0]["attention"]
+    assert att["kept_rebuild"] == (case == "wanda")
+    source = plain if att["kept_rebuild"] else alone
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        torch.testing.assert_close(linears(checked)[f"0.self_attn.{n}"].weight, linears(source)[f"0.self_attn.{n}"].weight)
+    measured = _block_output_error(checked, tiny_model("llama"), 0, "attention")
+    assert measured == pytest.approx(min(att["initial_error"], att["rebuilt_error"]), rel=1e-4)
+
+
+def test_barber_verify_rejects_harmful_rebuilds(monkeypatch):
+    """With the score turned upside down every swap trades a kept weight for a worse pruned one: verify
+    reverts every block, and the result is the initializer's model (without verify it is not)."""
+    from hf_pruning.methods.llm_barber import pruner
+
+    real = pruner.barber_scores
+    monkeypatch.setattr(pruner, "barber_scores", lambda w, g, metric: -real(w, g, metric))
+    config = {"init": "wanda", "threshold": 1.0}
+    harmed = hf_pruning.prune_(tiny_model("qwen2"), BarberConfig(**config), calibration=CALIB)
+    guarded = hf_pruning.prune_(tiny_model("qwen2"), BarberConfig(**config, verify=True), calibration=CALIB)
+    wanda = hf_pruning.prune_(tiny_model("qwen2"), WandaConfig(), calibration=CALIB)
+    assert harmed.hf_pruning_report["swapped"] > 0
+    assert guarded.hf_pruning_report["swapped"] == 0
+    assert not any(b["kept_rebuild"] for r in guarded.hf_pruning_report["swaps"] for b in r.values())
+    for n, lin in linears(wanda).items():
+        torch.testing.assert_close(linears(guarded)[n].weight, lin.weight)
+    assert any(not torch.equal(linears(harmed)[n].weight, lin.weight) for n, lin in linears(wanda).items())
 
 
 def _wanda_mask_(lin, sum_sq):

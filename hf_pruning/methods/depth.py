@@ -23,6 +23,7 @@ from ..calibration.capture import capture_layer_inputs, run_layer
 from ..config import ConfigError, PruningConfig, check_fraction
 from ..plan import DropAttention, DropMLP, PruningPlan, RemoveLayers
 from ..remote.hf_pruning_surgery import adapter_for, inspect_model
+from .layerwise import LAYER_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -239,24 +240,28 @@ class DepthRunner:
         return hidden
 
     def _layer(self, idx: int, hidden: torch.Tensor, parts: set[str]) -> torch.Tensor:
-        """One decoder layer with ``parts`` removed (``"block"``: the layer is skipped, costing nothing)."""
+        """One decoder layer with ``parts`` removed (``"block"``: the layer is skipped, costing nothing) on
+        ``hidden`` ``[b, T, d]`` (``b`` calibration rows)."""
         if "block" in parts:
             return hidden
         with self.dropped(idx, parts) as layer:
             hidden = run_layer(layer, hidden, self.kwargs[idx])
-        self.layer_forwards += self.token_weight / self.n
+        self.layer_forwards += self.token_weight * hidden.shape[0] / self.n
         return hidden
 
     @torch.no_grad()
     def refresh(self, start: int) -> None:
-        """Recompute the cached inputs of layers ``start+1..L`` (after a change in layer ``start``)."""
+        """Recompute the cached inputs of layers ``start+1..L`` (after a change in layer ``start``). Rows run
+        in batches of ``LAYER_BATCH`` (the captured masks and position embeddings broadcast over the batch);
+        the cache keeps one ``[1, T, d]`` view per row."""
         if start >= len(self.layers):
             return
-        for s in range(self.n):
-            hidden = self.cache[start][s]
+        for b0 in range(0, self.n, LAYER_BATCH):
+            rows = slice(b0, min(b0 + LAYER_BATCH, self.n))
+            hidden = torch.cat(self.cache[start][rows])  # [b, T, d]
             for idx in range(start, len(self.layers)):
                 hidden = self._layer(idx, hidden, set(self.removed.get(idx, ())))
-                self.cache[idx + 1][s] = hidden
+                self.cache[idx + 1][rows] = list(hidden.split(1))
         if self._tuple_out is None:
             out = self.layers[0](self.cache[0][0], **self.kwargs[0])
             self._tuple_out = isinstance(out, tuple)

@@ -31,6 +31,10 @@ class BarberConfig(SparsityConfig):
     reconstruct: bool = field(default=False, metadata={
         "help": "after the rebuild, update the kept weights for the new mask with SparseGPT's solver on the "
                 "block's sparse-path inputs (an extension: the paper restores dense values)"})
+    verify: bool = field(default=False, metadata={
+        "help": "keep a block's rebuilt mask only when its output error on the calibration inputs is lower than "
+                "the initial mask's, else restore the initializer's weights (an extension; costs one block "
+                "forward, two with reconstruct)"})
     dense_reference: str | None = field(default=None, metadata={
         "help": "with init=existing: folder of the dense checkpoint, read one layer at a time"})
     one_pass: bool = field(default=True, metadata={"help": "Wanda / SparseGPT initializer: " + ONE_PASS_HELP})

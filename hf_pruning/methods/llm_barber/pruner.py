@@ -26,7 +26,7 @@ from ..sparsegpt.scoring import sparsegpt_solve_
 from ..sparsity import rebuild_masks
 from ..wanda.pruner import wanda_prune_layer_
 from .config import BarberConfig
-from .scoring import barber_scores, block_gradient_sq
+from .scoring import barber_scores, block_error, block_gradient_sq
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,34 @@ def _reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians
     solve(out_name, stats[out_name]["h"])
 
 
+def _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs, config) -> dict:
+    """``verify=True``: compare the block's output error (against the dense block on the same sparse-path
+    inputs) with the rebuilt weights and with the initializer's; restore the initializer's unless the rebuild
+    is strictly better. Without ``reconstruct`` the captured outputs ``ys`` are the initializer's block."""
+    live = _dense_forward(adapter, layer, name, call_kwargs)  # the live block with its current (rebuilt) weights
+    rebuilt_error = block_error(live, xs, dense_ys)
+    if config.reconstruct:  # the capture ran on dense values under the initial mask: run the initializer's
+        rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
+        for n, lin in linears.items():
+            lin.weight.data.copy_(initial[n])
+        initial_error = block_error(live, xs, dense_ys)
+        keep = rebuilt_error < initial_error
+        if keep:
+            for n, lin in linears.items():
+                lin.weight.data.copy_(rebuilt[n])
+    else:
+        initial_error = block_error(lambda y: y, ys, dense_ys)
+        keep = rebuilt_error < initial_error
+        if not keep:
+            for n, lin in linears.items():
+                lin.weight.data.copy_(initial[n])
+    if not keep:
+        logger.debug("llm_barber: %s block kept its initial mask (error %.3g <= rebuilt %.3g)", name,
+                     initial_error, rebuilt_error)
+    return {"initial_error": initial_error, "rebuilt_error": rebuilt_error, "kept_rebuild": bool(keep),
+            **({} if keep else {"swapped": 0})}
+
+
 def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None) -> dict:
     """Initializer + mask rebuild of one decoder layer, in place. Returns swap counts per block."""
     dense_layer = copy.deepcopy(layer).float()  # the only dense copy held: one layer
@@ -180,6 +208,7 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
         dense_linears = dict(_block_linears(dense_layer, _blocks(adapter, dense_layer)[name]))
         names = list(linears)
         pruned = [linears[n].weight.data == 0 for n in names]
+        initial = {n: linears[n].weight.data.clone() for n in names} if config.verify else None
         hessians = None
         if config.reconstruct:
             # score the mask itself, not the initializer's update: at a least-squares update the kept weights'
@@ -190,7 +219,8 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
             hessians = {n: lin for n, lin in linears.items() if n != out_name}
         xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians)
         forward = _dense_forward(adapter, dense_layer, name, call_kwargs)
-        grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys)
+        dense_ys = [] if config.verify else None
+        grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys, dense_ys)
         scores = [barber_scores(dense_linears[n].weight.data, grads[n], config.metric) for n in names]
         new_masks = rebuild_masks(scores, pruned, config.threshold, config.granularity, config.nm, config.nm_rule)
         swapped = 0
@@ -205,7 +235,10 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
             _reconstruct_block_(adapter, layer, name, out_name, linears, dict(zip(names, new_masks)), hessians, xs,
                                 call_kwargs, dense_linears, config)
         report[name] = {"swapped": swapped}
-        del xs, ys, grads, hessians
+        if config.verify:
+            report[name].update(_verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs,
+                                               config))
+        del xs, ys, grads, hessians, initial, dense_ys
     del dense_layer
     return report
 
