@@ -43,12 +43,12 @@ EVALUATION_BOOKS = ("emma", "prideprejudice")
 BARBER_SETTINGS = {
     "magnitude": {"granularity": "block", "threshold": 0.1},
     "wanda": {"granularity": "output1", "threshold": 0.1},
-    "sparsegpt": {"granularity": "output1", "threshold": 0.1, "reconstruct": True},
+    "sparsegpt": {"granularity": "block", "threshold": 0.1, "reconstruct": True, "verify": True},
 }
 BARBER_SETTINGS_NM = {  # N:M allows output1 only
     "magnitude": {"threshold": 0.1},
     "wanda": {"threshold": 0.1},
-    "sparsegpt": {"threshold": 0.01, "retain_reconstruction": True},
+    "sparsegpt": {"threshold": 0.1, "reconstruct": True, "verify": True},
 }
 
 #: parameter budgets of the depth rows (see GRID)

@@ -210,7 +210,7 @@ def _dead_blocks(model, blocks):
     return model
 
 
-@pytest.mark.parametrize("score", ["taylor", "contribution"])
+@pytest.mark.parametrize("score", ["taylor", "contribution", "fisher"])
 @pytest.mark.parametrize("mode", ["iterative", "one_shot"])
 def test_forced_answer_identity_blocks_go_first(mode, score):
     model = _dead_blocks(tiny_model("llama"), [1, 3])
@@ -252,11 +252,13 @@ def test_scores_are_those_of_the_pruned_model_and_only_blocks_get_gradients():
     assert scores == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("score", ["contribution", "fisher"])
 @pytest.mark.parametrize("arch", PRE_NORM)
-def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch):
-    """Independent reference: autograd on the hidden states transformers returns (layer inputs, in the graph)."""
+def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch, score):
+    """Independent reference: autograd on the hidden states transformers returns (layer inputs, in the graph);
+    ``contribution`` sums |g ⊙ delta|, ``fisher`` sums (g ⊙ delta)^2."""
     model = tiny_model(arch)
-    scores = gradmap.gradient_scores(model, CALIB, set(), "contribution", layers_return_tuple(model, CALIB))
+    scores = gradmap.gradient_scores(model, CALIB, set(), score, layers_return_tuple(model, CALIB))
     assert all(p.grad is None for p in model.parameters())  # activation gradients only
     n_layers = len(adapter_for(model).decoder_layers(model))
     expected = [0.0] * (n_layers - 1)  # the last entry of hidden_states is after the final norm: not compared
@@ -265,7 +267,8 @@ def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch):
         hidden = out.hidden_states  # h_0 (embeddings) .. h_{L-1} are layer inputs, [1, T, d] each
         grads = torch.autograd.grad(out.loss / len(CALIB), hidden[1:n_layers])
         for i in range(n_layers - 1):  # block i maps h_i to h_{i+1}
-            expected[i] += float((grads[i] * (hidden[i + 1] - hidden[i])).detach().abs().sum())
+            term = (grads[i] * (hidden[i + 1] - hidden[i])).detach().double()
+            expected[i] += float(term.abs().sum() if score == "contribution" else term.pow(2).sum())
     assert [scores[i] for i in range(n_layers - 1)] == pytest.approx(expected, rel=1e-4)
     assert all(v > 0 for v in scores.values())
 

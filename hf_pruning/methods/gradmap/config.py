@@ -15,8 +15,8 @@ MODES = ("iterative", "one_shot")
 @dataclass
 class GradMAPConfig(DepthConfig):
     """GradMAP: remove the blocks with the smallest gradient score, then fuse a projection compensating the
-    largest mean shift. The default score is the first-order Taylor estimate of what removing each block's
-    residual update costs, from one backward pass that ranks every block (``mode="one_shot"``);
+    largest mean shift. The default score is the diagonal-Fisher (second-order) estimate of what removing each
+    block's residual update costs, from one backward pass that ranks every block (``mode="one_shot"``);
     ``mode="iterative"`` re-scores after every removal. Budget: ``param_ratio`` or ``num_removals`` (blocks),
     default 25% of the blocks. ``compensate=False`` gives stage 1 alone. Choices and measurements:
     docs/DEPTH-METHODS.md."""
@@ -24,8 +24,9 @@ class GradMAPConfig(DepthConfig):
     method: ClassVar[str] = "gradmap"
     compensate: bool = field(default=True, metadata={
         "help": "stage 2: fit a d x d projection at the kept layer that drifted most, fused into its MLP"})
-    score: str = field(default="contribution", metadata={"help": "grad (mean |dL/dθ|), taylor (sum |θ dL/dθ|), output (norm of dL/d block output) or "
-                "contribution (sum |dL/dh ⊙ (h_out - h_in)|: Taylor importance of the block's residual update)"})
+    score: str = field(default="fisher", metadata={"help": "grad (mean |dL/dθ|), taylor (sum |θ dL/dθ|), output (norm of dL/d block output), "
+                "contribution (sum |dL/dh ⊙ (h_out - h_in)|: Taylor importance of the block's residual update) or "
+                "fisher (sum (dL/dh ⊙ (h_out - h_in))^2: its diagonal-Fisher, second-order counterpart)"})
     mode: str = field(default="one_shot", metadata={
         "help": "one_shot (one backward pass ranks every block) or iterative (re-score the pruned model after "
                 "every removal: one backward per decision)"})

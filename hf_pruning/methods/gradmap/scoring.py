@@ -10,6 +10,9 @@ calibration size) gives every remaining block's score at once:
 - ``contribution``: sum over tokens and channels of |dL/dh ⊙ (h_out - h_in)|, the first-order Taylor importance
   of what the block adds to the residual stream, i.e. of the very change its removal makes (removing block l
   replaces h_out by h_in). Per element, so opposite-signed effects on different tokens do not cancel.
+- ``fisher``: sum over tokens and channels of (dL/dh ⊙ (h_out - h_in))^2, the diagonal Fisher (second-order)
+  estimate of the loss increase from removing the block's update: at a trained model the first-order terms
+  average out, and the squared terms weight the large, consistent effects that make a removal costly.
 
 Only the parameters of the remaining decoder blocks hold gradients; embeddings, final norm and LM head do not.
 Removed blocks pass their input through, so the loss is that of the pruned model.
@@ -23,7 +26,7 @@ from ...calibration import calibration_mode, hooks
 from ...remote.hf_pruning_surgery import adapter_for
 from ..depth import skipping
 
-SCORES = ("grad", "taylor", "output", "contribution")
+SCORES = ("grad", "taylor", "output", "contribution", "fisher")
 
 
 def check_token_ids(calibration) -> None:
@@ -39,9 +42,10 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
     layers = adapter_for(model).decoder_layers(model)
     kept = [i for i in range(len(layers)) if i not in skip]
     device = next(model.parameters()).device
-    acc = dict.fromkeys(kept, 0.0)  # "output": sum of squared output gradients; "contribution": its Taylor sum
+    # "output": sum of squared output gradients; "contribution" / "fisher": sum of |g ⊙ delta| / (g ⊙ delta)^2
+    acc = dict.fromkeys(kept, 0.0)
     with calibration_mode(model), skipping(model, skip, tuple_out), hooks() as handles, torch.enable_grad():
-        on_hidden = score in ("output", "contribution")  # scores of activations: no parameter gradients needed
+        on_hidden = score in ("output", "contribution", "fisher")  # activation scores: no parameter gradients
         params = {i: [] if on_hidden else list(layers[i].parameters()) for i in kept}
         for i in kept:  # calibration_mode froze everything: only the scored blocks get gradients
             for p in params[i]:
@@ -59,7 +63,8 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
                         delta = (hidden - h_in).detach()  # [1, T, d]: what removing the block takes away
 
                         def add(g):
-                            acc[i] += float((g.double() * delta.double()).abs().sum())
+                            term = g.double() * delta.double()  # [1, T, d]: first-order effect per element
+                            acc[i] += float(term.pow(2).sum() if score == "fisher" else term.abs().sum())
                     hidden.register_hook(add)
 
                 return hook
@@ -80,7 +85,7 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
         for i in kept:
             if score == "output":
                 scores[i] = acc[i] ** 0.5
-            elif score == "contribution":
+            elif score in ("contribution", "fisher"):
                 scores[i] = acc[i]
             elif score == "taylor":
                 scores[i] = float(sum((p.detach() * p.grad).abs().sum() for p in params[i] if p.grad is not None))
