@@ -166,27 +166,25 @@ def _reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians
     solve(out_name, stats[out_name]["h"])
 
 
+def _load_weights_(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
+    for n, lin in linears.items():
+        lin.weight.data.copy_(weights[n])
+
+
 def _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs, config) -> dict:
     """``verify=True``: compare the block's output error (against the dense block on the same sparse-path
     inputs) with the rebuilt weights and with the initializer's; restore the initializer's unless the rebuild
     is strictly better. Without ``reconstruct`` the captured outputs ``ys`` are the initializer's block."""
     live = _dense_forward(adapter, layer, name, call_kwargs)  # the live block with its current (rebuilt) weights
     rebuilt_error = block_error(live, xs, dense_ys)
+    rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
     if config.reconstruct:  # the capture ran on dense values under the initial mask: run the initializer's
-        rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
-        for n, lin in linears.items():
-            lin.weight.data.copy_(initial[n])
+        _load_weights_(linears, initial)
         initial_error = block_error(live, xs, dense_ys)
-        keep = rebuilt_error < initial_error
-        if keep:
-            for n, lin in linears.items():
-                lin.weight.data.copy_(rebuilt[n])
     else:
         initial_error = block_error(lambda y: y, ys, dense_ys)
-        keep = rebuilt_error < initial_error
-        if not keep:
-            for n, lin in linears.items():
-                lin.weight.data.copy_(initial[n])
+    keep = rebuilt_error < initial_error
+    _load_weights_(linears, rebuilt if keep else initial)
     if not keep:
         logger.debug("llm_barber: %s block kept its initial mask (error %.3g <= rebuilt %.3g)", name,
                      initial_error, rebuilt_error)
