@@ -47,14 +47,23 @@ def model_bytes_fp32(model) -> int:
     return parameter_count(model) * 4
 
 
+def synchronize(model) -> None:
+    """Wait for the model's accelerator (if any) so wall times include its queued work."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def forward_seconds(model, calibration: torch.Tensor, batch_size: int = 4) -> float:
     """Wall time of one forward pass over all calibration tokens ``[n, L]`` (the unit of "passes")."""
     model.eval()
     device = next(model.parameters()).device
+    synchronize(model)
     start = time.perf_counter()
     for i in range(0, calibration.shape[0], batch_size):
         model(calibration[i : i + batch_size].to(device), use_cache=False)
+    synchronize(model)
     return time.perf_counter() - start
 
 
@@ -68,6 +77,7 @@ def measure_pruning(prune_fn, model, calibration: torch.Tensor | None) -> dict:
     with PeakRSS() as mem:
         start = time.perf_counter()
         prune_fn()
+        synchronize(model)
         prune_s = time.perf_counter() - start
     return {
         "prune_s": prune_s,
