@@ -162,6 +162,58 @@ def test_barber_verify_keeps_a_rebuild_only_when_it_lowers_the_block_error(case)
     assert measured == pytest.approx(min(att["initial_error"], att["rebuilt_error"]), rel=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_barber_reconstruct_hands_verify_the_rebuilt_outputs(arch, monkeypatch):
+    """reconstruct + verify: the rebuilt block's outputs come from the output projection's captured inputs
+    (no extra block forward); the errors reported equal those of a run that makes them with a block forward."""
+    from hf_pruning.methods.llm_barber import pruner
+
+    real, handed = pruner._reconstruct_block_, []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        handed.append(out is not None)
+        return out
+
+    config = BarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
+    monkeypatch.setattr(pruner, "_reconstruct_block_", recording)
+    fast = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB).hf_pruning_report["swaps"]
+    assert handed and all(handed)  # every block ends in its output projection
+    monkeypatch.setattr(pruner, "_reconstruct_block_", lambda *a, **k: real(*a, **k) and None)
+    slow = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB).hf_pruning_report["swaps"]
+    for f, s in zip(fast, slow):
+        for block in f:
+            assert f[block]["rebuilt_error"] == pytest.approx(s[block]["rebuilt_error"], rel=1e-5)
+            assert f[block]["kept_rebuild"] == s[block]["kept_rebuild"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
+def test_barber_replayed_passes_match_real_ones(arch, monkeypatch):
+    """With reconstruct + verify every block's final outputs are known, so the MLP capture and the
+    propagation replay them instead of running the blocks again: the pruned model is the one that running
+    them gives (same masks, same weights up to float rounding)."""
+    import contextlib
+
+    from hf_pruning.methods.llm_barber import pruner
+
+    config = BarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
+    real_layer, returned = pruner.barber_layer_, []
+
+    def recording(*args, **kwargs):
+        out = real_layer(*args, **kwargs)
+        returned.append(isinstance(out, tuple))
+        return out
+
+    monkeypatch.setattr(pruner, "barber_layer_", recording)
+    fast = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB)
+    assert returned and all(returned)  # every layer skipped the real propagation pass
+    monkeypatch.setattr(pruner, "_replayed", lambda replays: contextlib.nullcontext())
+    slow = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB)
+    for n, lin in linears(slow).items():
+        assert torch.equal(linears(fast)[n].weight == 0, lin.weight == 0), n
+        torch.testing.assert_close(linears(fast)[n].weight, lin.weight, rtol=1e-4, atol=1e-5)
+
+
 def test_barber_verify_rejects_harmful_rebuilds(monkeypatch):
     """With the score turned upside down every swap trades a kept weight for a worse pruned one: verify
     reverts every block, and the result is the initializer's model (without verify it is not)."""
@@ -186,6 +238,32 @@ def _wanda_mask_(lin, sum_sq):
 
     w = lin.weight
     w[select_mask(w.abs() * sum_sq.sqrt()[None], 0.5, None, True, w == 0)] = 0
+
+
+def test_linears_reading_one_input_share_one_statistic():
+    """q/k/v (and gate/up) read the same tensor: input_stat_hooks computes its statistic once and hands every
+    one of them that object, equal to the statistic computed from each linear's own input."""
+    from hf_pruning.calibration import hooks
+    from hf_pruning.methods.layerwise import input_stat_hooks, prunable_linears
+
+    layer = layers_of(tiny_model("llama"))[0]
+    seen = {}
+    x = torch.randn(2, 10, 64)
+    position = torch.arange(10)[None]
+    rotary = tiny_model("llama").model.rotary_emb(x, position)
+    with hooks() as handles, torch.no_grad():
+        for name, lin in prunable_linears(layer).items():
+            handles.append(lin.register_forward_hook(
+                lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+        stats = input_stat_hooks(handles, prunable_linears(layer), lambda lin: [0], lambda st, x: st.__setitem__(0, st[0] + x.T @ x))
+        for _ in range(2):  # two batches: the shared object accumulates once per batch
+            layer(x, position_embeddings=rotary, attention_mask=None)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    for name, inputs in seen.items():
+        expected = sum(i.T @ i for i in inputs)
+        torch.testing.assert_close(stats[name][0], expected)
 
 
 def test_layerwise_stats_equal_a_batched_full_model_computation():

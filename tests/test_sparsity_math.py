@@ -69,6 +69,33 @@ def test_swap_count_is_a_fraction_of_beneficial_swaps():
     assert out.tolist() == [[F, F, T, T, T, F, F, F, T, T]]
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_stable_order_is_a_stable_sort(descending):
+    """The int64-key sort orders exactly as a stable float sort: ties (many), negatives, -0.0 == +0.0, +-inf."""
+    from hf_pruning.methods.sparsity import stable_order
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.tensor([0.0, -0.0, 1.5, -1.5, float("inf"), float("-inf"), 2.0**-140, -(2.0**-140), 3e38, -3e38])
+    score = values[torch.randint(0, len(values), (5, 7, 300), generator=g)]
+    score[0] = torch.randn(7, 300, generator=g)  # and distinct values
+    expected = torch.sort(score, dim=-1, stable=True, descending=descending).indices
+    assert torch.equal(stable_order(score, descending=descending), expected)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.0])
+def test_one_row_swap_equals_the_row_wise_swap(threshold):
+    """Granularities layer and block run one long row through a shortcut (sorted apart, written by index):
+    it gives what the row-wise swap gives for the same row inside a batch, ties included."""
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 7, (1, 4000), generator=g).float()  # many ties
+    pruned = torch.rand(1, 4000, generator=g) < 0.6
+    batched = rebuild_rows(score.expand(3, -1), pruned.expand(3, -1), threshold)  # 3 rows: the row-wise path
+    one = rebuild_rows(score, pruned, threshold)
+    assert all(torch.equal(one[0], row) for row in batched)
+    assert int(one.sum()) == int(pruned.sum())
+    assert threshold == 0.0 or not torch.equal(one, pruned)
+
+
 def test_empty_groups_and_ties_change_nothing():
     score = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3.0, 2.0, 1.0]])
     pruned = torch.tensor([[T, T, T], [T, F, F], [F, F, F]])
@@ -163,3 +190,22 @@ def test_nm_pair_rule_takes_the_largest_gains_and_keeps_the_pattern():
     changed = (new != start).reshape(16, 8, 4).any(-1)
     assert (kept_after[changed] > kept_before[changed]).all()
     assert torch.equal(kept_after[~changed], kept_before[~changed])
+
+
+def test_fixed_mask_solve_does_not_depend_on_the_block_size():
+    """With a fixed mask (LLM-Barber's reconstruct) SparseGPT's column blocks only split the work."""
+    from hf_pruning.methods.sparsegpt.scoring import sparsegpt_solve_
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 48, generator=g)
+    hessian = x.T @ x / 256
+    weight = torch.randn(20, 48, generator=g)
+    mask = torch.rand(20, 48, generator=g) < 0.5
+    results = []
+    for blocksize in (4, 16, 48):
+        w = weight.clone()
+        sparsegpt_solve_(w, hessian, 0.5, None, blocksize, 0.01, fixed_mask=mask)
+        results.append(w)
+    assert (results[0][mask] == 0).all() and not torch.equal(results[0][~mask], weight[~mask])
+    for w in results[1:]:
+        torch.testing.assert_close(w, results[0], rtol=1e-6, atol=1e-6)

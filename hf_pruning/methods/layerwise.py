@@ -70,12 +70,22 @@ def check_widths(model, nm: tuple[int, int] | None) -> None:
 def input_stat_hooks(handles: list, linears: dict[str, nn.Linear], make_stat: Callable[[nn.Linear], object],
                      update: Callable[[object, torch.Tensor], None]) -> dict:
     """Hook every linear so each call feeds its input ``[tokens, in]`` (float32) to ``update(stat, x)``; the
-    hook handles go to ``handles``. Returns name -> stat, filled as forwards run."""
+    hook handles go to ``handles``. Returns name -> stat, filled as forwards run.
+
+    Linears called one after another on the very same input tensor (q/k/v, gate/up) share one stat object,
+    updated once per call: their statistics are identical, so they are computed once."""
     stats = {name: make_stat(lin) for name, lin in linears.items()}
+    last: dict = {"x": None, "stat": None}  # holds the last input, so its identity cannot be reused
+
+    def hook(name, x):
+        if last["x"] is x:
+            stats[name] = last["stat"]
+            return
+        update(stats[name], x.detach().reshape(-1, x.shape[-1]).float())
+        last.update(x=x, stat=stats[name])
+
     for name, lin in linears.items():
-        handles.append(lin.register_forward_hook(
-            lambda mod, args, out, name=name: update(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        ))
+        handles.append(lin.register_forward_hook(lambda mod, args, out, name=name: hook(name, args[0])))
     return stats
 
 

@@ -7,6 +7,7 @@ number is always hit even when scores tie (SmolLM2's 4-bit weights tie a lot).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -29,6 +30,19 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def stable_order(score: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """The indices that sort ``score`` along its last dim, equal values in position order: the same as
+    ``torch.sort(score.float(), stable=True, descending=...).indices``, but one sort of unique int64 keys
+    (the float32 value's order-preserving bit pattern, then the position), several times faster on CPU."""
+    s = score.float() + 0.0  # -0.0 becomes +0.0: values that compare equal get equal keys
+    bits = s.view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # monotone in the float value
+    if descending:
+        key = ~key
+    position = torch.arange(s.shape[-1], device=s.device)
+    return torch.sort((key << 32) | position, dim=-1).indices
+
+
 def _rank(order: torch.Tensor) -> torch.Tensor:
     """Inverse permutation along the last dim: rank[i, order[i, j]] = j."""
     rank = torch.empty_like(order)
@@ -41,7 +55,7 @@ def lowest_per_row(score: torch.Tensor, k: torch.Tensor | int, forced: torch.Ten
     s = score.float()
     if forced is not None:
         s = torch.where(forced, torch.full_like(s, float("-inf")), s)
-    order = torch.sort(s, dim=-1, stable=True).indices
+    order = stable_order(s)
     k = torch.as_tensor(k, device=score.device).reshape(-1, 1) if not isinstance(k, int) else k
     return _rank(order) < k
 
@@ -79,9 +93,8 @@ def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
 def _swap_counts(score: torch.Tensor, pruned: torch.Tensor, threshold: float):
     """Per row: k = int(threshold * r), r = beneficial swaps (best pruned beats worst kept, pairwise)."""
     s = score.float()
-    grow_order = torch.sort(torch.where(pruned, s, torch.full_like(s, float("-inf"))), dim=-1, descending=True,
-                            stable=True).indices
-    keep_order = torch.sort(torch.where(pruned, torch.full_like(s, float("inf")), s), dim=-1, stable=True).indices
+    grow_order = stable_order(torch.where(pruned, s, torch.full_like(s, float("-inf"))), descending=True)
+    keep_order = stable_order(torch.where(pruned, torch.full_like(s, float("inf")), s))
     grow_sorted, keep_sorted = s.gather(-1, grow_order), s.gather(-1, keep_order)
     n_pruned = pruned.sum(-1, keepdim=True)
     pairs = torch.minimum(n_pruned, pruned.shape[-1] - n_pruned)  # [R, 1]
@@ -96,10 +109,30 @@ def rebuild_rows(score: torch.Tensor, pruned: torch.Tensor, threshold: float) ->
 
     Exactly as many weights are regrown as pruned in every row, so each row's sparsity is unchanged.
     """
+    if score.shape[0] == 1:
+        return _rebuild_one_row(score, pruned, threshold)
     k, grow_rank, keep_rank = _swap_counts(score, pruned, threshold)
     regrow = pruned & (grow_rank < k)
     newly_pruned = ~pruned & (keep_rank < k)
     return (pruned & ~regrow) | newly_pruned
+
+
+def _rebuild_one_row(score: torch.Tensor, pruned: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``rebuild_rows`` for one (long) row ``[1, C]`` (granularities layer and block): the pruned and the kept
+    scores are sorted apart (half the length each, same stable tie order by position) and the swap is written
+    by index, instead of two full-length sorts and rank scatters."""
+    s, p = score.float().reshape(-1), pruned.reshape(-1)
+    pruned_at, kept_at = p.nonzero().squeeze(1), (~p).nonzero().squeeze(1)  # positions, ascending
+    grow, keep = s[pruned_at], s[kept_at]
+    grow_order, keep_order = stable_order(grow, descending=True), stable_order(keep)
+    grow_vals, keep_vals = grow[grow_order], keep[keep_order]
+    pairs = min(pruned_at.numel(), kept_at.numel())
+    r = int((grow_vals[:pairs] > keep_vals[:pairs]).sum())  # beneficial swaps
+    k = math.floor(r * threshold)
+    new = p.clone()
+    new[pruned_at[grow_order[:k]]] = False
+    new[kept_at[keep_order[:k]]] = True
+    return new.reshape(pruned.shape)
 
 
 def rebuild_nm(score: torch.Tensor, pruned: torch.Tensor, threshold: float, n: int, m: int) -> torch.Tensor:
@@ -112,11 +145,10 @@ def rebuild_nm(score: torch.Tensor, pruned: torch.Tensor, threshold: float, n: i
     was = pruned.reshape(-1, m)
     cap = m - n
     # keep at most `cap` regrown weights per group: the best-scoring ones
-    regrow_order = torch.sort(torch.where(regrow, s, torch.full_like(s, float("-inf"))), dim=-1, descending=True,
-                              stable=True).indices
+    regrow_order = stable_order(torch.where(regrow, s, torch.full_like(s, float("-inf"))), descending=True)
     regrow = regrow & (_rank(regrow_order) < cap)
     count = regrow.sum(-1, keepdim=True)  # [groups, 1]
-    keep_order = torch.sort(torch.where(was, torch.full_like(s, float("inf")), s), dim=-1, stable=True).indices
+    keep_order = stable_order(torch.where(was, torch.full_like(s, float("inf")), s))
     newly_pruned = ~was & (_rank(keep_order) < count)
     return ((was & ~regrow) | newly_pruned).reshape(rows, cols)
 
@@ -136,15 +168,15 @@ def rebuild_nm_pairs(score: torch.Tensor, pruned: torch.Tensor, threshold: float
     s = score.float().reshape(rows, cols // m, m)  # [R, G, m]
     was = pruned.reshape(rows, cols // m, m)
     inf = torch.full_like(s, float("inf"))
-    grow_order = torch.sort(torch.where(was, s, -inf), dim=-1, descending=True, stable=True).indices[..., :pairs]
-    keep_order = torch.sort(torch.where(was, inf, s), dim=-1, stable=True).indices[..., :pairs]  # [R, G, P]
+    grow_order = stable_order(torch.where(was, s, -inf), descending=True)[..., :pairs]
+    keep_order = stable_order(torch.where(was, inf, s))[..., :pairs]  # [R, G, P]
     grow_vals = torch.where(was, s, -inf).gather(-1, grow_order)
     keep_vals = torch.where(was, inf, s).gather(-1, keep_order)
     gain = grow_vals - keep_vals  # [R, G, P]; -inf / nan where a side is empty
     good = torch.isfinite(grow_vals) & torch.isfinite(keep_vals) & (gain > 0)
     flat = torch.where(good, gain, torch.full_like(gain, float("-inf"))).reshape(rows, -1)  # [R, G*P]
     k = (good.reshape(rows, -1).sum(-1, keepdim=True).double() * threshold).floor().long()  # [R, 1]
-    chosen = (_rank(torch.sort(flat, dim=-1, descending=True, stable=True).indices) < k).reshape(gain.shape)
+    chosen = (_rank(stable_order(flat, descending=True)) < k).reshape(gain.shape)
     regrow = torch.zeros_like(was).scatter_(-1, grow_order, chosen)
     newly_pruned = torch.zeros_like(was).scatter_(-1, keep_order, chosen)
     return ((was & ~regrow) | newly_pruned).reshape(rows, cols)

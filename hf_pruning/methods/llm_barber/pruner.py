@@ -8,6 +8,7 @@ values (or SparseGPT's) under the new mask. Finally the layer's outputs become t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,7 +23,7 @@ from ...remote.hf_pruning_surgery import adapter_for
 from ..layerwise import check_widths, input_stat_hooks, prunable_linears, sequential, sparsity_report
 from ..magnitude.pruner import magnitude_prune_layer_
 from ..sparsegpt.pruner import add_to_hessian, new_hessian, sparsegpt_prune_layer_
-from ..sparsegpt.scoring import sparsegpt_solve_
+from ..sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_
 from ..sparsity import rebuild_masks
 from ..wanda.pruner import wanda_prune_layer_
 from .config import BarberConfig
@@ -39,11 +40,11 @@ def _blocks(adapter, layer) -> dict[str, dict]:
     if adapter.mlp_name:
         mlp = getattr(layer, adapter.mlp_name)
         blocks["mlp"] = {"prefix": adapter.mlp_name + ".", "in": mlp, "out": mlp, "tuple_out": False,
-                         "stop_after": False}
+                         "stop_after": True}
     else:  # OPT: fc1 -> activation -> fc2 on the layer itself
         blocks["mlp"] = {"prefix": None, "names": (*adapter.mlp_in_names, adapter.mlp_out_name),
                          "in": getattr(layer, adapter.mlp_in_names[0]), "out": getattr(layer, adapter.mlp_out_name),
-                         "tuple_out": False, "stop_after": False}
+                         "tuple_out": False, "stop_after": True}
     return blocks
 
 
@@ -65,15 +66,23 @@ def _dense_forward(adapter, dense_layer, name: str, kwargs: dict):
     return lambda x: fc_out(dense_layer.activation_fn(fc_in(x)))
 
 
+#: SparseGPT's column block size for a fixed-mask re-solve: the result does not depend on it (only SparseGPT's
+#: own mask choice does), and small blocks run fastest on CPU (SmolLM2's 576 x 1536 matrix: 0.10 s at 16,
+#: 0.19 s at 128)
+FIXED_MASK_BLOCKSIZE = 16
+
+
 class _BlockDone(Exception):
     """Ends a capture forward once the captured block has run (never escapes this module)."""
 
 
-def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None) -> tuple[list, list, dict]:
+def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None,
+                      out_linear: nn.Module | None = None) -> tuple[list, list, dict]:
     """Run the (sparse) layer over the input batches; return the block's inputs and outputs split per
     calibration row (``[1, T, d]`` each: the block error's gradient is taken row by row) and its call kwargs.
-    With ``hessians`` (name -> linear), the same pass also returns each linear's input Hessian in its place."""
-    xs, ys, call_kwargs = [], [], {}
+    With ``hessians`` (name -> linear), the same pass also returns each linear's input Hessian in its place.
+    With ``out_linear``, ``block["direct"]`` records whether the block's output is that linear's output."""
+    xs, ys, call_kwargs, linear_out = [], [], {}, []
 
     def pre(mod, args, kw):
         xs.extend((args[0] if args else kw["hidden_states"]).detach().split(1))
@@ -81,11 +90,19 @@ def _capture_block_io(layer, inputs, kwargs, block, hessians: dict | None = None
             call_kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
 
     def post(mod, args, out):
-        ys.extend((out[0] if block["tuple_out"] else out).detach().split(1))
+        y = out[0] if block["tuple_out"] else out
+        if block["tuple_out"]:
+            block["arity"] = len(out)
+        if "direct" not in block:
+            block["direct"] = bool(linear_out) and torch.equal(linear_out[0], y)
+        ys.extend(y.detach().split(1))
         if block["stop_after"]:
             raise _BlockDone  # the rest of the layer is not needed for this block
 
     with hooks() as handles:
+        if out_linear is not None:  # registered first: on OPT's fc2 it is also the block's own output hook
+            handles.append(out_linear.register_forward_hook(
+                lambda mod, args, out: linear_out.append(out) if not linear_out else None))
         handles.append(block["in"].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block["out"].register_forward_hook(post))
         stats = input_stat_hooks(handles, hessians or {}, new_hessian, add_to_hessian)
@@ -122,14 +139,24 @@ def _load_dense_layer_(dense_layer, reference: str, prefix: str) -> None:
         lin.weight.data.copy_(tensor)
 
 
-def _initialize_(layer, inputs, kwargs, config: BarberConfig) -> None:
-    if config.init == "magnitude":
-        magnitude_prune_layer_(layer, config)
-    elif config.init == "wanda":
-        wanda_prune_layer_(layer, inputs, kwargs, config)
-    elif config.init == "sparsegpt":
-        sparsegpt_prune_layer_(layer, inputs, kwargs, config)
-    # "existing": the model's zeros are the initial mask
+def _initialize_(layer, inputs, kwargs, config: BarberConfig, attention: dict) -> list | None:
+    """Apply the initializer to ``layer``. When it pruned in flight (one pass over all rows, each linear
+    pruned before it ran), that pass's attention outputs are the initializer's attention block on the
+    block's inputs: returned per row ``[1, T, d]`` (else None)."""
+    seen: list = []
+    with hooks() as handles:
+        handles.append(attention["out"].register_forward_hook(lambda mod, args, out: seen.append(out[0].detach())))
+        result = None
+        if config.init == "magnitude":
+            magnitude_prune_layer_(layer, config)
+        elif config.init == "wanda":
+            result = wanda_prune_layer_(layer, inputs, kwargs, config)
+        elif config.init == "sparsegpt":
+            result = sparsegpt_prune_layer_(layer, inputs, kwargs, config)
+        # "existing": the model's zeros are the initial mask
+    if isinstance(result, tuple) and len(seen) == 1:  # (report, outputs): one pruned-in-flight pass
+        return list(seen[0].split(1))
+    return None
 
 
 def _out_linear_name(adapter, layer, name: str) -> str:
@@ -141,29 +168,53 @@ def _out_linear_name(adapter, layer, name: str) -> str:
 
 
 def _reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians, xs, call_kwargs, dense_linears,
-                        config):
+                        config, direct: bool = False):
     """``reconstruct=True``: re-solve the block's kept weights for the new masks from the dense values.
 
-    The linears that read the block input (q/k/v, gate/up, fc1) use the Hessians of the capture pass; the
-    output projection's input changes with them, so its Hessian is taken afterwards by running the updated
-    block over the captured inputs (SparseGPT's sequential order inside the block).
+    The linears that read the block input (q/k/v, gate/up, fc1) use the Hessians of the capture pass (linears
+    sharing an input share its factorisation); the output projection's input changes with them, so its
+    Hessian is taken afterwards by running the updated block over the captured inputs (SparseGPT's sequential
+    order inside the block); that pass stops at the output projection. Returns the rebuilt block's outputs
+    per row when they come for free: when the block's output is its output projection's (``block["direct"]``,
+    seen in the capture pass), they are the re-solved projection applied to the inputs just captured;
+    otherwise None. With a fixed mask SparseGPT's block size only splits the work (the result is the same):
+    small blocks are fastest on CPU.
     """
+    factors: dict[int, torch.Tensor] = {}
+
     def solve(n, hessian):
         w = linears[n].weight.data
         w.copy_(dense_linears[n].weight.data)
-        sparsegpt_solve_(w, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp,
-                         fixed_mask=masks[n])
+        if id(hessian) not in factors:
+            factors.clear()
+            factors[id(hessian)] = inverse_hessian_factor(hessian, config.percdamp)
+        sparsegpt_solve_(w, hessian, config.sparsity, config.nm, FIXED_MASK_BLOCKSIZE, config.percdamp,
+                         fixed_mask=masks[n], factor=factors[id(hessian)])
 
     for n in hessians:
         solve(n, hessians[n])
     if out_name not in linears:
-        return
+        return None
+    out_linear = linears[out_name]
     forward = _dense_forward(adapter, layer, name, call_kwargs)  # the live (sparse, updated) block
+    zs, stat = [], new_hessian(out_linear)
+
+    def stop_at_projection(mod, args):
+        zs.append(args[0].detach())
+        add_to_hessian(stat, zs[-1].reshape(-1, zs[-1].shape[-1]).float())
+        raise _BlockDone
+
     with hooks() as handles:
-        stats = input_stat_hooks(handles, {out_name: linears[out_name]}, new_hessian, add_to_hessian)
+        handles.append(out_linear.register_forward_pre_hook(stop_at_projection))
         for x in xs:
-            forward(x)
-    solve(out_name, stats[out_name]["h"])
+            try:
+                forward(x)
+            except _BlockDone:
+                pass
+    if len(zs) != len(xs):
+        raise RuntimeError(f"llm_barber: the {name} block's forward did not reach {out_name} once per row")
+    solve(out_name, stat["h"])
+    return [out_linear(z) for z in zs] if direct else None
 
 
 def _load_weights_(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
@@ -171,35 +222,78 @@ def _load_weights_(linears: dict[str, nn.Linear], weights: dict[str, torch.Tenso
         lin.weight.data.copy_(weights[n])
 
 
-def _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs, config) -> dict:
+def _outputs(forward, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [forward(x).detach() for x in xs]
+
+
+def _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs, config,
+                   rebuilt_ys=None, initial_ys=None) -> tuple[dict, list]:
     """``verify=True``: compare the block's output error (against the dense block on the same sparse-path
     inputs) with the rebuilt weights and with the initializer's; restore the initializer's unless the rebuild
-    is strictly better. Without ``reconstruct`` the captured outputs ``ys`` are the initializer's block."""
+    is strictly better. Without ``reconstruct`` the captured outputs ``ys`` are the initializer's block.
+    ``rebuilt_ys`` / ``initial_ys``: either block's outputs per row when the caller already has them (else a
+    forward makes them). Returns the report and the outputs of the block as it stays."""
     live = _dense_forward(adapter, layer, name, call_kwargs)  # the live block with its current (rebuilt) weights
-    rebuilt_error = block_error(live, xs, dense_ys)
+    if rebuilt_ys is None:
+        rebuilt_ys = _outputs(live, xs)
+    rebuilt_error = block_error(lambda y: y, rebuilt_ys, dense_ys)
     rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
-    if config.reconstruct:  # the capture ran on dense values under the initial mask: run the initializer's
+    if initial_ys is None and config.reconstruct:  # the capture ran on dense values under the initial mask
         _load_weights_(linears, initial)
-        initial_error = block_error(live, xs, dense_ys)
-    else:
-        initial_error = block_error(lambda y: y, ys, dense_ys)
+        initial_ys = _outputs(live, xs)
+    elif initial_ys is None:
+        initial_ys = ys
+    initial_error = block_error(lambda y: y, initial_ys, dense_ys)
     keep = rebuilt_error < initial_error
     _load_weights_(linears, rebuilt if keep else initial)
     if not keep:
         logger.debug("llm_barber: %s block kept its initial mask (error %.3g <= rebuilt %.3g)", name,
                      initial_error, rebuilt_error)
-    return {"initial_error": initial_error, "rebuilt_error": rebuilt_error, "kept_rebuild": bool(keep),
-            **({} if keep else {"swapped": 0})}
+    report = {"initial_error": initial_error, "rebuilt_error": rebuilt_error, "kept_rebuild": bool(keep),
+              **({} if keep else {"swapped": 0})}
+    return report, (rebuilt_ys if keep else initial_ys)
 
 
-def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None) -> dict:
-    """Initializer + mask rebuild of one decoder layer, in place. Returns swap counts per block."""
+@contextlib.contextmanager
+def _replayed(replays: dict):
+    """Inside the context, each module of ``replays`` (module -> its outputs for the successive layer calls,
+    computed before) returns its next output instead of running: a layer pass whose blocks' outputs are
+    already known costs only the glue around them (norms, residual adds)."""
+    def replay(outputs):
+        it = iter(outputs)
+        return lambda *args, **kwargs: next(it)
+
+    patched = [m for m in replays if "forward" not in vars(m)]
+    for module in patched:
+        module.forward = replay(replays[module])
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _batches(rows: list[torch.Tensor], inputs: list[torch.Tensor], arity: int | None) -> list:
+    """Per-row block outputs ``[1, T, d]`` regrouped like the layer's input batches; as ``(y, None, ...)``
+    tuples of ``arity`` when the block returns a tuple (attention)."""
+    out, start = [], 0
+    for h in inputs:
+        y = torch.cat(rows[start : start + h.shape[0]])
+        start += h.shape[0]
+        out.append(y if arity is None else (y, *([None] * (arity - 1))))
+    return out
+
+
+def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None):
+    """Initializer + mask rebuild of one decoder layer, in place. Returns swap counts per block, and the
+    layer's outputs as well (``(report, outputs)``) when every block's final outputs are already known."""
     dense_layer = copy.deepcopy(layer).float()  # the only dense copy held: one layer
     if dense_source is not None:
         dense_source(dense_layer)
-    _initialize_(layer, inputs, kwargs, config)
-    report = {}
-    for name, block in _blocks(adapter, layer).items():
+    blocks = _blocks(adapter, layer)
+    init_attention_ys = _initialize_(layer, inputs, kwargs, config, blocks["attention"])
+    report, final, replays = {}, {}, {}
+    for name, block in blocks.items():
         linears = _block_linears(layer, block)
         if not linears:  # the sublayer was dropped structurally
             continue
@@ -215,7 +309,9 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
                 linears[n].weight.data.copy_(dense_linears[n].weight.data.masked_fill(mask, 0))
             out_name = _out_linear_name(adapter, layer, name)  # its Hessian is taken after the others' update
             hessians = {n: lin for n, lin in linears.items() if n != out_name}
-        xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians)
+        with _replayed(replays):  # the blocks before this one run from their known outputs
+            xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians,
+                                                    linears.get(out_name) if hessians is not None else None)
         forward = _dense_forward(adapter, dense_layer, name, call_kwargs)
         dense_ys = [] if config.verify else None
         grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys, dense_ys)
@@ -229,16 +325,27 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
                 values = torch.where(~old & ~new, w, values)
             w.copy_(values.masked_fill(new, 0))
             swapped += int((old & ~new).sum())
+        rebuilt_ys = None
         if hessians is not None:
-            _reconstruct_block_(adapter, layer, name, out_name, linears, dict(zip(names, new_masks)), hessians, xs,
-                                call_kwargs, dense_linears, config)
+            rebuilt_ys = _reconstruct_block_(adapter, layer, name, out_name, linears, dict(zip(names, new_masks)),
+                                             hessians, xs, call_kwargs, dense_linears, config,
+                                             block.get("direct", False))
         report[name] = {"swapped": swapped}
+        final[name] = rebuilt_ys
         if config.verify:
-            report[name].update(_verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, call_kwargs,
-                                               config))
-        del xs, ys, grads, hessians, initial, dense_ys
+            initial_ys = init_attention_ys if name == "attention" and config.reconstruct else None
+            verdict, final[name] = _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys,
+                                                  call_kwargs, config, rebuilt_ys, initial_ys)
+            report[name].update(verdict)
+        if final[name] is not None and block["in"] is block["out"]:  # a module that can be replayed
+            replays[block["in"]] = _batches(final[name], inputs, block.get("arity"))
+        del xs, ys, grads, hessians, initial, dense_ys, rebuilt_ys
     del dense_layer
-    return report
+    if not replays:
+        return report
+    with _replayed(replays):  # the propagation pass: only the glue runs
+        outputs = [run_layer(layer, h, kwargs) for h in inputs]
+    return report, outputs
 
 
 @register_method("llm_barber", BarberConfig)
