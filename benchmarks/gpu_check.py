@@ -105,7 +105,9 @@ def parity(archs, cases, device: str = "cuda") -> list[dict]:
                 row["logit_scale"] = float(lc.abs().max())
                 with tempfile.TemporaryDirectory() as tmp:
                     hf_pruning.save_pretrained(gpu, tmp)
-                    back = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=torch.float32)
+                    # the same attention kernel as the pruned model (older transformers default Gemma2 to SDPA)
+                    back = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=torch.float32,
+                                                                attn_implementation=gpu.config._attn_implementation)
                     with torch.no_grad():  # the saved model against the CUDA-pruned one, both on the CPU
                         lb = back(probe, use_cache=False).logits
                         lgc = gpu.cpu()(probe, use_cache=False).logits

@@ -209,3 +209,24 @@ def test_fixed_mask_solve_does_not_depend_on_the_block_size():
     assert (results[0][mask] == 0).all() and not torch.equal(results[0][~mask], weight[~mask])
     for w in results[1:]:
         torch.testing.assert_close(w, results[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_batched_block_solve_equals_the_column_loop(fixed, monkeypatch):
+    """The GPU path (a block's columns in one batched triangular solve, when its mask is known up front) gives
+    the column loop's result: same mask, same weights to float64 rounding. Forced onto the CPU here."""
+    from hf_pruning.methods.sparsegpt import scoring
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 40, generator=g)
+    hessian = x.T @ x / 300
+    weight = torch.randn(24, 40, generator=g)
+    fixed_mask = (torch.rand(24, 40, generator=g) < 0.5) if fixed else None
+    loop = weight.clone()
+    loop_mask = scoring.sparsegpt_solve_(loop, hessian, 0.5, None, 16, 0.01, fixed_mask=fixed_mask)
+    monkeypatch.setattr(scoring, "BATCHED_BLOCK_DEVICES", {"cpu"})
+    batched = weight.clone()
+    batched_mask = scoring.sparsegpt_solve_(batched, hessian, 0.5, None, 16, 0.01, fixed_mask=fixed_mask)
+    assert torch.equal(batched_mask, loop_mask)
+    torch.testing.assert_close(batched, loop, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(batched[~batched_mask], weight[~batched_mask])  # the kept weights were updated

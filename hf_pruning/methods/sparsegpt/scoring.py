@@ -17,6 +17,33 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     return torch.linalg.cholesky(inv, upper=True)
 
 
+#: devices where the columns of a block are solved at once, one batched triangular solve per block, when the
+#: block's mask is fixed before its sweep (unstructured, or a fixed mask): on a GPU the column-by-column loop is
+#: bound by kernel launches; on the CPU the loop is as fast (SmolLM2's 576 x 1536 matrix: 0.17 s either way)
+BATCHED_BLOCK_DEVICES = {"cuda"}
+
+
+def _block_errors(block: torch.Tensor, ub: torch.Tensor, bmask: torch.Tensor, chunk_bytes: int = 2**28) -> torch.Tensor:
+    """The errors the column sweep of one block produces when its mask is known up front, ``[R, B]``.
+
+    Column j's error e_j (pruned rows only) satisfies e_j * U_jj = w_j - sum_{i<j} e_i * U_ij, i.e. per row
+    ``e @ A = w * m`` with A = the block's factor ``ub`` ``[B, B]`` whose kept columns are replaced by unit
+    columns (their error is 0): one upper-triangular solve per row, batched (rows in chunks of at most
+    ``chunk_bytes`` of systems).
+    """
+    rows, width = block.shape
+    m = bmask.to(block.dtype)  # [R, B]
+    errors = torch.empty_like(block)
+    step = max(1, chunk_bytes // (width * width * block.element_size()))
+    for r0 in range(0, rows, step):
+        mr = m[r0 : r0 + step]  # [r, B]
+        system = ub[None] * mr[:, None, :]  # [r, B, B]: kept columns zeroed ...
+        system.diagonal(dim1=1, dim2=2).add_(1 - mr)  # ... then given a unit diagonal
+        rhs = (block[r0 : r0 + step] * mr)[:, None, :]  # [r, 1, B]
+        errors[r0 : r0 + step] = torch.linalg.solve_triangular(system, rhs, upper=True, left=False)[:, 0]
+    return errors
+
+
 @torch.no_grad()
 def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
                      blocksize: int = 128, percdamp: float = 0.01,
@@ -54,16 +81,20 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
             bmask = lowest_per_row(score.reshape(1, -1), k, already_zero[:, b0:b1].reshape(1, -1)).reshape(block.shape)
         else:
             bmask = torch.zeros_like(block, dtype=torch.bool)
-        for j in range(b1 - b0):
-            if fixed_mask is None and nm is not None and j % nm[1] == 0:
-                group = slice(j, j + nm[1])
-                score = block[:, group].pow(2) / d[group].pow(2)[None, :]
-                bmask[:, group] = lowest_per_row(score, nm[0], already_zero[:, b0:b1][:, group])
-            col = block[:, j]
-            err = col.masked_fill(~bmask[:, j], 0) / d[j]  # [R]: the pruned part of the column, scaled
-            block[:, j:].addr_(err, ub[j, j:], alpha=-1)  # spread over the rest of the block
-            block[:, j].masked_fill_(bmask[:, j], 0)
-            errors[:, j] = err
+        if w.device.type in BATCHED_BLOCK_DEVICES and (fixed_mask is not None or nm is None):
+            errors = _block_errors(block, ub, bmask)  # the column loop below, in one batched solve
+            block = (block - errors @ ub).masked_fill_(bmask, 0)
+        else:
+            for j in range(b1 - b0):
+                if fixed_mask is None and nm is not None and j % nm[1] == 0:
+                    group = slice(j, j + nm[1])
+                    score = block[:, group].pow(2) / d[group].pow(2)[None, :]
+                    bmask[:, group] = lowest_per_row(score, nm[0], already_zero[:, b0:b1][:, group])
+                col = block[:, j]
+                err = col.masked_fill(~bmask[:, j], 0) / d[j]  # [R]: the pruned part of the column, scaled
+                block[:, j:].addr_(err, ub[j, j:], alpha=-1)  # spread over the rest of the block
+                block[:, j].masked_fill_(bmask[:, j], 0)
+                errors[:, j] = err
         w[:, b0:b1] = block
         w[:, b1:].addmm_(errors, u[b0:b1, b1:], alpha=-1)
         mask[:, b0:b1] = bmask
