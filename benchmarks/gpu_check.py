@@ -158,7 +158,8 @@ def timing(cases, repeats_unit: int = 3) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# CUDA check ({results['device']}, torch {results['torch']}, transformers {results['transformers']})",
+    lines = [f"# CUDA check ({results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
+             f"{results.get('date', '')})",
              "", "Made by `python benchmarks/gpu_check.py --timing` on a GPU machine; see the script's docstring.", ""]
     par = results.get("parity", [])
     if par:

@@ -154,3 +154,23 @@ def test_recovery_rows_report_perplexity_before_and_after(tmp_path, data_dir, mo
     rec = recovered["recovery"]
     assert rec["masked_targets"] == rec["targets"] > 0 and rec["trained_tokens"] == 4 * 2 * 16 <= rec["data_tokens"]
     assert "LoRA recovery (`hf_pruning.recover_`" in path.with_suffix(".md").read_text()
+
+
+def test_gpu_check_script_runs_its_parity_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py (run by hand on a GPU machine) stays runnable: its parity check with the CPU as
+    the second device finds identical results, and its markdown renders from the JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    cases = [c for c in gpu_check.TINY_CASES if c[0] in ("wanda 2:4", "shortgpt")]
+    rows = gpu_check.parity(["qwen2"], cases, device="cpu")
+    assert [r["case"] for r in rows] == ["wanda 2:4", "shortgpt"]
+    for r in rows:
+        assert "error" not in r, r.get("trace")
+        assert r["same_plan"] and r["mask_agreement"] == 1.0 and r["max_logit_diff"] == 0.0 and r["reload_max_diff"] == 0.0
+    text = gpu_check.markdown({"device": "cpu", "torch": "x", "transformers": "y", "parity": rows})
+    assert "2 of 2 (architecture, method) pairs: the same plan" in text and "| qwen2 | shortgpt | True |" in text
