@@ -141,11 +141,12 @@ def _load_dense_layer_(dense_layer, reference: str, prefix: str) -> None:
 
 def _initialize_(layer, inputs, kwargs, config: BarberConfig, attention: dict) -> list | None:
     """Apply the initializer to ``layer``. When it pruned in flight (one pass over all rows, each linear
-    pruned before it ran), that pass's attention outputs are the initializer's attention block on the
-    block's inputs: returned per row ``[1, T, d]`` (else None)."""
+    pruned before it ran) and ``verify`` with ``reconstruct`` will need them, that pass's attention outputs
+    (the initializer's attention block on the block's inputs) are returned per row ``[1, T, d]``; else None."""
     seen: list = []
     with hooks() as handles:
-        handles.append(attention["out"].register_forward_hook(lambda mod, args, out: seen.append(out[0].detach())))
+        if config.verify and config.reconstruct:
+            handles.append(attention["out"].register_forward_hook(lambda mod, args, out: seen.append(out[0].detach())))
         result = None
         if config.init == "magnitude":
             magnitude_prune_layer_(layer, config)
