@@ -68,11 +68,6 @@ TIMING_CASES = [
 ]
 
 
-def _plan(model) -> dict:
-    plan = getattr(model.config, "pruning_plan", None) or {}
-    return json.loads(json.dumps(plan.get("ops", []))) if isinstance(plan, dict) else plan
-
-
 def _mask_agreement(a, b) -> float | None:
     agree, total = 0, 0
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
@@ -96,7 +91,7 @@ def parity(archs, cases, device: str = "cuda") -> list[dict]:
                 cpu = hf_pruning.prune_(tiny_model(arch), hf_pruning.PruningConfig.from_dict(cfg), calibration=calib)
                 gpu = hf_pruning.prune_(tiny_model(arch).to(device), hf_pruning.PruningConfig.from_dict(cfg),
                                         calibration=calib)
-                row["same_plan"] = _plan(cpu) == _plan(gpu)
+                row["same_plan"] = hf_pruning.get_plan(cpu).to_dict() == hf_pruning.get_plan(gpu).to_dict()
                 row["mask_agreement"] = _mask_agreement(cpu, gpu)
                 with torch.no_grad():
                     lc = cpu(probe, use_cache=False).logits

@@ -238,15 +238,19 @@ def _verify_block_(adapter, layer, name, linears, initial, xs, ys, dense_ys, cal
     if rebuilt_ys is None:
         rebuilt_ys = _outputs(live, xs)
     rebuilt_error = block_error(lambda y: y, rebuilt_ys, dense_ys)
-    rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
+    rebuilt = None  # set when the initializer's weights had to be loaded to run its block
     if initial_ys is None and config.reconstruct:  # the capture ran on dense values under the initial mask
+        rebuilt = {n: lin.weight.data.clone() for n, lin in linears.items()}
         _load_weights_(linears, initial)
         initial_ys = _outputs(live, xs)
     elif initial_ys is None:
         initial_ys = ys
     initial_error = block_error(lambda y: y, initial_ys, dense_ys)
     keep = rebuilt_error < initial_error
-    _load_weights_(linears, rebuilt if keep else initial)
+    if keep and rebuilt is not None:
+        _load_weights_(linears, rebuilt)
+    elif not keep and rebuilt is None:
+        _load_weights_(linears, initial)
     if not keep:
         logger.debug("llm_barber: %s block kept its initial mask (error %.3g <= rebuilt %.3g)", name,
                      initial_error, rebuilt_error)
@@ -302,7 +306,7 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
         names = list(linears)
         pruned = [linears[n].weight.data == 0 for n in names]
         initial = {n: linears[n].weight.data.clone() for n in names} if config.verify else None
-        hessians = None
+        hessians, out_linear = None, None
         if config.reconstruct:
             # score the mask itself, not the initializer's update: at a least-squares update the kept weights'
             # error gradient vanishes and every pruned weight would look better than every kept one
@@ -310,9 +314,9 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
                 linears[n].weight.data.copy_(dense_linears[n].weight.data.masked_fill(mask, 0))
             out_name = _out_linear_name(adapter, layer, name)  # its Hessian is taken after the others' update
             hessians = {n: lin for n, lin in linears.items() if n != out_name}
+            out_linear = linears.get(out_name)
         with _replayed(replays):  # the blocks before this one run from their known outputs
-            xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians,
-                                                    linears.get(out_name) if hessians is not None else None)
+            xs, ys, call_kwargs = _capture_block_io(layer, inputs, kwargs, block, hessians, out_linear)
         forward = _dense_forward(adapter, dense_layer, name, call_kwargs)
         dense_ys = [] if config.verify else None
         grads = block_gradient_sq(forward, {n: dense_linears[n].weight for n in linears}, xs, ys, dense_ys)
