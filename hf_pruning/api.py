@@ -157,20 +157,36 @@ def _apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             p.mul_(keep.to(device=p.device, dtype=p.dtype))
 
 
-def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None) -> nn.Module:
+def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
+           compensation_calibration: torch.Tensor | None = None) -> nn.Module:
     """Prune ``model`` in place with the method that ``config``'s class names; returns the model.
 
     ``calibration`` is a LongTensor of token ids ``[n_samples, seq_len]`` for methods that need data.
+    ``compensation_calibration`` (same form; depth methods with ``compensate=True`` only) is what the
+    compensation projection is fitted on instead of ``calibration``: a d x d fit wants thousands of tokens,
+    a greedy search is cheaper on few.
     """
     _check_float_model(model)
     adapter_for(model)
     spec = get_method(config)
-    if spec.needs_calibration and calibration is None and config.uses_calibration():
+    extra = {}
+    if compensation_calibration is not None:
+        if not getattr(config, "compensate", False):
+            raise ValueError(f"compensation_calibration is only used by depth methods with compensate=True "
+                             f"(shortgpt, sleb, finercut, taylor, gradmap); {spec.name!r} with these settings "
+                             "fits no compensation: drop the argument or set compensate=True")
+        ids = compensation_calibration
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point:
+            raise ValueError("compensation_calibration must be token ids [n_samples, seq_len]; build them with "
+                             "hf_pruning.calibration.build_calibration")
+        extra["compensation_calibration"] = compensation_calibration
+    replay = getattr(config, "order", None) is not None and bool(extra)  # a given order only needs the fit's data
+    if spec.needs_calibration and calibration is None and config.uses_calibration() and not replay:
         raise ValueError(
             f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
             "hf_pruning.calibration.build_calibration(tokenizer, source=\"default:calibration\", n_samples=16, seq_len=512)"
         )
-    result: PruningResult = spec.run(model, config, calibration)
+    result: PruningResult = spec.run(model, config, calibration, **extra)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)
     if result.masks:

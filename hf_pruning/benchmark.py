@@ -251,6 +251,8 @@ class BenchmarkRunner:
                                   seed=s.seed)
         self.calib_depth = build_calibration(tokenizer, text=calib_text, n_samples=s.depth_calib_samples,
                                              seq_len=s.depth_calib_seq_len, seed=s.seed)
+        self.calib_main = calib  # what depth rows with compensation fit their projection on
+        self.results["calibration"]["compensation"] = "depth rows with compensate fit it on the main calibration"
         self._finercut: dict[str, dict] = {}
         eval_ids = evaluation_windows(tokenizer, _books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
         self.tokenizer = tokenizer
@@ -314,6 +316,13 @@ class BenchmarkRunner:
         if method == "finercut":  # one search serves every FinerCut row: its cost up to each row's stop
             config, cost, extra = self._finercut_row(config, dense, calib, load_model, eval_ids)
             prune_(model, config, calibration=calib)
+        elif getattr(config, "compensate", False):
+            # the search scores the depth rows' few tokens; the d x d fit gets the main calibration set (decision in
+            # docs/DEPTH-METHODS.md), and its passes are counted in forwards over that set
+            fit_on = self.calib_main
+            extra["compensation_forward_s"] = forward_seconds(model, fit_on)
+            cost = measure_pruning(lambda: prune_(model, config, calibration=calib, compensation_calibration=fit_on),
+                                   model, calib)
         else:
             cost = measure_pruning(lambda: prune_(model, config, calibration=calib), model, calib)
         if recover is not None:
@@ -337,8 +346,9 @@ class BenchmarkRunner:
         row["select_s"] = search.get("search_s")
         row["search_layer_forwards"] = search.get("search_layer_forwards")
         comp = (row["report"] or {}).get("compensation")
-        if comp and cost.get("forward_s"):
-            row["compensation_passes"] = comp.get("compensation_s", 0.0) / cost["forward_s"]
+        unit = extra.get("compensation_forward_s") or cost.get("forward_s")
+        if comp and unit:
+            row["compensation_passes"] = comp.get("compensation_s", 0.0) / unit
         if recover is None and method == "harp" and not settings.get("flap_match"):
             row["search_comparison_harp"] = self._compare_harp_searches(dense, config)
         if recover is None and method == "gradmap" and getattr(config, "compensate", False) and config.order is None:

@@ -213,7 +213,14 @@ def cmd_prune(args) -> int:
             raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
         calibration = build_calibration(tokenizer, source=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
                                         seed=args.seed, max_length=getattr(model.config, "max_position_embeddings", None))
-    hf_pruning.prune_(model, config, calibration=calibration)
+    fit_on = None
+    if args.compensation_samples or args.compensation_seq_len:
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
+        fit_on = build_calibration(tokenizer, source=args.calib, n_samples=args.compensation_samples or args.n_samples,
+                                   seq_len=args.compensation_seq_len or args.seq_len, seed=args.seed,
+                                   max_length=getattr(model.config, "max_position_embeddings", None))
+    hf_pruning.prune_(model, config, calibration=calibration, compensation_calibration=fit_on)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
     return 0
@@ -276,6 +283,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compensation-samples", type=int, default=None,
+                   help="depth methods with --compensate: fit the projection on this many windows of --calib "
+                        "(default: the calibration windows); a d x d fit wants thousands of tokens")
+    p.add_argument("--compensation-seq-len", type=int, default=None,
+                   help="tokens per compensation window (default: --seq-len)")
     if method is not None:
         import hf_pruning
 

@@ -71,6 +71,21 @@ def test_ridge_search_from_one_eigendecomposition_equals_a_solve_per_ridge():
         assert mse == pytest.approx(total / 90, rel=1e-9)
 
 
+def test_grouped_folds_and_float32_screening_estimate_the_same_errors():
+    """``max_folds`` groups rows (row s in fold s % k): equal to leaving those groups out by hand; float32
+    screening agrees with float64 to single precision."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(120, 10, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(120, 10, generator=g, dtype=torch.float64)
+    rows = torch.arange(6).repeat_interleave(20)
+    _, grouped = compensation.choose_ridge(a, b, rows, max_folds=2)
+    _, by_hand = compensation.choose_ridge(a, b, rows % 2)
+    assert grouped == by_hand
+    _, single = compensation.choose_ridge(a, b, rows, max_folds=2, dtype=torch.float32)
+    for ridge, mse in grouped["ridge_validation_mse"].items():
+        assert single["ridge_validation_mse"][ridge] == pytest.approx(mse, rel=1e-4)
+
+
 def test_compensation_is_skipped_when_no_fit_beats_the_identity_on_held_out_rows(monkeypatch):
     """The automatic ridge includes "no compensation": then the plan has the removals only, and says why."""
     monkeypatch.setattr(compensation, "RIDGE_GRID", (1e-6,))  # a grid of one nearly unregularised fit
@@ -155,6 +170,67 @@ def test_compensation_composes_with_every_depth_method():
     plain = tiny_model("qwen2")
     hf_pruning.prune_(plain, GradMAPConfig(num_removals=2, compensate=False), calibration=CALIB)
     assert "add_linear" not in [op["op"] for op in hf_pruning.get_plan(plain).to_dict()["ops"]]
+
+
+def test_layer_is_the_shortlisted_fit_that_generalises_best(monkeypatch):
+    """Automatic ridge: the SHORTLIST kept layers with the largest shift are fitted, and the one whose fit has the
+    lowest held-out error relative to leaving the layer alone carries the projection; a fixed ridge (or a
+    shortlist of one) keeps the paper's rule, the largest shift."""
+    calib = tokens(batch=6, length=48, seed=3)
+    runs = {}
+    for shortlist in (1, 3):
+        monkeypatch.setattr(compensation, "SHORTLIST", shortlist)
+        model = tiny_model("llama")
+        hf_pruning.prune_(model, ShortGPTConfig(order=["1.block"], compensate=True), calibration=calib)
+        runs[shortlist] = model.hf_pruning_report["compensation"]
+    shifts = {int(k): v for k, v in runs[3]["shifts"].items()}
+    by_shift = sorted((i for i in shifts if shifts[i] > 0), key=lambda i: (-shifts[i], i))
+    ratios = runs[3]["validated_error_ratio"]
+    assert sorted(ratios) == sorted(by_shift[:3])
+    assert runs[3]["layer"] == min(ratios, key=ratios.get)
+    assert list(runs[1]["validated_error_ratio"]) == [by_shift[0]] and runs[1]["layer"] == by_shift[0]
+    # the chosen layer's ridge is then picked leaving one row out, and that fit beats the identity too
+    chosen = runs[3]
+    assert ratios[chosen["layer"]] < 1 and set(chosen["ridge_validation_mse"]) == set(compensation.RIDGE_GRID)
+    assert min(chosen["ridge_validation_mse"].values()) < chosen["identity_validation_mse"]
+    fixed = tiny_model("llama")
+    hf_pruning.prune_(fixed, ShortGPTConfig(order=["1.block"], compensate=True, ridge=0.1), calibration=calib)
+    assert fixed.hf_pruning_report["compensation"]["layer"] == by_shift[0]
+
+
+def test_compensation_fits_on_its_own_calibration_when_given():
+    """``compensation_calibration``: the search scores ``calibration``, the projection is fitted on the other set,
+    exactly as replaying the found order with the fit's data would do."""
+    big = tokens(batch=6, length=40, seed=9)
+    searched = tiny_model("mistral")
+    hf_pruning.prune_(searched, SLEBConfig(num_removals=2, compensate=True, ridge=0.1), calibration=CALIB,
+                      compensation_calibration=big)
+    comp = searched.hf_pruning_report["compensation"]
+    assert comp["calibration_tokens"] == big.numel() and "add_linear" in str(hf_pruning.get_plan(searched).to_dict())
+    order = searched.hf_pruning_report["order"]
+    same_search = tiny_model("mistral")
+    hf_pruning.prune_(same_search, SLEBConfig(num_removals=2, compensate=True, ridge=0.1), calibration=CALIB)
+    assert same_search.hf_pruning_report["order"] == order  # the search saw CALIB only
+    replayed = tiny_model("mistral")  # an order needs no search data: the fit's data is enough
+    hf_pruning.prune_(replayed, SLEBConfig(order=order, compensate=True, ridge=0.1), compensation_calibration=big)
+    for name, value in searched.state_dict().items():
+        assert torch.equal(value, replayed.state_dict()[name]), name
+    fused = dict(searched.named_parameters())
+    other = dict(same_search.named_parameters())
+    assert any(not torch.equal(fused[k], other[k]) for k in fused)  # fitting on CALIB gives another projection
+
+
+def test_compensation_calibration_is_refused_where_nothing_is_fitted():
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="compensate=True"):
+        hf_pruning.prune_(model, GradMAPConfig(num_removals=1, compensate=False), calibration=CALIB,
+                          compensation_calibration=CALIB)
+    with pytest.raises(ValueError, match="compensate=True"):
+        hf_pruning.prune_(model, hf_pruning.WandaConfig(sparsity=0.5), calibration=CALIB, compensation_calibration=CALIB)
+    with pytest.raises(ValueError, match="token ids"):
+        hf_pruning.prune_(model, GradMAPConfig(num_removals=1), calibration=CALIB, compensation_calibration=CALIB.float())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 SOLVERS = ("closed_form", "adam")
 #: ridge strengths tried when none is given: the one with the lowest held-out error (leave one sample out) wins
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: kept layers (largest shift first) whose fits are validated when the ridge is chosen from the data
+SHORTLIST = 8
+#: folds of the shortlist's screening (rows grouped); the chosen layer's ridge is then picked leaving one row out
+SCREEN_FOLDS = 4
 
 
 def _contribution_module(adapter, layer, sublayer: str):
@@ -90,35 +94,39 @@ def solve_projection(a: torch.Tensor, b: torch.Tensor, ridge: float) -> tuple[to
     return p, {"lambda": lam, "condition": cond, "gram_rank": rank}
 
 
-def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor) -> tuple[float, dict]:
+def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor, max_folds: int | None = None,
+                 dtype: torch.dtype = torch.float64) -> tuple[float, dict]:
     """The ridge of ``RIDGE_GRID`` with the lowest leave-one-sample-out error of ``P a ≈ b``; ``math.inf``
     (``P = I``, no compensation) when the identity's error on the held-out rows is lower still.
 
     ``sample_of`` ``[tokens]`` names each token's calibration row; with a single row, its two halves are the
     folds. Small calibration sets need strong shrinkage toward the identity (a d x d fit from few tokens
-    overfits), large ones little: this picks it from the data instead of a fixed default.
+    overfits), large ones little: this picks it from the data instead of a fixed default. ``max_folds`` groups
+    the rows into at most that many folds (row ``s`` in fold ``s % max_folds``): a cheaper estimate, as is a
+    ``dtype`` of float32 (screening only: the fit itself is float64).
     """
-    folds = sample_of.clone()
+    folds = sample_of.clone() if max_folds is None else sample_of % max_folds
     if int(folds.max()) == 0:
         folds[folds.numel() // 2:] = 1
-    a, b = a.double(), b.double()
+    a, b = a.to(dtype), b.to(dtype)
     errors = dict.fromkeys(RIDGE_GRID, 0.0)
     identity = float(((a - b) ** 2).sum()) / a.shape[0]  # P = I (ridge -> infinity) on every fold
+    gram_all, cross_all = a.T @ a, b.T @ a  # [d, d] each; a fold's statistics are these minus its own rows'
     for f in folds.unique():
         held = folds == f
-        fit_a, fit_b = a[~held], b[~held]  # [tokens - held, d]
-        gram, cross = fit_a.T @ fit_a, fit_b.T @ fit_a  # [d, d] each, shared by every ridge
+        a_h, b_h = a[held], b[held]  # [held, d]
+        gram, cross = gram_all - a_h.T @ a_h, cross_all - b_h.T @ a_h  # [d, d] each, shared by every ridge
         # one eigendecomposition G = Q diag(e) Q^T serves every ridge: P^T = Q diag(1/(e+lam)) Q^T (C + lam I)^T,
         # so the held-out prediction a_h P^T = S (Q^T C^T) + lam S Q^T with S = (a_h Q) diag(1/(e+lam))
         e, q = torch.linalg.eigh(gram)  # [d], [d, d]
         e = e.clamp_min(0)
-        a_q, q_c = a[held] @ q, q.T @ cross.T  # [held, d], [d, d]
+        a_q, q_c = a_h @ q, q.T @ cross.T  # [held, d], [d, d]
         trace = float(e.sum())
         for ridge in RIDGE_GRID:
             lam = _ridge_lambda(ridge, trace, gram.shape[0])
             scaled = a_q / (e + lam)  # [held, d]
-            pred = scaled @ q_c + lam * (scaled @ q.T)  # [held, d]
-            errors[ridge] += float(((pred - b[held]) ** 2).sum()) / a.shape[0]
+            pred = scaled @ (q_c + lam * q.T)  # [held, d]
+            errors[ridge] += float(((pred - b_h) ** 2).sum()) / a.shape[0]
     best = min(errors, key=errors.get)
     if identity <= errors[best]:  # no fit generalises better than leaving the layer alone
         best = math.inf
@@ -141,6 +149,24 @@ def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int =
             loss.backward()
             opt.step()
     return p.detach().double()
+
+
+def _layer_fit(adapter, layer, sublayer: str, pruned, j: int, target: list[torch.Tensor]) -> dict:
+    """The fit data at kept layer ``j``: its carrier's contribution ``a`` and the contribution ``b`` that would
+    land on the dense stream ``target``, all ``[tokens, d]``, from one forward of the layer on the pruned stream."""
+    captured: list[torch.Tensor] = []
+    with hooks() as handles:
+        module = _contribution_module(adapter, layer, sublayer)
+        handles.append(module.register_forward_hook(lambda m, args, out: captured.append(out.detach())))
+        with pruned.dropped(j, set(pruned.removed.get(j, ()))) as run:
+            outs = [run_layer(run, pruned.cache[j][s], pruned.kwargs[j]) for s in range(pruned.n)]
+    d = outs[0].shape[-1]
+    a = torch.cat([c.reshape(-1, d) for c in captured])  # [tokens, d] the carrier's contribution
+    h_pruned = torch.cat([o.reshape(-1, d) for o in outs])  # [tokens, d]
+    h_dense = torch.cat([h.reshape(-1, d) for h in target])  # [tokens, d] the target
+    sample_of = torch.cat([torch.full((o.reshape(-1, d).shape[0],), s) for s, o in enumerate(outs)])  # [tokens]
+    return {"layer": j, "a": a, "b": h_dense - (h_pruned - a), "h_pruned": h_pruned, "h_dense": h_dense,
+            "sample_of": sample_of}
 
 
 def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor, ridge: float | None = None,
@@ -175,28 +201,34 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         usable = [i for i in carrier if shifts[i] > 0]
         if not usable:
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model", "shifts": shifts}
-        j = max(usable, key=lambda i: (shifts[i], -i))
-        captured: list[torch.Tensor] = []
-        with hooks() as handles:
-            module = _contribution_module(adapter, layers[j], carrier[j])
-            handles.append(module.register_forward_hook(lambda m, args, out: captured.append(out.detach())))
-            with pruned.dropped(j, set(pruned.removed.get(j, ()))) as layer:
-                outs = [run_layer(layer, pruned.cache[j][s], pruned.kwargs[j]) for s in range(pruned.n)]
-        d = outs[0].shape[-1]
-        a = torch.cat([c.reshape(-1, d) for c in captured])  # [tokens, d] the carrier's contribution
-        h_pruned = torch.cat([o.reshape(-1, d) for o in outs])  # [tokens, d]
-        h_dense = torch.cat([h.reshape(-1, d) for h in dense.cache[feeds[j]]])  # [tokens, d] the target
-        b = h_dense - (h_pruned - a)  # the contribution that would land on the dense hidden state
-        chosen = {}
+        # the paper's criterion (largest shift) shortlists; the fit that generalises best decides (a fixed ridge
+        # or a one-layer shortlist keeps the largest shift)
+        shortlist = sorted(usable, key=lambda i: (-shifts[i], i))[:SHORTLIST if ridge is None else 1]
+        best = None
+        validation = {}
+        for i in shortlist:
+            fit = _layer_fit(adapter, layers[i], carrier[i], pruned, i, dense.cache[feeds[i]])
+            if ridge is None:  # screened on at most SCREEN_FOLDS folds; the winner's ridge by leave-one-row-out
+                _, screen = choose_ridge(fit["a"], fit["b"], fit["sample_of"], SCREEN_FOLDS, torch.float32)
+                fit["gain"] = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
+                validation[i] = fit["gain"]
+            else:
+                fit["gain"] = 0.0
+            if best is None or fit["gain"] < best["gain"]:
+                best = fit
+        j = best["layer"]
+        a, b, h_pruned, h_dense = best["a"], best["b"], best["h_pruned"], best["h_dense"]
         if ridge is None:
-            sample_of = torch.cat([torch.full((o.reshape(-1, d).shape[0],), s) for s, o in enumerate(outs)])
-            ridge, chosen = choose_ridge(a, b, sample_of)
-            if math.isinf(ridge):
-                logger.warning("compensation skipped: at layer %d no ridge fit beats the identity on held-out "
-                               "calibration rows (more calibration tokens may help)", j)
-                return [], {"skipped": "no ridge fit beats the identity on held-out calibration rows",
-                            "layer": j, "shifts": shifts, **chosen, "compensation_s": time.perf_counter() - start,
-                            "layer_forwards": dense.layer_forwards + pruned.layer_forwards}
+            ridge, chosen = choose_ridge(a, b, best["sample_of"])
+            chosen["validated_error_ratio"] = validation
+        else:
+            chosen = {}
+        if math.isinf(ridge):
+            logger.warning("compensation skipped: at layer %d no ridge fit beats the identity on held-out "
+                           "calibration rows (more calibration tokens may help)", j)
+            return [], {"skipped": "no ridge fit beats the identity on held-out calibration rows",
+                        "layer": j, "shifts": shifts, **chosen, "compensation_s": time.perf_counter() - start,
+                        "layer_forwards": dense.layer_forwards + pruned.layer_forwards + len(shortlist)}
         if solver == "adam":
             p, info = adam_projection(a, b, ridge, steps), {}
         else:
@@ -210,6 +242,6 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
     report = {"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j], "shifts": shifts, "solver": solver,
               "ridge": ridge, **chosen, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
-              "layer_forwards": dense.layer_forwards + pruned.layer_forwards, **info}
+              "layer_forwards": dense.layer_forwards + pruned.layer_forwards + len(shortlist), **info}
     logger.info("compensation at layer %d (shift %.3g): hidden-state MSE %.4g -> %.4g", j, shifts[j], before, after)
     return [op], report

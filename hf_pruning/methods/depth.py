@@ -392,16 +392,20 @@ def removal_from_order(model, config: DepthConfig, granularity: str, default_fra
     return order[:budget.prefix(order)]
 
 
-def depth_result(model, config: DepthConfig, removed: list[Candidate], calibration, report: dict):
-    """The PruningResult of a depth method: removal ops, the optional compensation, the order in the record."""
+def depth_result(model, config: DepthConfig, removed: list[Candidate], calibration, report: dict,
+                 compensation_calibration=None):
+    """The PruningResult of a depth method: removal ops, the optional compensation (fitted on
+    ``compensation_calibration`` when given, else on ``calibration``), the order in the record."""
     from ..registry import PruningResult
     from .compensation import fit_compensation
 
     plan = plan_for(model, removed)
     if config.compensate:
-        if calibration is None:
+        fit_on = compensation_calibration if compensation_calibration is not None else calibration
+        if fit_on is None:
             raise ValueError("compensate=True fits on calibration data: pass calibration token ids")
-        ops, report["compensation"] = fit_compensation(model, removed, calibration, config.ridge, config.solver)
+        ops, report["compensation"] = fit_compensation(model, removed, fit_on, config.ridge, config.solver)
+        report["compensation"]["calibration_tokens"] = int(fit_on.numel())
         plan.ops.extend(ops)
     freed, total = removal_params(model)
     order = [str(c) for c in removed]

@@ -71,7 +71,7 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
 
 
 @register_method("finercut", FinerCutConfig)
-def run_finercut(model, config: FinerCutConfig, calibration) -> PruningResult:
+def run_finercut(model, config: FinerCutConfig, calibration, compensation_calibration=None) -> PruningResult:
     if config.order is not None:
         removed, report = removal_from_order(model, config, config.granularity, None), {"search": None}
     else:
@@ -87,4 +87,4 @@ def run_finercut(model, config: FinerCutConfig, calibration) -> PruningResult:
                        "search_layer_forwards": last.layer_forwards, "search_head_forwards": last.head_forwards,
                        "calibration_tokens": found["calibration_tokens"]},
         }
-    return depth_result(model, config, removed, calibration, report)
+    return depth_result(model, config, removed, calibration, report, compensation_calibration)

@@ -45,9 +45,9 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
 
 
 @register_method("gradmap", GradMAPConfig)
-def run_gradmap(model, config: GradMAPConfig, calibration) -> PruningResult:
+def run_gradmap(model, config: GradMAPConfig, calibration, compensation_calibration=None) -> PruningResult:
     if config.order is not None:
         removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
     else:
         removed, report = rank_blocks(model, calibration, config, config.score, config.mode)
-    return depth_result(model, config, removed, calibration, report)
+    return depth_result(model, config, removed, calibration, report, compensation_calibration)

@@ -43,9 +43,9 @@ def ranked_blocks(model, calibration: torch.Tensor, config) -> tuple[list[Candid
 
 
 @register_method("shortgpt", ShortGPTConfig)
-def run_shortgpt(model, config: ShortGPTConfig, calibration) -> PruningResult:
+def run_shortgpt(model, config: ShortGPTConfig, calibration, compensation_calibration=None) -> PruningResult:
     if config.order is not None:
         removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
     else:
         _, removed, report = ranked_blocks(model, calibration, config)
-    return depth_result(model, config, removed, calibration, report)
+    return depth_result(model, config, removed, calibration, report, compensation_calibration)

@@ -9,9 +9,9 @@ from .config import TaylorConfig
 
 
 @register_method("taylor", TaylorConfig)
-def run_taylor(model, config: TaylorConfig, calibration) -> PruningResult:
+def run_taylor(model, config: TaylorConfig, calibration, compensation_calibration=None) -> PruningResult:
     if config.order is not None:
         removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
     else:
         removed, report = rank_blocks(model, calibration, config, "taylor", "one_shot")
-    return depth_result(model, config, removed, calibration, report)
+    return depth_result(model, config, removed, calibration, report, compensation_calibration)
