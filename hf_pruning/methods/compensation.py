@@ -4,8 +4,11 @@ states back toward the dense ones at the kept layer whose output drifted most, f
 With the removals decided (not yet applied), two layer runners give the dense and the pruned residual stream
 on the calibration rows (one dense pass, at most one pruned pass). A kept layer's pruned output feeds the next
 kept layer (or the final norm); in the dense model that consumer receives the dense stream after any removed
-blocks in between, ``D_j``. The kept layer ``j`` with the largest first-moment shift
-``|| mean_tokens(H_pruned_j) - mean_tokens(D_j) ||_2`` (among layers that still have an MLP) is chosen. Its
+blocks in between, ``D_j``. The ``SHORTLIST`` kept layers with the largest first-moment shift
+``|| mean_tokens(H_pruned_j) - mean_tokens(D_j) ||_2`` (relative to the dense states' mean norm) are fitted, and
+the layer ``j`` whose fit beats the identity by the widest margin on held-out rows is chosen (with a given
+``ridge``: the largest shift, the paper's rule). The fit's data may be its own set (``compensation_calibration``
+of ``prune_``). Its
 output is ``H = r + a`` with ``a`` the MLP's residual contribution (the attention's where FinerCut dropped the
 MLP of that layer); the fit finds
 
@@ -115,18 +118,24 @@ def choose_ridge(a: torch.Tensor, b: torch.Tensor, sample_of: torch.Tensor, max_
     for f in folds.unique():
         held = folds == f
         a_h, b_h = a[held], b[held]  # [held, d]
-        gram, cross = gram_all - a_h.T @ a_h, cross_all - b_h.T @ a_h  # [d, d] each, shared by every ridge
-        # one eigendecomposition G = Q diag(e) Q^T serves every ridge: P^T = Q diag(1/(e+lam)) Q^T (C + lam I)^T,
-        # so the held-out prediction a_h P^T = S (Q^T C^T) + lam S Q^T with S = (a_h Q) diag(1/(e+lam))
+        gram_h, cross_h = a_h.T @ a_h, b_h.T @ a_h  # [d, d] each: the held-out rows' statistics
+        gram, cross = gram_all - gram_h, cross_all - cross_h  # [d, d] each: the fit's, shared by every ridge
+        # one eigendecomposition G = Q diag(e) Q^T serves every ridge: P^T = Q diag(1/(e+lam)) M with
+        # M = Q^T C^T + lam Q^T, so the held-out error ||a_h P^T - b_h||^2 needs d x d products only:
+        # tr(M^T D K D M) - 2 tr(M^T D L) + ||b_h||^2 with D = diag(1/(e+lam)), K = Q^T G_h Q, L = Q^T C_h^T
         e, q = torch.linalg.eigh(gram)  # [d], [d, d]
         e = e.clamp_min(0)
-        a_q, q_c = a_h @ q, q.T @ cross.T  # [held, d], [d, d]
+        k, l_ = q.T @ gram_h @ q, q.T @ cross_h.T  # [d, d] each
+        q_c = q.T @ cross.T  # [d, d]
+        b_sq = float((b_h * b_h).sum())
         trace = float(e.sum())
         for ridge in RIDGE_GRID:
             lam = _ridge_lambda(ridge, trace, gram.shape[0])
-            scaled = a_q / (e + lam)  # [held, d]
-            pred = scaled @ (q_c + lam * q.T)  # [held, d]
-            errors[ridge] += float(((pred - b_h) ** 2).sum()) / a.shape[0]
+            dinv = 1.0 / (e + lam)  # [d]
+            m = q_c + lam * q.T  # [d, d]
+            fit = float((((k * dinv[:, None] * dinv[None, :]) @ m) * m).sum())  # ||a_h P^T||^2
+            cross_term = float(((dinv[:, None] * l_) * m).sum())  # <a_h P^T, b_h>
+            errors[ridge] += max(fit - 2 * cross_term + b_sq, 0.0) / a.shape[0]
     best = min(errors, key=errors.get)
     if identity <= errors[best]:  # no fit generalises better than leaving the layer alone
         best = math.inf
@@ -151,20 +160,26 @@ def adam_projection(a: torch.Tensor, b: torch.Tensor, ridge: float, steps: int =
     return p.detach().double()
 
 
-def _layer_fit(adapter, layer, sublayer: str, pruned, j: int, target: list[torch.Tensor]) -> dict:
-    """The fit data at kept layer ``j``: its carrier's contribution ``a`` and the contribution ``b`` that would
-    land on the dense stream ``target``, all ``[tokens, d]``, from one forward of the layer on the pruned stream."""
+def _contributions(adapter, layer, sublayer: str, pruned: DepthRunner, j: int) -> list[torch.Tensor]:
+    """``sublayer``'s contribution at layer ``j`` on the pruned stream, one ``[1, T, d]`` chunk per row."""
     captured: list[torch.Tensor] = []
     with hooks() as handles:
         module = _contribution_module(adapter, layer, sublayer)
         handles.append(module.register_forward_hook(lambda m, args, out: captured.append(out.detach())))
         with pruned.dropped(j, set(pruned.removed.get(j, ()))) as run:
-            outs = [run_layer(run, pruned.cache[j][s], pruned.kwargs[j]) for s in range(pruned.n)]
-    d = outs[0].shape[-1]
+            for s in range(pruned.n):
+                run_layer(run, pruned.cache[j][s], pruned.kwargs[j])
+    return captured
+
+
+def _layer_fit(captured: list[torch.Tensor], pruned: DepthRunner, j: int, target: list[torch.Tensor]) -> dict:
+    """The fit data at kept layer ``j``: its carrier's contribution ``a`` (``captured`` during the pruned pass, in
+    row order) and the contribution ``b`` that would land on the dense stream ``target``, all ``[tokens, d]``."""
+    d = target[0].shape[-1]
     a = torch.cat([c.reshape(-1, d) for c in captured])  # [tokens, d] the carrier's contribution
-    h_pruned = torch.cat([o.reshape(-1, d) for o in outs])  # [tokens, d]
+    h_pruned = torch.cat([h.reshape(-1, d) for h in pruned.cache[j + 1]])  # [tokens, d] the layer's output
     h_dense = torch.cat([h.reshape(-1, d) for h in target])  # [tokens, d] the target
-    sample_of = torch.cat([torch.full((o.reshape(-1, d).shape[0],), s) for s, o in enumerate(outs)])  # [tokens]
+    sample_of = torch.cat([torch.full((h.reshape(-1, d).shape[0],), s) for s, h in enumerate(target)])  # [tokens]
     return {"layer": j, "a": a, "b": h_dense - (h_pruned - a), "h_pruned": h_pruned, "h_dense": h_dense,
             "sample_of": sample_of}
 
@@ -185,29 +200,40 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         if any(adapter.residual_norms(layer) for layer in layers):
             raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
                              "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
-        dense = DepthRunner(model, calibration)  # one dense pass
-        # the pruned pass runs from the first removal on; the layers below it are the dense pass's
-        pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
         whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
         kept = [i for i in range(len(layers)) if i not in whole]
-        # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
-        # dense model receives the dense stream at that point (after the removed blocks in between)
-        feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
-        shifts = {i: _shift(pruned.cache[i + 1], dense.cache[feeds[i]], relative) for i in kept}
         # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
         gone = {(c.layer, part) for c in removed for part in c.parts}
         carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
                    or (i, "mlp") not in gone}
+        dense = DepthRunner(model, calibration)  # one dense pass
+        # the pruned pass runs from the first removal on (the layers below it are the dense pass's) and keeps
+        # each carrier's contribution on the way ([b, T, d] chunks in row order), so no layer runs twice
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in carrier}
+        with hooks() as handles:
+            for i in carrier:
+                module = _contribution_module(adapter, layers[i], carrier[i])
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, i=i: captured[i].append(out.detach())))
+            pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
+        # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
+        # dense model receives the dense stream at that point (after the removed blocks in between)
+        feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
+        shifts = {i: _shift(pruned.cache[i + 1], dense.cache[feeds[i]], relative) for i in kept}
         usable = [i for i in carrier if shifts[i] > 0]
         if not usable:
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model", "shifts": shifts}
         # the paper's criterion (largest shift) shortlists; the fit that generalises best decides (a fixed ridge
         # or a one-layer shortlist keeps the largest shift)
         shortlist = sorted(usable, key=lambda i: (-shifts[i], i))[:SHORTLIST if ridge is None else 1]
+        for i in set(captured) - set(shortlist):
+            del captured[i]  # free what no fit will use
         best = None
         validation = {}
         for i in shortlist:
-            fit = _layer_fit(adapter, layers[i], carrier[i], pruned, i, dense.cache[feeds[i]])
+            # the last kept layer below the first removal feeds a removed span but was not re-run: run it once
+            chunks = captured.pop(i, None) or _contributions(adapter, layers[i], carrier[i], pruned, i)
+            fit = _layer_fit(chunks, pruned, i, dense.cache[feeds[i]])
             if ridge is None:  # screened on at most SCREEN_FOLDS folds; the winner's ridge by leave-one-row-out
                 _, screen = choose_ridge(fit["a"], fit["b"], fit["sample_of"], SCREEN_FOLDS, torch.float32)
                 fit["gain"] = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
@@ -228,7 +254,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
                            "calibration rows (more calibration tokens may help)", j)
             return [], {"skipped": "no ridge fit beats the identity on held-out calibration rows",
                         "layer": j, "shifts": shifts, **chosen, "compensation_s": time.perf_counter() - start,
-                        "layer_forwards": dense.layer_forwards + pruned.layer_forwards + len(shortlist)}
+                        "layer_forwards": dense.layer_forwards + pruned.layer_forwards}
         if solver == "adam":
             p, info = adam_projection(a, b, ridge, steps), {}
         else:
@@ -242,6 +268,6 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
     report = {"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j], "shifts": shifts, "solver": solver,
               "ridge": ridge, **chosen, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
-              "layer_forwards": dense.layer_forwards + pruned.layer_forwards + len(shortlist), **info}
+              "layer_forwards": dense.layer_forwards + pruned.layer_forwards, **info}
     logger.info("compensation at layer %d (shift %.3g): hidden-state MSE %.4g -> %.4g", j, shifts[j], before, after)
     return [op], report

@@ -293,7 +293,8 @@ class DepthConfig(PruningConfig):
                 "first entries, all of them without a budget): skips the search, needs no calibration"})
 
     compensate: bool = field(default=False, metadata={
-        "help": "GradMAP's stage 2: fit a d x d projection at the kept layer that drifted most and fuse it into "
+        "help": "GradMAP's stage 2: fit a d x d projection at a kept layer that drifted most (the validated best of the "
+                "largest shifts) and fuse it into "
                 "its MLP down projection"})
     ridge: float | None = field(default=None, metadata={
         "help": "compensation: ridge strength (relative to the contribution's energy per dimension), > 0; "

@@ -23,7 +23,8 @@ class GradMAPConfig(DepthConfig):
 
     method: ClassVar[str] = "gradmap"
     compensate: bool = field(default=True, metadata={
-        "help": "stage 2: fit a d x d projection at the kept layer that drifted most, fused into its MLP"})
+        "help": "stage 2: fit a d x d projection at a kept layer that drifted most (the validated best of the largest "
+                "shifts), fused into its MLP"})
     score: str = field(default="fisher", metadata={"help": "grad (mean |dL/dθ|), taylor (sum |θ dL/dθ|), output (norm of dL/d block output), "
                 "contribution (sum |dL/dh ⊙ (h_out - h_in)|: Taylor importance of the block's residual update) or "
                 "fisher (sum (dL/dh ⊙ (h_out - h_in))^2: its diagonal-Fisher, second-order counterpart)"})
