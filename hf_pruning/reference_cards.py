@@ -106,7 +106,9 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
                                           **_replay_settings(method, row_settings, row.get("report") or {})})
         model = copy.deepcopy(base).eval()
         depth = row.get("group") == "depth"
-        prune_(model, config, calibration=calib_depth if depth else calib)
+        # as the benchmark does: depth rows search on the depth tokens and fit any compensation on the main set
+        fit_on = {"compensation_calibration": calib} if depth and getattr(config, "compensate", False) else {}
+        prune_(model, config, calibration=calib_depth if depth else calib, **fit_on)
         removed = 1 - _decoder_nonzero(model) / dense_nonzero
         if abs(removed - row["params_removed"]) > 1e-6:
             raise RuntimeError(f"rebuilt {name} removes {removed:.6f} of decoder parameters but the benchmark row "
