@@ -207,19 +207,20 @@ def cmd_prune(args) -> int:
     config = config_from_args(spec.config_class, args)
     model = _load(args.model)
     tokenizer = _tokenizer(args.model)
+
+    def windows(n_samples: int, seq_len: int):
+        """``n_samples`` windows of ``seq_len`` tokens of ``--calib``."""
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
+        return build_calibration(tokenizer, source=args.calib, n_samples=n_samples, seq_len=seq_len, seed=args.seed,
+                                 max_length=getattr(model.config, "max_position_embeddings", None))
+
     calibration = None
     if spec.needs_calibration and config.uses_calibration():  # e.g. HARP with given alphas needs none
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
-        calibration = build_calibration(tokenizer, source=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
-                                        seed=args.seed, max_length=getattr(model.config, "max_position_embeddings", None))
+        calibration = windows(args.n_samples, args.seq_len)
     fit_on = None
     if args.compensation_samples or args.compensation_seq_len:
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer; calibration text cannot be tokenized")
-        fit_on = build_calibration(tokenizer, source=args.calib, n_samples=args.compensation_samples or args.n_samples,
-                                   seq_len=args.compensation_seq_len or args.seq_len, seed=args.seed,
-                                   max_length=getattr(model.config, "max_position_embeddings", None))
+        fit_on = windows(args.compensation_samples or args.n_samples, args.compensation_seq_len or args.seq_len)
     hf_pruning.prune_(model, config, calibration=calibration, compensation_calibration=fit_on)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
