@@ -484,6 +484,23 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None else pattern.format(value)
 
 
+def acc_retained_se(results: dict, row: dict) -> float | None:
+    """One binomial standard error of ``row``'s retained accuracy: sqrt(sum_t p_t (1 - p_t) / n) / T over the T
+    tasks' accuracies p_t on n items each, divided by the dense mean accuracy (the dense model's own error and the
+    pairing of items across rows are left out; a difference between two rows has at most sqrt(2) times it)."""
+    acc, n = row.get("acc"), results["evaluation"].get("zero_shot_items")
+    dense = next((r.get("acc") for r in results["rows"] if r["method"] == "dense" and r.get("acc")), None)
+    if not acc or not n or not dense:
+        return None
+    variance = sum(p * (1 - p) / n for p in acc.values()) / len(acc) ** 2
+    return variance ** 0.5 / (sum(dense.values()) / len(dense))
+
+
+def _retained(results: dict, row: dict) -> str:
+    se = acc_retained_se(results, row) if row["method"] != "dense" else None
+    return _fmt(row.get("acc_retained")) + ("" if se is None or row.get("acc_retained") is None else f" ± {se:.3f}")
+
+
 def markdown_table(results: dict) -> str:
     """The generated table quoted by the README and docs (never edited by hand)."""
     tasks = results["evaluation"]["zero_shot_tasks"]
@@ -496,6 +513,10 @@ def markdown_table(results: dict) -> str:
         "",
         f"Evaluation checks: {results.get('checks', {})}",
         "",
+        f"acc retained: mean zero-shot accuracy over dense, ± one binomial standard error on "
+        f"{results['evaluation'].get('zero_shot_items')} items per task (`acc_retained_se`; every row answers the same "
+        "items, so a difference between two rows has at most 1.4 times the larger error).",
+        "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -503,7 +524,7 @@ def markdown_table(results: dict) -> str:
         acc = r.get("acc") or {}
         cells = [r["method"], json.dumps(r["settings"]) if r["settings"] else "", _fmt(r.get("params_removed"), "{:.1%}"),
                  _fmt(r.get("kv_removed"), "{:.1%}"), _fmt(r.get("ppl"), "{:.2f}"), _fmt(r.get("ppl_ratio"), "{:.3f}"),
-                 *[_fmt(acc.get(t)) for t in tasks], _fmt(r.get("acc_retained")), _fmt(r.get("prune_s"), "{:.1f}"),
+                 *[_fmt(acc.get(t)) for t in tasks], _retained(results, r), _fmt(r.get("prune_s"), "{:.1f}"),
                  _fmt(r.get("passes"), "{:.2f}"), _fmt(r.get("peak_rss_ratio"), "{:.2f}"),
                  _fmt(r.get("prefill_speedup"), "{:.2f}"), _fmt(r.get("decode_speedup"), "{:.2f}"),
                  _fmt(r.get("ideal_speedup"), "{:.2f}"), _fmt(r.get("select_s"), "{:.1f}"),

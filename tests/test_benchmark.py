@@ -174,3 +174,22 @@ def test_gpu_check_script_runs_its_parity_on_the_cpu(tmp_path):
         assert r["same_plan"] and r["mask_agreement"] == 1.0 and r["max_logit_diff"] == 0.0 and r["reload_max_diff"] == 0.0
     text = gpu_check.markdown({"device": "cpu", "torch": "x", "transformers": "y", "parity": rows})
     assert "2 of 2 (architecture, method) pairs: the same plan" in text and "| qwen2 | shortgpt | True |" in text
+
+
+def test_retained_accuracy_standard_error_by_hand():
+    # dense mean 0.5; a row with accuracies 0.4 and 0.6 on 100 items: sqrt((0.24 + 0.24) / 100) / 2 / 0.5
+    results = {"evaluation": {"zero_shot_items": 100, "zero_shot_tasks": ["a", "b"]},
+               "rows": [{"method": "dense", "acc": {"a": 0.5, "b": 0.5}},
+                        {"method": "x", "acc": {"a": 0.4, "b": 0.6}, "acc_retained": 1.0}]}
+    assert bench.acc_retained_se(results, results["rows"][1]) == pytest.approx(0.48 ** 0.5 / 10)
+    assert bench.acc_retained_se(results, {"method": "y", "acc": None}) is None
+    assert bench._retained(results, results["rows"][1]) == "1.000 ± 0.069"
+    assert bench._retained(results, results["rows"][0]) == "–"  # the dense row has no acc_retained here
+
+
+def test_committed_results_table_is_generated_from_the_committed_rows():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    results = json.loads((folder / "smollm2.json").read_text())
+    assert (folder / "smollm2.md").read_text() == bench.markdown_table(results)

@@ -15,7 +15,7 @@ import hf_pruning
 from hf_pruning import FinerCutConfig, ShortGPTConfig, SLEBConfig
 from hf_pruning.config import ConfigError
 from hf_pruning.methods.depth import Candidate, candidates_for, removal_params
-from hf_pruning.methods.finercut import finercut_search, metrics
+from hf_pruning.methods.finercut import finercut_search, metrics, removal_score
 from hf_pruning.verify import reload_in_fresh_process
 
 CALIB = tokens(batch=3, length=24, seed=5)
@@ -109,6 +109,22 @@ def _brute_force_scores(model, removed: list[str]) -> dict[str, float]:
                       for d, row in zip(dense, CALIB)]
         scores[str(c)] = sum(values) / len(values)
     return scores
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt_postln"])
+def test_removal_score_of_any_set_matches_the_search_and_a_brute_force(arch):
+    model = tiny_model(arch)
+    before = copy.deepcopy(model.state_dict())
+    order, steps = _order(model, num_removals=3)
+    for k in (1, 3):  # the search's score of each step is the score of its prefix set
+        assert removal_score(model, CALIB, order[:k]) == pytest.approx(steps[k - 1].score, rel=1e-6)
+    assert removal_score(model, CALIB, []) == 0.0
+    other = [c for c in candidates_for(model, "sublayer") if str(c) not in order[:2]][0]
+    assert removal_score(model, CALIB, [*order[:2], other]) == pytest.approx(
+        _brute_force_scores(model, order[:2])[str(other)], rel=1e-4)  # a set the search never chose
+    block = removal_score(model, CALIB, ["1.block"], metric="kl")  # whole blocks and other metrics too
+    assert block > 0 and block != removal_score(model, CALIB, ["1.attention"], metric="kl")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "opt_postln"])

@@ -70,6 +70,29 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
             "calibration_tokens": int(calibration.numel())}
 
 
+def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_code") -> float:
+    """FinerCut's score of any removal set: the ``metric`` distance between ``model``'s output distribution and
+    the model with ``removed`` taken out (candidates or strings such as ``"12.mlp"``, ``"5.block"``), averaged over
+    the calibration rows ``[n, T]``; ``model`` is left unchanged.
+
+    The search's last step reports this value for the set it found, so two sets, e.g. a FinerCut result and a
+    block method's, can be compared on the objective FinerCut minimises.
+    """
+    from ..depth import DepthRunner
+    from .metrics import Metric
+
+    check_calibration(calibration)
+    removed = tuple(c if isinstance(c, Candidate) else Candidate.parse(c) for c in removed)
+    with calibration_mode(model):
+        dense = DepthRunner(model, calibration)
+        score = Metric(metric)
+        if score.needs_reference:
+            score.set_reference(dense.dense_logits())
+        runner = DepthRunner(model, calibration, removed=removed, prefix_from=dense) if removed else dense
+        final = runner.cache[len(runner.layers)]
+        return sum(score.score(s, runner.logits(s, final[s]), runner.ids[s]) for s in range(runner.n)) / runner.n
+
+
 @register_method("finercut", FinerCutConfig)
 def run_finercut(model, config: FinerCutConfig, calibration, compensation_calibration=None) -> PruningResult:
     if config.order is not None:
