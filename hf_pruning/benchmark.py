@@ -487,7 +487,8 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
 def acc_retained_se(results: dict, row: dict) -> float | None:
     """One binomial standard error of ``row``'s retained accuracy: sqrt(sum_t p_t (1 - p_t) / n) / T over the T
     tasks' accuracies p_t on n items each, divided by the dense mean accuracy (the dense model's own error and the
-    pairing of items across rows are left out; a difference between two rows has at most sqrt(2) times it)."""
+    pairing of items across rows are left out; as rows tend to get the same items right, a difference between two
+    rows has at most about sqrt(2) times the larger error)."""
     acc, n = row.get("acc"), results["evaluation"].get("zero_shot_items")
     dense = next((r.get("acc") for r in results["rows"] if r["method"] == "dense" and r.get("acc")), None)
     if not acc or not n or not dense:

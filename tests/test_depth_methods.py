@@ -125,6 +125,8 @@ def test_removal_score_of_any_set_matches_the_search_and_a_brute_force(arch):
     block = removal_score(model, CALIB, ["1.block"], metric="kl")  # whole blocks and other metrics too
     assert block > 0 and block != removal_score(model, CALIB, ["1.attention"], metric="kl")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="does not have"):
+        removal_score(model, CALIB, ["99.mlp"])
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "opt_postln"])

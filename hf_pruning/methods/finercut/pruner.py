@@ -83,6 +83,11 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
 
     check_calibration(calibration)
     removed = tuple(c if isinstance(c, Candidate) else Candidate.parse(c) for c in removed)
+    known = set(candidates_for(model, "sublayer")) | set(candidates_for(model, "block"))
+    unknown = [str(c) for c in removed if c not in known]
+    if unknown:
+        raise ValueError(f"removal set names candidates this model does not have: {unknown}; use '<layer>.<attention|"
+                         f"mlp|block>' with layers 0..{max(c.layer for c in known)} still present in the model")
     with calibration_mode(model):
         dense = DepthRunner(model, calibration)
         score = Metric(metric)
