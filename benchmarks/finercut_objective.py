@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 
 from hf_pruning.assets import load_smollm2
-from hf_pruning.benchmark import CALIBRATION_BOOKS, BenchSettings, _books
-from hf_pruning.calibration import build_calibration
+from hf_pruning.benchmark import CALIBRATION_BOOKS, BenchSettings
 from hf_pruning.methods.finercut import removal_score
 
 RESULTS = Path("benchmarks/results")
@@ -29,9 +28,7 @@ def main() -> None:
     results = json.loads((RESULTS / "smollm2.json").read_text())
     settings = BenchSettings()
     model, tokenizer = load_smollm2()
-    calib = build_calibration(tokenizer, text=_books(settings.data_dir, CALIBRATION_BOOKS),
-                              n_samples=settings.depth_calib_samples, seq_len=settings.depth_calib_seq_len,
-                              seed=settings.seed)
+    calib = settings.calibration(tokenizer, depth=True)
     rows, scores = [], {}
     for row in results["rows"]:
         report = row.get("report") or {}

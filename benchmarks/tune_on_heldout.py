@@ -24,8 +24,8 @@ import time
 
 import hf_pruning
 from hf_pruning.assets import load_smollm2
-from hf_pruning.benchmark import CALIBRATION_BOOKS, BenchSettings, _books
-from hf_pruning.calibration import build_calibration, evaluation_windows
+from hf_pruning.benchmark import BenchSettings, _books
+from hf_pruning.calibration import evaluation_windows
 from hf_pruning.evaluation import perplexity
 
 HELD_OUT_BOOKS = ("northangerabbey",)
@@ -36,10 +36,7 @@ def main(configs: list[str]) -> None:
     configs = [c for c in configs if c != "--depth"]
     base, tok = load_smollm2()
     settings = BenchSettings()
-    samples, seq_len = ((settings.depth_calib_samples, settings.depth_calib_seq_len) if depth
-                        else (settings.calib_samples, settings.calib_seq_len))
-    calib = build_calibration(tok, text=_books(settings.data_dir, CALIBRATION_BOOKS), n_samples=samples,
-                              seq_len=seq_len, seed=settings.seed)
+    calib = settings.calibration(tok, depth=depth)
     data = settings.data_dir
     held_out = evaluation_windows(tok, _books(data, HELD_OUT_BOOKS), 512, 16)
     print("dense", "%.2f" % perplexity(base, held_out), flush=True)

@@ -114,6 +114,13 @@ class BenchSettings:
     seed: int = 0
     data_dir: str = field(default_factory=lambda: os.environ.get("HF_PRUNING_DATA_DIR", "../shared/data/austen"))
 
+    def calibration(self, tokenizer, depth: bool = False) -> torch.Tensor:
+        """The benchmark's calibration token ids ``[n, T]`` from the calibration books: the main set, or with
+        ``depth`` the depth rows' (same books and seed, fewer and shorter rows)."""
+        n, t = (self.depth_calib_samples, self.depth_calib_seq_len) if depth else (self.calib_samples, self.calib_seq_len)
+        return build_calibration(tokenizer, text=_books(self.data_dir, CALIBRATION_BOOKS), n_samples=n, seq_len=t,
+                                 seed=self.seed)
+
     @classmethod
     def quick(cls, **kw) -> BenchSettings:
         return cls(calib_samples=8, eval_windows=8, zero_shot_limit=100, speed_repeats=1, decode_tokens=32,
@@ -246,11 +253,8 @@ class BenchmarkRunner:
     def run(self, load_model, tokenizer) -> dict:
         """``load_model()`` returns a fresh dense model (called once per row so rows never share state)."""
         s = self.settings
-        calib_text = _books(s.data_dir, CALIBRATION_BOOKS)
-        calib = build_calibration(tokenizer, text=calib_text, n_samples=s.calib_samples, seq_len=s.calib_seq_len,
-                                  seed=s.seed)
-        self.calib_depth = build_calibration(tokenizer, text=calib_text, n_samples=s.depth_calib_samples,
-                                             seq_len=s.depth_calib_seq_len, seed=s.seed)
+        calib = s.calibration(tokenizer)
+        self.calib_depth = s.calibration(tokenizer, depth=True)
         self.calib_main = calib  # what depth rows with compensation fit their projection on
         self.results["calibration"]["compensation"] = "depth rows with compensate fit it on the main calibration"
         self._finercut: dict[str, dict] = {}

@@ -74,8 +74,7 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
 
     from .api import prune_, save_pretrained
     from .assets import load_smollm2
-    from .benchmark import CALIBRATION_BOOKS, BenchSettings, _books, _decoder_nonzero, row_key
-    from .calibration.data import build_calibration
+    from .benchmark import BenchSettings, _decoder_nonzero, row_key
     from .config import PruningConfig
 
     results = json.loads(Path(results_path).read_text())
@@ -88,11 +87,7 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
         raise ValueError(f"no reference card named {unknown}; known: {', '.join(REFERENCE_ROWS)}")
     rows = {r["key"]: r for r in results["rows"] if not r.get("error")}
     base, tokenizer = load_smollm2()
-    text = _books(settings.data_dir, CALIBRATION_BOOKS)
-    calib = build_calibration(tokenizer, text=text, n_samples=settings.calib_samples, seq_len=settings.calib_seq_len,
-                              seed=settings.seed)
-    calib_depth = build_calibration(tokenizer, text=text, n_samples=settings.depth_calib_samples,
-                                    seq_len=settings.depth_calib_seq_len, seed=settings.seed)
+    calib, calib_depth = settings.calibration(tokenizer), settings.calibration(tokenizer, depth=True)
     dense_nonzero = _decoder_nonzero(base)
     written = []
     for name in names:

@@ -376,14 +376,20 @@ def resolve_budget(model, candidates: list[Candidate], num_removals: int | None,
     return Budget(steps, None, freed, total)
 
 
+def named_candidates(model, names, what: str, fix: str) -> list[Candidate]:
+    """``names`` (candidates or strings such as ``"12.mlp"``) as candidates of ``model``; a name the model does not
+    have, or a repeat, is refused with a message about ``what`` and ``fix``."""
+    parsed = [c if isinstance(c, Candidate) else Candidate.parse(c) for c in names]
+    allowed = set(candidates_for(model, "block")) | set(candidates_for(model, "sublayer"))
+    bad = [str(c) for c in parsed if c not in allowed]
+    if bad or len(set(parsed)) != len(parsed):
+        raise ValueError(f"{what} names candidates the model does not have (or repeats one): {bad or parsed}; {fix}")
+    return parsed
+
+
 def removal_from_order(model, config: DepthConfig, granularity: str, default_fraction: float | None) -> list[Candidate]:
     """The candidates ``config.order`` names, cut to the budget (all of them when no budget is given)."""
-    order = [Candidate.parse(c) for c in config.order]
-    allowed = set(candidates_for(model, "block")) | set(candidates_for(model, "sublayer"))
-    bad = [str(c) for c in order if c not in allowed]
-    if bad or len(set(order)) != len(order):
-        raise ValueError(f"order names candidates the model does not have (or repeats one): {bad or order}; "
-                         "pass an order found on this model")
+    order = named_candidates(model, config.order, "order", "pass an order found on this model")
     budgets = {k: v for k, v in config._budgets().items() if v is not None}
     if not budgets:
         return order

@@ -9,8 +9,18 @@ import torch
 
 from ...calibration import calibration_mode
 from ...registry import PruningResult, register_method
-from ..depth import Candidate, candidates_for, depth_result, removal_from_order, removal_params, resolve_budget
+from ..depth import (
+    Candidate,
+    DepthRunner,
+    candidates_for,
+    depth_result,
+    named_candidates,
+    removal_from_order,
+    removal_params,
+    resolve_budget,
+)
 from .config import FinerCutConfig
+from .metrics import Metric
 from .search import GreedySearch
 
 logger = logging.getLogger(__name__)
@@ -78,16 +88,9 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
     The search's last step reports this value for the set it found, so two sets, e.g. a FinerCut result and a
     block method's, can be compared on the objective FinerCut minimises.
     """
-    from ..depth import DepthRunner
-    from .metrics import Metric
-
     check_calibration(calibration)
-    removed = tuple(c if isinstance(c, Candidate) else Candidate.parse(c) for c in removed)
-    known = set(candidates_for(model, "sublayer")) | set(candidates_for(model, "block"))
-    unknown = [str(c) for c in removed if c not in known]
-    if unknown:
-        raise ValueError(f"removal set names candidates this model does not have: {unknown}; use '<layer>.<attention|"
-                         f"mlp|block>' with layers 0..{max(c.layer for c in known)} still present in the model")
+    removed = tuple(named_candidates(model, removed, "the removal set",
+                                     "name each once as '<layer>.<attention|mlp|block>' of a layer still in the model"))
     with calibration_mode(model):
         dense = DepthRunner(model, calibration)
         score = Metric(metric)
