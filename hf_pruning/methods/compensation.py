@@ -54,6 +54,12 @@ def _contribution_module(adapter, layer, sublayer: str):
     return adapter.output_linear(layer, sublayer)
 
 
+def _capture_contribution(handles: list, adapter, layer, sublayer: str, sink: list[torch.Tensor]) -> None:
+    """Append ``sublayer``'s contribution ``[b, T, d]`` to ``sink`` on every forward of ``layer`` (hook in ``handles``)."""
+    module = _contribution_module(adapter, layer, sublayer)
+    handles.append(module.register_forward_hook(lambda m, args, out: sink.append(out.detach())))
+
+
 def _mean_hidden(states: list[torch.Tensor]) -> torch.Tensor:
     """Mean over every token of every sample: ``n x [1, T, d] -> [d]`` (float64)."""
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in states]).double().mean(0)
@@ -164,8 +170,7 @@ def _contributions(adapter, layer, sublayer: str, pruned: DepthRunner, j: int) -
     """``sublayer``'s contribution at layer ``j`` on the pruned stream, one ``[1, T, d]`` chunk per row."""
     captured: list[torch.Tensor] = []
     with hooks() as handles:
-        module = _contribution_module(adapter, layer, sublayer)
-        handles.append(module.register_forward_hook(lambda m, args, out: captured.append(out.detach())))
+        _capture_contribution(handles, adapter, layer, sublayer, captured)
         with pruned.dropped(j, set(pruned.removed.get(j, ()))) as run:
             for s in range(pruned.n):
                 run_layer(run, pruned.cache[j][s], pruned.kwargs[j])
@@ -212,9 +217,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
         captured: dict[int, list[torch.Tensor]] = {i: [] for i in carrier}
         with hooks() as handles:
             for i in carrier:
-                module = _contribution_module(adapter, layers[i], carrier[i])
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, i=i: captured[i].append(out.detach())))
+                _capture_contribution(handles, adapter, layers[i], carrier[i], captured[i])
             pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
         # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
         # dense model receives the dense stream at that point (after the removed blocks in between)
