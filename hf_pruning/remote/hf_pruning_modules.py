@@ -104,42 +104,54 @@ def attach_output_linear(module: nn.Module, linear: nn.Linear) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------------------
-try:  # transformers >= 5.23: a cache layer that stores nothing and that masks and positions skip
-    from transformers.cache_utils import DummyLayer as _DummyLayer
+try:  # transformers >= 5.23: a cache layer that stores nothing and that prefetching and masks skip
+    from transformers.cache_utils import DummyLayer as _CacheLayerBase
 except ImportError:  # older transformers
-    _DummyLayer = None
+    _CacheLayerBase = object
 
 
-class _MirrorLayer:
-    """Fallback for transformers without ``DummyLayer``: stores nothing, reports another layer's length.
+class _MirrorLayer(_CacheLayerBase):
+    """The cache slot of an attention-less layer: stores nothing, reports a real attention layer's length.
 
-    ``get_seq_length()`` reads layer 0 and masks read the first full-attention layer, so an attention-less
-    layer there must report the sequence length that real attention layers hold.
+    A subclass of transformers' ``DummyLayer`` where it exists, so offloading and masks skip it; it adds the
+    length queries ``DummyLayer`` does not answer on every release (transformers 5.25 reads
+    ``layers[0].get_seq_length()`` for positions, 5.23 redirected that call to the first attention layer).
     """
 
     is_sliding = False
-    is_compileable = False
+    is_compileable = True  # holds no tensors; a cache is compileable (static) only when all its layers are
+    is_croppable = True
     is_initialized = True
+    supports_early_init = False
 
-    def __init__(self, cache, source_idx: int):
+    def __init__(self, cache, source_idx: int | None):
         self._cache = cache
         self._source_idx = source_idx
         self.keys = None
         self.values = None
 
     def _source(self):
+        if self._source_idx is None or self._source_idx >= len(self._cache.layers):
+            return None
         return self._cache.layers[self._source_idx]
 
     def get_seq_length(self, *args, **kwargs) -> int:
-        return self._source().get_seq_length()
+        source = self._source()
+        return 0 if source is None else source.get_seq_length()
 
-    def get_mask_sizes(self, *args, **kwargs):
-        return self._source().get_mask_sizes(*args, **kwargs)
+    def get_mask_sizes(self, query_length: int, *args, **kwargs):
+        source = self._source()
+        if source is None:
+            return query_length, 0
+        return source.get_mask_sizes(query_length, *args, **kwargs)
 
     def get_max_length(self) -> int:
-        return self._source().get_max_length()
+        source = self._source()
+        return -1 if source is None else source.get_max_length()
 
-    def update(self, *args, **kwargs):
+    def update(self, key_states=None, value_states=None, *args, **kwargs):
+        if key_states is None and value_states is None:  # DDP's cache reconstruction passes (None, None)
+            return None, None
         raise RuntimeError("hf_pruning: an attention-less layer was asked to store KV states")
 
     def reset(self): ...
@@ -159,20 +171,15 @@ def prepare_cache_for_attentionless_layers(cache, attentionless: list[int], num_
     layers = getattr(cache, "layers", None)
     if layers is None or not attentionless:
         return
-    if _DummyLayer is None and len(layers) < num_layers:
+    if len(layers) < num_layers:
         # lazily grown caches: pad with the cache's own layer class so indices line up
         layer_cls = getattr(cache, "layer_class_to_replicate", None)
         if layer_cls is None:
             return
         while len(layers) < num_layers:
             layers.append(layer_cls())
-    sources = [i for i in range(num_layers) if i not in set(attentionless)]
+    skip = set(attentionless)
+    source = next((i for i in range(num_layers) if i not in skip), None)
     for idx in attentionless:
-        if idx >= len(layers):
-            continue
-        current = layers[idx]
-        if _DummyLayer is not None:
-            if not isinstance(current, _DummyLayer):
-                layers[idx] = _DummyLayer()
-        elif not isinstance(current, _MirrorLayer) and sources:
-            layers[idx] = _MirrorLayer(cache, sources[0])
+        if idx < len(layers) and not isinstance(layers[idx], _MirrorLayer):
+            layers[idx] = _MirrorLayer(cache, source)
