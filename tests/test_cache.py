@@ -83,3 +83,22 @@ def test_static_cache_generate_matches_dynamic(arch):
     reference = model.generate(x, max_new_tokens=4, do_sample=False)
     out = model.generate(x, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_one_token_steps_through_a_prebuilt_cache(arch, kind):
+    """A cache built before the first forward (as generate builds it): positions and masks come from the slots
+    of attention-less layers too (layer 0 here), so each must report a real layer's length."""
+    from transformers import StaticCache
+
+    model = pruned(arch)
+    x = tokens(batch=1, length=8)
+    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        steps = [model(x[:, :3], past_key_values=cache, use_cache=True).logits]
+        for t in range(3, x.shape[1]):
+            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert int(cache.get_seq_length()) == x.shape[1]

@@ -13,7 +13,8 @@ from hf_pruning.cli import main
 def test_apply_show_verify(tmp_path, capsys):
     hf_pruning.save_pretrained(tiny_model("qwen2"), tmp_path / "dense")
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"ops": [{"op": "value_only_attention", "layer": 5}, {"op": "drop_mlp", "layer": 1}]}))
+    plan.write_text(json.dumps({"ops": [{"op": "value_only_attention", "layer": 5}, {"op": "drop_mlp", "layer": 1},
+                                        {"op": "drop_attention", "layer": 0}]}))
     assert main(["-q", "apply", str(tmp_path / "dense"), str(plan), str(tmp_path / "pruned")]) == 0
     assert "PrunedQwen2ForCausalLM" in capsys.readouterr().out
     assert main(["-q", "show", str(tmp_path / "pruned")]) == 0
@@ -21,7 +22,11 @@ def test_apply_show_verify(tmp_path, capsys):
     assert shown["layers"][5]["attention"] == "value_only" and shown["layers"][1]["mlp"] == "none"
     assert len(shown["sparsity"]["layers"]) == 6 and 0 <= shown["sparsity"]["overall"] < 0.01
     assert main(["-q", "verify", str(tmp_path / "pruned")]) == 0
-    assert "identical logits=True" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # what users run is checked too: the default forward with the cache, one-token steps and generate
+    for check in ("identical logits", "default forward (cache on) agrees", "one-token steps through the cache agree",
+                  "generate with/without cache agree", "generate matches the model in this process"):
+        assert f"{check}=True" in out
 
 
 def test_bad_plan_is_a_clear_error_with_exit_code_2(tmp_path, capsys):

@@ -58,6 +58,28 @@ class PrunedCausalLMMixin:
                 "was edited by hand or written by an incompatible version"
             )
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The stock loader, made strict: a weight the replayed architecture lacks or expects is an error.
+
+        A checkpoint whose ``pruning_plan`` was edited (an op lost or added) would otherwise load with some
+        weights freshly initialised and the rest silently dropped.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {key: names for key, names in problems.items() if names}
+        if problems:
+            listed = "; ".join(f"{key.replace('_', ' ')}: {', '.join(map(str, names[:5]))}"
+                               + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                               for key, names in problems.items())
+            raise ValueError(
+                f"the checkpoint's weights do not match the architecture its pruning_plan describes ({listed}); "
+                "config.json was edited by hand or the weights come from another save: save the model again "
+                "with hf_pruning, or restore the original config.json"
+            )
+        return (model, info) if want_info else model
+
     def __init_subclass__(cls, **kwargs):
         """Give each subclass a forward with the stock signature (generate inspects it)."""
         super().__init_subclass__(**kwargs)
