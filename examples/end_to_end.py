@@ -7,7 +7,7 @@
 1. Prune SmolLM2-135M in place (any registered method; ShortGPT by default because it needs no search).
 2. Measure held-out perplexity before and after.
 3. Recover with LoRA (PEFT) on the calibration part of the embedded text; masks would be kept, structure is.
-4. Save atomically with a generated model card that quotes the numbers measured here.
+4. Save (each file written whole) with a generated model card that quotes the numbers measured here.
 5. Push: a dry run by default (the files that would go up, the card included); ``--push true`` uploads.
 6. Reload the saved folder in a fresh Python process without hf_pruning and compare its logits.
 """

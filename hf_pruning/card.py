@@ -123,21 +123,24 @@ def _evaluation_section(ev: dict | None) -> str:
     lines = ["| metric | base | pruned |", "|---|---:|---:|"]
     if ev.get("ppl") is not None:
         where = ev.get("ppl_text") or "held-out text"
-        tokens = f", {_fmt_int(ev['ppl_tokens'])} tokens" if ev.get("ppl_tokens") else ""
+        tokens = f", {_fmt_value(ev['ppl_tokens'], '{:,}')} tokens" if ev.get("ppl_tokens") else ""
         lines.append(f"| perplexity ({where}{tokens}) | {_fmt_value(ev.get('dense_ppl'), '{:.2f}')} | "
-                     f"{ev['ppl']:.2f} |")
+                     f"{_fmt_value(ev['ppl'], '{:.2f}')} |")
     dense_acc = ev.get("dense_acc") or {}
     for task, acc in sorted((ev.get("acc") or {}).items()):
-        lines.append(f"| {task} accuracy | {_fmt_value(dense_acc.get(task), '{:.3f}')} | {acc:.3f} |")
+        lines.append(f"| {task} accuracy | {_fmt_value(dense_acc.get(task), '{:.3f}')} | {_fmt_value(acc, '{:.3f}')} |")
     if ev.get("acc_retained") is not None:
-        lines.append(f"| mean accuracy retained | 1.000 | {ev['acc_retained']:.3f} |")
+        lines.append(f"| mean accuracy retained | 1.000 | {_fmt_value(ev['acc_retained'], '{:.3f}')} |")
     for key, label in (("prefill_speedup", "prefill throughput"), ("decode_speedup", "decode throughput"),
                        ("ideal_speedup", "ideal speed-up from FLOPs")):
         if ev.get(key) is not None:
-            lines.append(f"| {label} | 1.00x | {ev[key]:.2f}x |")
+            lines.append(f"| {label} | 1.00x | {_fmt_value(ev[key], '{:.2f}x')} |")
     if ev.get("ppl_before_recovery") is not None:
-        lines.append(f"| perplexity before recovery | | {ev['ppl_before_recovery']:.2f} |")
+        lines.append(f"| perplexity before recovery | | {_fmt_value(ev['ppl_before_recovery'], '{:.2f}')} |")
     text = "\n".join(lines)
+    if len(lines) == 2:  # e.g. {"ppl": NaN}: saved as null, nothing finite to show
+        text = ("No finite number to show: what was measured is not finite (NaN or infinite, saved as `null` in "
+                "`evaluation.json`) or not a number.")
     if ev.get("note"):
         text += f"\n\n{ev['note']}"
     return text
@@ -150,11 +153,13 @@ def _eval_results(ev: dict | None) -> list:
     if not ev:
         return []
     out = []
-    if ev.get("ppl") is not None:
+    if isinstance(ev.get("ppl"), (int, float)):
         name = ev.get("ppl_text") or "held-out text"
         out.append(EvalResult(task_type="text-generation", dataset_type="text", dataset_name=str(name),
                               metric_type="perplexity", metric_value=round(float(ev["ppl"]), 4)))
     for task, acc in sorted((ev.get("acc") or {}).items()):
+        if not isinstance(acc, (int, float)):  # not finite (saved as null) or not a number: no metadata entry
+            continue
         out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
                               metric_type="accuracy", metric_value=round(float(acc), 4)))
     return out
@@ -172,7 +177,11 @@ def _load_section(repo_id: str, custom_code: bool, arch: str, saved_with: str | 
             "Without hf_pruning, the model code saved next to the weights builds the pruned layers "
             f"(transformers >= {minimum}; older versions stop with an error naming the upgrade):\n\n```python\n"
             "from transformers import AutoModelForCausalLM\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id}\", trust_remote_code=True)\n```"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id}\", trust_remote_code=True)\n```\n\n"
+            "The tokenizer (when the folder has one) is a stock tokenizer and needs no custom code: load it with "
+            f"`AutoTokenizer.from_pretrained(\"{repo_id}\", trust_remote_code=False)`. transformers 5 reads "
+            "`config.json` for every tokenizer and, without that argument, stops to ask whether to run the model's "
+            "code; with hf_pruning imported it does not ask."
         )
     else:
         without = (
@@ -226,7 +235,8 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
     ``evaluation`` holds what was measured, with the benchmark rows' keys (``ppl``, ``dense_ppl``, ``ppl_text``,
     ``ppl_tokens``, ``acc``, ``dense_acc``, ``acc_retained``, ``prefill_speedup``, ``decode_speedup``,
     ``ideal_speedup``, ``note``); any subset. ``picture`` is a file name next to the card. The loading snippets
-    name ``repo_id``, else ``location`` (a local folder); ``summary`` is a precomputed :func:`pruning_summary`. A custom
+    name ``repo_id``, else ``path/to/<base name of location>`` (the local folder: only its base name is used, so
+    no local path enters the card); ``summary`` is a precomputed :func:`pruning_summary`. A custom
     ``template_path`` may use the default variables plus any passed as keyword arguments; a variable it needs
     and nobody provides raises :class:`CardTemplateError`.
     """
@@ -237,7 +247,8 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
     summary = summary if summary is not None else pruning_summary(model)
     arch = adapter_for(model).arch
     custom_code = not plan.is_stock_expressible()
-    repo = repo_id or location or "<namespace>/<name>"
+    folder = Path(str(location)).name if location else ""  # a base name only: a local path never enters a card
+    repo = repo_id or (f"path/to/{folder}" if folder else "<namespace>/<name>")
     name = Path(repo).name
     methods = [h["method"] for h in history if h.get("method")]
     tags = ["pruned", "hf_pruning", *dict.fromkeys(methods)] + (["custom_code"] if custom_code else [])

@@ -1,15 +1,17 @@
 """``hf-prune``: the command line. Parsing only; every action calls the public API.
 
-    hf-prune prune MODEL OUT --method NAME [method flags] [--calib SOURCE ...]   prune, save atomically
+    hf-prune prune MODEL OUT --method NAME [method flags] [--calib SOURCE ...]   prune, save into OUT
     hf-prune eval MODEL [--ppl SOURCE] [--tasks ...] [--speed]                  evaluate, print JSON
     hf-prune bench [--quick]                                                    the benchmark grid
-    hf-prune apply MODEL PLAN.json OUT      apply a hand-written plan, save atomically
+    hf-prune apply MODEL PLAN.json OUT      apply a hand-written plan, save into OUT
     hf-prune inspect MODEL [--json] [--plots DIR]   plan, per-layer shapes, sparsity and savings of a model
     hf-prune push MODEL REPO_ID [--dry-run]  upload a saved folder to the Hub (one commit, card included)
     hf-prune recover MODEL OUT [--data SRC]  LoRA recovery fine-tuning, masks kept, merged and saved
     hf-prune cards                          regenerate model_cards/ from the benchmark results
-    hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning
+    hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning (runs its code)
 
+Saving into OUT writes the model's files (each one whole, via a staging folder inside OUT) and keeps every other
+file there; only out-of-date files of an earlier save (old weight shards, hf_pruning's code, its card) go.
 Method flags come from the method's config dataclass (``hf-prune prune --method NAME --help`` lists them).
 Exit codes: 0 success, 1 a check failed, 2 bad input (the message says what and how to fix it).
 """
@@ -27,6 +29,12 @@ import typing
 logger = logging.getLogger("hf_pruning.cli")
 
 
+def _check_out(out: str) -> None:
+    from hf_pruning.saving import check_save_directory
+
+    check_save_directory(out)
+
+
 def _load(path: str):
     import hf_pruning
 
@@ -36,6 +44,7 @@ def _load(path: str):
 def cmd_apply(args) -> int:
     import hf_pruning
 
+    _check_out(args.out)  # a bad output path fails now, not after the work
     model = _load(args.model)
     plan = hf_pruning.api._as_plan(args.plan)
     hf_pruning.prune_(model, hf_pruning.PlanConfig(plan=plan.to_dict()))
@@ -127,6 +136,7 @@ def cmd_recover(args) -> int:
     from hf_pruning.recovery import RecoveryConfig
 
     config = config_from_args(RecoveryConfig, args)
+    _check_out(args.out)  # a bad output path fails now, not after the work
     model = _load(args.model)
     tokenizer = _tokenizer(args.model)
     if tokenizer is None:
@@ -212,6 +222,7 @@ def cmd_prune(args) -> int:
 
     spec = hf_pruning.get_method(args.method)
     config = config_from_args(spec.config_class, args)
+    _check_out(args.out)  # a bad output path fails now, not after the work
     model = _load(args.model)
     tokenizer = _tokenizer(args.model)
 
@@ -278,13 +289,19 @@ def _tokenizer(path: str):
         return None
 
 
+OUT_HELP = ("output folder, created when missing; the model's files are written into it (each one whole) and its other "
+            "files are kept")
+VERIFY_HELP = ("reload a saved model in a fresh process without hf_pruning and compare logits and generation. This RUNS "
+               "THE PYTHON CODE IN THE FOLDER (transformers' trust_remote_code=True): use it only on folders you trust")
+
+
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face causal LMs in place.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="prune a model with a registered method and save the result")
     p.add_argument("model", help="model folder or Hub name")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help=OUT_HELP)
     p.add_argument("--method", required=True, help="registered method (see --list-methods)")
     p.add_argument("--calib", default="default:calibration",
                    help="calibration text: file, folder, 'default[:calibration]', 'wikitext2', 'c4' or 'hf:<dataset>'")
@@ -318,7 +335,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="apply a pruning plan (JSON file) and save the result")
     p.add_argument("model", help="model folder or Hub name")
     p.add_argument("plan", help="pruning plan JSON file")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help=OUT_HELP)
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("inspect", help="print the plan, per-layer shapes, sparsity and savings of a saved model")
     p.add_argument("model")
@@ -344,7 +361,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
     p = sub.add_parser("recover", help="LoRA recovery fine-tuning of a pruned model (masks kept), merged and saved")
     p.add_argument("model", help="pruned model folder")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help=OUT_HELP)
     p.add_argument("--data", default="default:calibration", help="training text (same sources as prune --calib)")
     p.add_argument("--eval", default=None, help="evaluation text for perplexity before/after (e.g. default:evaluation)")
     p.add_argument("--eval-windows", type=int, default=16)
@@ -359,8 +376,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="comma-separated methods (default: every reference row)")
     p.add_argument("--data-dir", default=None, help="folder of the Austen novels (default: ../shared/data/austen)")
     p.set_defaults(func=cmd_cards)
-    p = sub.add_parser("verify", help="reload a saved model in a fresh process without hf_pruning")
-    p.add_argument("model")
+    p = sub.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP + ".")
+    p.add_argument("model", help="saved model folder (its *.py files are executed)")
     p.set_defaults(func=cmd_verify)
     return parser
 
