@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .api import (  # noqa: E402
     QuantizedModelError,
+    UnsupportedModelError,
     apply_plan_,
     clear_quantizer_,
     from_pretrained,
@@ -23,6 +24,7 @@ from .api import (  # noqa: E402
     prune_,
     save_pretrained,
 )
+from .calibration.check import CalibrationError  # noqa: E402
 from .card import CardTemplateError, build_card  # noqa: E402
 from .config import ConfigError, PruningConfig  # noqa: E402
 from .hub import HubPushError, push_to_hub  # noqa: E402
@@ -64,6 +66,7 @@ _register_auto_classes()
 
 __all__ = [
     "BarberConfig",
+    "CalibrationError",
     "CardTemplateError",
     "HubPushError",
     "NoTrainableTargetError",
@@ -92,6 +95,7 @@ __all__ = [
     "PruningResult",
     "QuantizedModelError",
     "UnsupportedArchitectureError",
+    "UnsupportedModelError",
     "__version__",
     "apply_plan_",
     "clear_quantizer_",

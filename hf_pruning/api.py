@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import reprlib
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibration.check import CalibrationError, check_calibration
+from .config import ConfigError, PruningConfig
 from .plan import PlanError, PruningPlan
-from .registry import PruningResult, get_method
+from .registry import PruningResult, get_method, list_methods
 from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
 from .remote.hf_pruning_surgery import (
     adapter_for,
@@ -23,7 +28,7 @@ from .remote.hf_pruning_surgery import (
     inspect_model,
     simulate_plan,
 )
-from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES
+from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES, PrunedCausalLMMixin
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +68,187 @@ def clear_quantizer_(model: nn.Module) -> nn.Module:
     return model
 
 
+class UnsupportedModelError(ValueError):
+    """A model object that cannot be pruned as it is given (the message says how to get one that can).
+
+    Raised before anything changes for: a ``torch.compile`` wrapper, a PEFT model or a model with adapter layers,
+    a model class other than a supported ``*ForCausalLM`` (sequence classification, the bare base model), weights
+    on the ``meta`` device, and weights offloaded by accelerate (CPU/disk offload, not supported yet).
+    """
+
+
+_LOAD_HINT = "hf_pruning.from_pretrained(path) or transformers.AutoModelForCausalLM.from_pretrained(path)"
+
+
+def _causal_lm_class(arch: str) -> type:
+    """The stock ``<Arch>ForCausalLM`` class of an architecture (the base of our ``Pruned<Arch>ForCausalLM``)."""
+    pruned = PRUNED_MODEL_CLASSES[arch]
+    return next(b for b in pruned.__bases__ if b is not PrunedCausalLMMixin)
+
+
+def _peft_kind(model: nn.Module) -> str | None:
+    """What PEFT left on ``model`` (a wrapper or injected adapter layers), or None. peft is never imported here:
+    a model cannot carry PEFT modules unless peft was imported."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return None
+    wrapper = getattr(peft, "PeftModel", None)
+    if wrapper is not None and isinstance(model, wrapper):
+        return f"a PEFT model ({type(model).__name__})"
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - a peft without the tuner base class
+        return None
+    layers = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if layers:
+        return f"a model with {len(layers)} PEFT adapter layer(s) (e.g. {layers[0]})"
+    return None
+
+
+def _offloaded(model: nn.Module) -> list[str]:
+    """Modules whose weights accelerate offloads (to the CPU or to disk) and loads only for their forward."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    names = [f"{name or '(whole model)'} (disk)" for name, where in device_map.items() if where == "disk"]
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one
+            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
+                names.append(name or "(whole model)")
+                break
+    return names
+
+
+def check_model(model: nn.Module):
+    """Refuse, before anything changes, a model that hf_pruning cannot prune in place; returns its adapter.
+
+    Accepted: a supported architecture's ``*ForCausalLM`` (or our ``Pruned*ForCausalLM``) with float weights
+    in memory. Refused with :class:`UnsupportedModelError` saying the way out: a ``torch.compile`` wrapper
+    (prune ``model._orig_mod``, or prune before compiling), a PEFT model (``merge_and_unload()`` first), another
+    head or the bare base model (load ``AutoModelForCausalLM``), weights on ``meta`` or offloaded by accelerate.
+    An unknown architecture raises ``UnsupportedArchitectureError``, a quantized model ``QuantizedModelError``.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a transformers causal LM (an nn.Module), got {type(model).__name__}; "
+                                    f"load one with {_LOAD_HINT}")
+    if isinstance(model._modules.get("_orig_mod"), nn.Module):
+        raise UnsupportedModelError(
+            f"the model is a torch.compile wrapper ({type(model).__name__}); pruning changes the modules under the "
+            "compiled graph, so prune the original model, model._orig_mod (or prune before compiling), then "
+            "compile the pruned model again"
+        )
+    peft = _peft_kind(model)
+    if peft is not None:
+        raise UnsupportedModelError(
+            f"the model is {peft}; pruning under an active adapter would drop or misplace the adapter's weights. "
+            "Merge it first: model = model.merge_and_unload(), prune, and attach new adapters afterwards "
+            "(hf_pruning.lora_target_modules(model) names the linears a pruned model still has)"
+        )
+    if getattr(model, "config", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; load the model with {_LOAD_HINT}")
+    adapter = adapter_for(model)  # an unsupported architecture raises its own error, listing the supported ones
+    expected = _causal_lm_class(adapter.arch)
+    if not isinstance(model, expected):
+        kind = "the bare decoder without its language-model head" if type(model).__name__.endswith("Model") else \
+            "not a causal language model"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is {kind}; hf_pruning prunes causal LMs ({expected.__name__}). Load the "
+            f"checkpoint with {_LOAD_HINT}"
+        )
+    offloaded = _offloaded(model)
+    if offloaded:
+        raise UnsupportedModelError(
+            f"the model's weights are offloaded by accelerate ({len(offloaded)} module(s), e.g. {offloaded[0]}); "
+            "pruning offloaded models is not supported yet. Load it without offloading, on devices that hold all of "
+            "it: no 'disk' in device_map, no offload_folder, no CPU offload next to a GPU (e.g. device_map='cpu', "
+            "or device_map='cuda' on a GPU large enough)"
+        )
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = next((name for name, t in tensors if t.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModelError(
+            f"the model has no weights: {meta} is on the meta device (built under torch.device('meta') or "
+            f"init_empty_weights()); load real weights first with {_LOAD_HINT}"
+        )
+    _check_float_model(model)
+    return adapter
+
+
+def _as_config(config) -> PruningConfig:
+    """The method config ``prune_`` was given; a dict with a ``method`` key is parsed (the JSON form that
+    ``config.json``'s ``pruning_config`` records); anything else that is not a config raises ConfigError."""
+    names = list_methods()
+    classes = ", ".join(f"hf_pruning.{get_method(n).config_class.__name__}" for n in names)
+    if isinstance(config, dict):
+        if "method" not in config:
+            raise ConfigError(f"a dict config needs a 'method' key (one of {', '.join(names)}), got keys "
+                              f"{sorted(map(str, config))}; or pass a config object: {classes}")
+        try:
+            return PruningConfig.from_dict(config)
+        except KeyError as err:
+            raise ConfigError(err.args[0]) from None
+    if isinstance(config, type) and config.__name__.endswith("Config"):
+        raise ConfigError(f"config is the class {config.__name__}, not a config: call it, e.g. "
+                          f"{config.__name__}() with the settings you want")
+    method = getattr(config, "method", None) if not isinstance(config, str) else None
+    if isinstance(method, str) and method in names and isinstance(config, get_method(method).config_class):
+        return config
+    if isinstance(config, PruningConfig):
+        raise ConfigError(f"{type(config).__name__} (method {method!r}) is not a registered method; registered: "
+                          f"{', '.join(names)} (hf_pruning.register_method adds one)")
+    if isinstance(config, str) and config in names:
+        hint = f"hf_pruning.{get_method(config).config_class.__name__}(...)"
+        raise ConfigError(f"config is the method name {config!r}; pass its config object instead: {hint} "
+                          f"(or a dict {{'method': {config!r}, ...}})")
+    raise ConfigError(f"config must be a pruning config object, got {reprlib.repr(config)} "
+                      f"({type(config).__name__}); the config's class picks the method: {classes}")
+
+
 def get_plan(model: nn.Module) -> PruningPlan:
     """The plan a model carries (empty for an unpruned model)."""
     return PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
 
 
+def _read_plan_file(path: str | os.PathLike) -> str:
+    """The text of a plan file; a name that is no file raises PlanError saying what the plan could be."""
+    shown = reprlib.repr(os.fspath(path))
+    if not str(os.fspath(path)).strip():
+        raise PlanError("the plan is an empty string; pass a PruningPlan, a dict or list of ops, JSON text, or the "
+                        "path of a JSON plan file")
+    try:
+        is_file, is_dir = Path(path).is_file(), Path(path).is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte: no file
+        is_file = is_dir = False
+    if not is_file:
+        what = "a folder" if is_dir else "neither JSON plan text (starting with '{' or '[') nor an existing file"
+        raise PlanError(f"the plan {shown} is {what}; pass a PruningPlan, a dict or list of ops, JSON text, or "
+                        "the path of a JSON plan file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlanError(f"cannot read the plan file {shown}: {err}") from None
+
+
 def _as_plan(plan: Any) -> PruningPlan:
+    """A :class:`PruningPlan` from a plan, a dict or list of ops, JSON text or the path of a JSON file."""
     if isinstance(plan, PruningPlan):
         return plan
-    if isinstance(plan, (str, os.PathLike)) and not str(plan).lstrip().startswith(("{", "[")):
-        plan = Path(plan).read_text()
+    source = "the plan"
+    if isinstance(plan, os.PathLike) or (isinstance(plan, str) and not plan.lstrip().startswith(("{", "["))):
+        source = f"the plan file {reprlib.repr(os.fspath(plan))}"
+        plan = _read_plan_file(plan)
     if isinstance(plan, str):
         try:
             plan = json.loads(plan)
         except json.JSONDecodeError as err:
-            raise PlanError(f"the plan is not valid JSON: {err}") from None
-    return PruningPlan.from_dict(plan)
+            raise PlanError(f"{source} is not valid JSON: {err}") from None
+        except RecursionError:
+            raise PlanError(f"{source} is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a "
+                            "list of flat op objects)") from None
+    try:
+        return PruningPlan.from_dict(plan)
+    except RecursionError:
+        raise PlanError(f"{source} is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a list "
+                        "of flat op objects)") from None
 
 
 def _check_tensors(model: nn.Module, plan: PruningPlan) -> None:
@@ -101,12 +271,13 @@ def _check_tensors(model: nn.Module, plan: PruningPlan) -> None:
 def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.Module:
     """Execute a plan on ``model`` in place and record it in ``model.config``; returns the model.
 
+    ``plan`` is a :class:`PruningPlan`, a dict or list of ops, JSON text, or the path of a JSON file.
+
     The whole plan is validated against the model first, so a bad plan raises and leaves the model unchanged.
     A model that already carries a plan gets the two merged (the new ops run after the old ones). When the
     result cannot be expressed by the stock architecture, the model becomes ``Pruned<Arch>ForCausalLM``.
     """
-    _check_float_model(model)
-    adapter_for(model)
+    check_model(model)
     plan = _as_plan(plan)
     if not plan.ops:
         return model
@@ -159,28 +330,31 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
            compensation_calibration: torch.Tensor | None = None) -> nn.Module:
     """Prune ``model`` in place with the method that ``config``'s class names; returns the model.
 
-    ``calibration`` is a LongTensor of token ids ``[n_samples, seq_len]`` for methods that need data.
-    ``compensation_calibration`` (same form; depth methods with ``compensate=True`` only) is what the
-    compensation projection is fitted on instead of ``calibration``: a d x d fit wants thousands of tokens,
-    a greedy search is cheaper on few.
+    ``config`` is a method config (e.g. ``hf_pruning.WandaConfig()``) or its JSON form, a dict with a ``"method"``
+    key (what ``config.json``'s ``pruning_config`` records). ``calibration`` is a LongTensor of token ids
+    ``[n_samples, seq_len]`` for methods that need data. ``compensation_calibration`` (same form; depth methods
+    with ``compensate=True`` only) is what the compensation projection is fitted on instead of ``calibration``:
+    a d x d fit wants thousands of tokens, a greedy search is cheaper on few.
+
+    The model (:func:`check_model`), the config and the ids (:func:`hf_pruning.calibration.check_calibration`)
+    are checked before anything changes: bad input raises and leaves the model as it was.
     """
-    _check_float_model(model)
-    adapter_for(model)
+    check_model(model)
+    config = _as_config(config)
     spec = get_method(config)
     extra = {}
+    if calibration is not None:
+        calibration = check_calibration(model, calibration)
     if compensation_calibration is not None:
         if not getattr(config, "compensate", False):
             raise ValueError(f"compensation_calibration is only used by depth methods with compensate=True "
                              f"(shortgpt, sleb, finercut, taylor, gradmap); {spec.name!r} with these settings "
                              "fits no compensation: drop the argument or set compensate=True")
-        ids = compensation_calibration
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point:
-            raise ValueError("compensation_calibration must be token ids [n_samples, seq_len]; build them with "
-                             "hf_pruning.calibration.build_calibration")
-        extra["compensation_calibration"] = compensation_calibration
+        extra["compensation_calibration"] = check_calibration(model, compensation_calibration,
+                                                              name="compensation_calibration")
     replay = getattr(config, "order", None) is not None and bool(extra)  # a given order only needs the fit's data
     if spec.needs_calibration and calibration is None and config.uses_calibration() and not replay:
-        raise ValueError(
+        raise CalibrationError(
             f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
             "hf_pruning.calibration.build_calibration(tokenizer, source=\"default:calibration\", n_samples=16, seq_len=512)"
         )
@@ -209,15 +383,63 @@ def predicted_decoder_params(model: nn.Module, plan: PruningPlan | None = None) 
 # ---------------------------------------------------------------------------------------------------------
 # loading and saving
 # ---------------------------------------------------------------------------------------------------------
+#: set in a model's ``__dict__`` by :func:`_bind`: the class-level methods below serve this model
+_BOUND = "_hf_pruning_bound"
+
+
+class _ModelMethod:
+    """A method :func:`_bind` adds to a model's class (a non-data descriptor).
+
+    On a model that ``_bind`` marked it is ``func`` bound to that model; on any other instance, and on the class
+    itself (``type(model).save_pretrained``), it is whatever the class had before: its own attribute or the
+    inherited one (transformers' ``save_pretrained``), or no attribute at all.
+
+    Why on the class: a ``types.MethodType`` stored on its own instance is a reference cycle (model -> method ->
+    model), so ``del model`` would free nothing until the garbage collector runs (a replaced model's GPU memory
+    stays in a loop); a weak reference instead would break ``from_pretrained(path).prune_(config)``, where
+    nothing else holds the model while the method runs.
+    """
+
+    def __init__(self, func, owner: type, own=None):
+        self.func, self.owner, self.own = func, owner, own
+        self.name = func.__name__
+
+    def _previous(self, obj, cls: type):
+        """What the attribute was without this descriptor."""
+        attr = self.own
+        if attr is None:
+            mro = cls.__mro__
+            attr = next((k.__dict__[self.name] for k in mro[mro.index(self.owner) + 1:] if self.name in k.__dict__),
+                        None)
+        if attr is None:
+            raise AttributeError(f"{cls.__name__!r} object has no attribute {self.name!r}")
+        return attr.__get__(obj, cls) if hasattr(attr, "__get__") else attr
+
+    def __get__(self, obj, cls=None):
+        cls = type(obj) if cls is None else cls
+        if obj is not None and obj.__dict__.get(_BOUND, False):
+            return types.MethodType(self.func, obj)
+        return self._previous(obj, cls)
+
+
 def _bind(model: nn.Module) -> nn.Module:
     """Give a model ``model.prune_(...)``, ``model.apply_plan_(...)``, an atomic ``save_pretrained`` that writes a
-    model card, and a ``push_to_hub`` that uploads the same files in one commit."""
-    model.prune_ = types.MethodType(prune_, model)
-    model.apply_plan_ = types.MethodType(apply_plan_, model)
-    model.save_pretrained = types.MethodType(save_pretrained, model)
+    model card, and a ``push_to_hub`` that uploads the same files in one commit.
+
+    The methods live on the model's class and serve only models marked here (see :class:`_ModelMethod`): the
+    model holds no reference to itself, so ``del model`` frees it without the garbage collector.
+    """
     from .hub import push_to_hub
 
-    model.push_to_hub = types.MethodType(push_to_hub, model)
+    cls = type(model)
+    for func in (prune_, apply_plan_, save_pretrained, push_to_hub):
+        current = cls.__dict__.get(func.__name__)
+        if not (isinstance(current, _ModelMethod) and current.func is func):
+            setattr(cls, func.__name__, _ModelMethod(func, cls, own=current))
+        old = model.__dict__.get(func.__name__)
+        if isinstance(old, types.MethodType) and old.__func__ is func:  # bound per instance by an older version
+            del model.__dict__[func.__name__]
+    model.__dict__[_BOUND] = True
     return model
 
 

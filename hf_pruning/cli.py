@@ -295,6 +295,22 @@ VERIFY_HELP = ("reload a saved model in a fresh process without hf_pruning and c
                "THE PYTHON CODE IN THE FOLDER (transformers' trust_remote_code=True): use it only on folders you trust")
 
 
+def at_least(low: int):
+    """argparse type: an integer >= ``low`` (checked at parsing, so a bad count never reaches the model)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face causal LMs in place.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -305,13 +321,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="registered method (see --list-methods)")
     p.add_argument("--calib", default="default:calibration",
                    help="calibration text: file, folder, 'default[:calibration]', 'wikitext2', 'c4' or 'hf:<dataset>'")
-    p.add_argument("--n-samples", type=int, default=16, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--n-samples", type=at_least(1), default=16, help="calibration windows")
+    p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensation-samples", type=int, default=None,
+    p.add_argument("--compensation-samples", type=at_least(1), default=None,
                    help="depth methods with --compensate: fit the projection on this many windows of --calib "
                         "(default: the calibration windows); a d x d fit wants thousands of tokens")
-    p.add_argument("--compensation-seq-len", type=int, default=None,
+    p.add_argument("--compensation-seq-len", type=at_least(2), default=None,
                    help="tokens per compensation window (default: --seq-len)")
     if method is not None:
         import hf_pruning
@@ -321,10 +337,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a model (JSON on stdout)")
     p.add_argument("model")
     p.add_argument("--ppl", help="evaluation text (same sources as --calib); omit to skip perplexity")
-    p.add_argument("--windows", type=int, default=32, help="windows of --seq-len tokens (32 x 512 = 16k tokens)")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=at_least(1), default=32, help="windows of --seq-len tokens (32 x 512 = 16k tokens)")
+    p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per evaluation window")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (local: social_iqa,wikihow_goal_inference)")
-    p.add_argument("--limit", type=int, default=300, help="items per task (the first N)")
+    p.add_argument("--limit", type=at_least(1), default=300, help="items per task (the first N)")
     p.add_argument("--speed", action="store_true", help="prefill/decode tokens per second and KV bytes per token")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="run the benchmark grid on SmolLM2-135M (resumable)")
@@ -364,8 +380,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("out", help=OUT_HELP)
     p.add_argument("--data", default="default:calibration", help="training text (same sources as prune --calib)")
     p.add_argument("--eval", default=None, help="evaluation text for perplexity before/after (e.g. default:evaluation)")
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=at_least(1), default=16)
+    p.add_argument("--eval-seq-len", type=at_least(2), default=512)
     from hf_pruning.recovery import RecoveryConfig
 
     add_config_arguments(p, RecoveryConfig)
@@ -406,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         sys.stderr.write(f"hf-prune: error: {err.args[0]}\n")
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # argparse printed its usage and error (code 2), or --help (code 0)
+        return done.code if isinstance(done.code, int) else 2
     if args.quiet:  # no progress bars either (ours, transformers', lm-eval's: all tqdm)
         import tqdm
         from transformers.utils import logging as hf_logging

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import os
+import reprlib
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -15,10 +22,16 @@ class ConfigError(ValueError):
 class PruningConfig:
     """Base of every method's config. The subclass sets ``method`` (its lowercase registry key).
 
-    Fields carry ``metadata={"help": ...}``; the CLI builds its flags from them.
+    Fields carry ``metadata={"help": ...}``; the CLI builds its flags from them. A subclass's ``__post_init__``
+    calls ``super().__post_init__()`` first: the types of scalar fields are checked there, generically from the
+    annotations (:func:`check_field_types`), so its own checks can compare values without a ``TypeError``.
     """
 
     method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Check every field's type against its annotation (subclasses call this first, then check values)."""
+        check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
@@ -60,3 +73,80 @@ def check_fraction(name: str, value: float, low_open: bool = True, high_open: bo
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         raise ConfigError(f"{name} must be a fraction in {lo}0, 1{hi}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(float(value))
+
+
+#: annotation -> (test, what the message calls it); a float field takes ints and needs a finite value
+_SCALARS: dict[type, tuple] = {
+    bool: (lambda v: isinstance(v, bool), "true or false (a bool)"),
+    int: (_is_int, "an integer"),
+    float: (_is_finite_number, "a finite number"),
+    str: (lambda v: isinstance(v, (str, os.PathLike)), "a string"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls: type) -> dict[str, tuple[Any, bool, bool]]:
+    """Field name -> (scalar type, a list of it, None allowed) for the fields whose annotation is a scalar
+    (``int``, ``float``, ``bool``, ``str``) or a list of numbers, optionally ``| None``; other fields are
+    left to the class's own checks."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: the class checks its own fields
+        return {}
+    kinds = {}
+    for f in fields(cls):
+        hint, optional = hints.get(f.name), False
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1:
+                continue
+            hint, optional = rest[0], True
+        is_list = typing.get_origin(hint) is list and len(typing.get_args(hint)) == 1
+        scalar = typing.get_args(hint)[0] if is_list else hint
+        if scalar in _SCALARS and (not is_list or scalar in (int, float)):
+            kinds[f.name] = (scalar, is_list, optional)
+    return kinds
+
+
+def check_field_types(config: Any) -> None:
+    """Raise :class:`ConfigError` naming the field, the value and the expected type when a dataclass field
+    annotated ``int``, ``float``, ``bool``, ``str`` or ``list[int]``/``list[float]`` (optionally ``| None``)
+    holds something else; float fields (and list items) must be finite. NumPy scalars become Python numbers
+    and paths become strings (so that the config stays JSON)."""
+    owner = type(config).__name__
+    for name, (scalar, is_list, optional) in _field_kinds(type(config)).items():
+        value = getattr(config, name)
+        test, what = _SCALARS[scalar]
+        if is_list:
+            what = f"a list of {'integers' if scalar is int else 'finite numbers'}"
+        if optional:
+            what += " or None"
+        if value is None:
+            if optional:
+                continue
+            ok = False
+        elif is_list:
+            ok = isinstance(value, (list, tuple)) and all(test(v) for v in value)
+        else:
+            ok = test(value)
+        if not ok:
+            raise ConfigError(f"{owner}: {name} must be {what}, got {reprlib.repr(value)} ({type(value).__name__})")
+        if is_list:
+            continue
+        if isinstance(value, os.PathLike):
+            object.__setattr__(config, name, os.fspath(value))
+        elif scalar in (int, float) and type(value) not in (int, float):  # numpy / torch scalars
+            object.__setattr__(config, name, scalar(value))

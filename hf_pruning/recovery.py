@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration.check import CalibrationError, check_calibration
+from .config import ConfigError, check_field_types
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,31 +52,48 @@ class RecoveryConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "r", "seq_len"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
+        check_field_types(self)  # ConfigError (a ValueError) naming the field, e.g. lr="x" or lr=inf
+        for name in ("steps", "batch_size", "r", "seq_len", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"recovery lr must be > 0, got {self.lr}")
+            raise ConfigError(f"recovery lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"recovery weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def _token_batches(data, tokenizer, seq_len: int) -> torch.Tensor:
-    """Training ids ``[n, seq_len]`` from token ids, a text, a list of texts or a text source name."""
+#: what recovery accepts as training data (its error messages end with it)
+_DATA_HINT = ("give token ids (a LongTensor [n_samples, seq_len], e.g. from hf_pruning.calibration.build_calibration("
+              "tokenizer, source=\"default:calibration\", n_samples=64, seq_len=256)), a text, a list of texts, or a "
+              "source such as \"default:calibration\" or a text file (with tokenizer=)")
+
+
+def _token_batches(model: nn.Module, data, tokenizer, seq_len: int) -> torch.Tensor:
+    """Training ids ``[n, seq_len]`` from token ids, a text, a list of texts or a text source name, checked
+    against ``model`` (shape, dtype, ids inside its vocabulary) before training starts."""
     from .calibration.data import evaluation_windows, load_text
 
-    if isinstance(data, torch.Tensor):
-        if data.dtype != torch.long or data.dim() != 2 or data.shape[1] < 2:
-            raise ValueError(f"token ids must be a LongTensor [n_samples, seq_len >= 2], got {tuple(data.shape)} "
-                             f"{data.dtype}")
-        return data
-    if tokenizer is None:
-        raise ValueError("recovery from text needs tokenizer=; or pass token ids [n_samples, seq_len]")
-    if isinstance(data, (list, tuple)):
-        text = "\n\n".join(str(t) for t in data)
-    else:
-        text = load_text(data)  # a file, a folder, "default:calibration", a dataset name...
-    return evaluation_windows(tokenizer, text, seq_len)  # [n, seq_len], consecutive; raises when too short
+    if data is None or (isinstance(data, (str, list, tuple)) and not data):
+        raise CalibrationError(f"recovery needs training data, got {data!r}; {_DATA_HINT}")
+    if not isinstance(data, (torch.Tensor, str, list, tuple)) and not hasattr(data, "column_names") \
+            and not hasattr(data, "__fspath__"):
+        raise CalibrationError(f"recovery data of type {type(data).__name__} is not supported; {_DATA_HINT}")
+    if not isinstance(data, torch.Tensor):
+        if tokenizer is None:
+            raise ValueError("recovery from text needs tokenizer=; or pass token ids [n_samples, seq_len]")
+        if isinstance(data, (list, tuple)):
+            if not all(isinstance(t, str) for t in data):
+                raise CalibrationError(f"recovery data is a list of {sorted({type(t).__name__ for t in data})}; give a "
+                                       f"list of texts, or token ids as a LongTensor; {_DATA_HINT}")
+            if not any(t.strip() for t in data):
+                raise CalibrationError(f"recovery data is a list of {len(data)} empty text(s); {_DATA_HINT}")
+            text = "\n\n".join(data)
+        else:
+            text = load_text(data)  # a file, a folder, "default:calibration", a dataset name...
+        data = evaluation_windows(tokenizer, text, seq_len)  # [n, seq_len], consecutive; raises when too short
+    return check_calibration(model, data, name="recovery data")
 
 
 def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -132,13 +152,21 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     """
     from peft import LoraConfig
 
-    from .api import _record, get_plan, lora_target_modules
+    from .api import _record, check_model, get_plan, lora_target_modules
     from .evaluation import perplexity
 
+    check_model(model)
     config = config or RecoveryConfig()
+    if not isinstance(config, RecoveryConfig):
+        raise ConfigError(f"config must be a hf_pruning.RecoveryConfig, got {type(config).__name__}")
     if overrides:
+        unknown = sorted(set(overrides) - set(asdict(config)))
+        if unknown:
+            raise ConfigError(f"unknown recovery setting(s) {unknown}; known: {sorted(asdict(config))}")
         config = RecoveryConfig(**{**asdict(config), **overrides})
-    ids = _token_batches(data, tokenizer, config.seq_len)
+    ids = _token_batches(model, data, tokenizer, config.seq_len)
+    if eval_ids is not None:
+        eval_ids = check_calibration(model, eval_ids, name="eval_ids")
     targets = lora_target_modules(model, config.target_modules)
     if not targets:
         raise NoTrainableTargetError(

@@ -92,7 +92,7 @@ def test_recover_structurally_pruned_model_and_reload(arch, tmp_path):
     assert torch.equal(run_outside(tmp_path / "m", x[:2])["logits"], expected)
 
 
-def test_no_target_and_bad_settings_leave_the_model_unchanged():
+def test_no_target_and_bad_settings_leave_the_model_unchanged(monkeypatch):
     model = hf_pruning.apply_plan_(tiny_model("llama"), {"ops": [
         {"op": "value_only_attention", "layer": i} for i in range(6)]})
     state = {n: p.clone() for n, p in model.state_dict().items()}
@@ -103,9 +103,16 @@ def test_no_target_and_bad_settings_leave_the_model_unchanged():
         hf_pruning.recover_(model, x, steps=0)
     with pytest.raises(ValueError, match="tokenizer"):
         hf_pruning.recover_(model, ["some text"])
-    bad = torch.full((4, 16), 10_000)  # ids outside the vocabulary: the first training step fails
-    with pytest.raises(IndexError):
+    bad = torch.full((4, 16), 10_000)  # ids outside the vocabulary: refused before PEFT is attached
+    with pytest.raises(hf_pruning.calibration.CalibrationError, match=r"outside \[0, 96\)"):
         hf_pruning.recover_(model, bad, steps=2)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure in the first training step")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", fail)  # a failure inside training: adapters removed unmerged
+    with pytest.raises(RuntimeError, match="injected"):
+        hf_pruning.recover_(model, x, steps=2)
     assert not any("lora" in n for n, _ in model.named_modules())
     assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())

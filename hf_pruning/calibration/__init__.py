@@ -1,6 +1,7 @@
 """Calibration data (seeded token batches from text) and the machinery to run a model layer by layer."""
 
 from .capture import capture_layer_inputs, run_layer
+from .check import CalibrationError, check_calibration
 from .context import calibration_mode, hooks
 from .data import (
     HUB_DATASETS,
@@ -13,11 +14,13 @@ from .data import (
 )
 
 __all__ = [
+    "CalibrationError",
     "HUB_DATASETS",
     "NotEnoughTextError",
     "build_calibration",
     "calibration_mode",
     "capture_layer_inputs",
+    "check_calibration",
     "default_text",
     "evaluation_windows",
     "hooks",

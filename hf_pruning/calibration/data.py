@@ -156,11 +156,14 @@ def _check_length(seq_len: int, max_length: int | None) -> None:
 def evaluation_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None,
                        max_length: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows ``[n, seq_len]`` from the start of ``text`` (deterministic)."""
+    if seq_len < 2 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"need seq_len >= 2 and max_windows >= 1 (or None for all), got {seq_len} and {max_windows}")
     _check_length(seq_len, max_length)
     ids = tokenize_text(tokenizer, text)
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
-        raise NotEnoughTextError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise NotEnoughTextError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; give more "
+                                 "text or use shorter windows (seq_len)")
     return ids[: n * seq_len].view(n, seq_len).clone()

@@ -308,6 +308,7 @@ class DepthConfig(PruningConfig):
         return {"param_ratio": self.param_ratio, "num_removals": self.num_removals}
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         given = [k for k, v in self._budgets().items() if v is not None]
         if len(given) > 1:
             raise ConfigError(f"give one budget, not {' and '.join(given)}")

@@ -33,6 +33,7 @@ class SparsityConfig(PruningConfig):
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (N zeros in every M)"})
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         nm = parse_pattern(self.pattern)
         if nm is None:
             check_fraction("sparsity", self.sparsity)

@@ -12,6 +12,8 @@ rebuild the shapes ("replay") before the checkpoint fills them in.
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -51,23 +53,28 @@ class Op:
         return self.structural
 
 
+def _show(value: Any) -> str:
+    """A short repr for messages (bounded in length and depth: a deeply nested value cannot overflow it)."""
+    return reprlib.repr(value)
+
+
 def _int_list(value: Any, what: str) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise PlanError(f"{what} must be a list of integers, got {value!r}")
+        raise PlanError(f"{what} must be a list of integers, got {_show(value)}")
     return [int(v) for v in value]
 
 
 def _check_layer(value: Any, op: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise PlanError(f"{op}: 'layer' must be an integer layer index, got {value!r}")
+        raise PlanError(f"{op}: 'layer' must be an integer layer index, got {_show(value)}")
     return value
 
 
 def _check_sublayer(value: Any, op: str) -> str:
     if value not in SUBLAYERS:
-        raise PlanError(f"{op}: 'sublayer' must be one of {SUBLAYERS}, got {value!r}")
+        raise PlanError(f"{op}: 'sublayer' must be one of {SUBLAYERS}, got {_show(value)}")
     return value
 
 
@@ -147,7 +154,7 @@ class ShrinkMLP(Op):
         if not self.keep:
             raise PlanError("shrink_mlp: 'keep' is empty; to remove the whole MLP use drop_mlp")
         if not isinstance(self.bias, bool):
-            raise PlanError(f"shrink_mlp: 'bias' must be true or false, got {self.bias!r}")
+            raise PlanError(f"shrink_mlp: 'bias' must be true or false, got {_show(self.bias)}")
 
 
 @dataclass
@@ -163,8 +170,8 @@ class ScaleOutput(Op):
     def __post_init__(self):
         self.layer = _check_layer(self.layer, self.name)
         self.sublayer = _check_sublayer(self.sublayer, self.name)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
-            raise PlanError(f"scale_output: 'alpha' must be a finite number, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise PlanError(f"scale_output: 'alpha' must be a finite number, got {_show(self.alpha)}")
         self.alpha = float(self.alpha)
 
 
@@ -187,7 +194,7 @@ class AddLinear(Op):
         self.layer = _check_layer(self.layer, self.name)
         self.sublayer = _check_sublayer(self.sublayer, self.name)
         if not isinstance(self.bias, bool):
-            raise PlanError(f"add_linear: 'bias' must be true or false, got {self.bias!r}")
+            raise PlanError(f"add_linear: 'bias' must be true or false, got {_show(self.bias)}")
 
     def needs_replay(self) -> bool:
         return self.fused is False
@@ -211,15 +218,15 @@ OP_TYPES: dict[str, type[Op]] = {
 def op_from_dict(data: dict) -> Op:
     """Build one op from its JSON form, with a clear error for unknown ops or fields."""
     if not isinstance(data, dict) or "op" not in data:
-        raise PlanError(f"each op must be a JSON object with an 'op' key, got {data!r}")
+        raise PlanError(f"each op must be a JSON object with an 'op' key, got {_show(data)}")
     name = data["op"]
     cls = OP_TYPES.get(name)
     if cls is None:
-        raise PlanError(f"unknown op {name!r}; known ops: {', '.join(OP_TYPES)}")
+        raise PlanError(f"unknown op {_show(name)}; known ops: {', '.join(OP_TYPES)}")
     allowed = {f.name for f in fields(cls)} - {"tensors"}
     extra = set(data) - allowed - {"op"}
     if extra:
-        raise PlanError(f"{name}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+        raise PlanError(f"{name}: unknown field(s) {_show(sorted(map(str, extra)))}; allowed: {sorted(allowed)}")
     return cls(**{k: v for k, v in data.items() if k != "op"})
 
 
@@ -259,18 +266,22 @@ class PruningPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a pruning plan must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version", PLAN_FORMAT_VERSION)
-        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise PlanError(f"a pruning plan's format_version must be a positive integer, got {_show(version)}")
+        if version > PLAN_FORMAT_VERSION:
             raise PlanError(
-                f"this pruning plan has format_version {version!r}, newer than the {PLAN_FORMAT_VERSION} this "
+                f"this pruning plan has format_version {_show(version)}, newer than the {PLAN_FORMAT_VERSION} this "
                 "code understands; upgrade hf_pruning (pip install -U hf_pruning) or load the checkpoint with "
                 "trust_remote_code=True so that the code saved with it is used"
             )
         extra = set(data) - {"format_version", "base", "ops"}
         if extra:
-            raise PlanError(f"unknown pruning-plan field(s) {sorted(extra)}")
+            raise PlanError(f"unknown pruning-plan field(s) {_show(sorted(map(str, extra)))}")
         ops = data.get("ops", [])
         if not isinstance(ops, list):
             raise PlanError("a pruning plan's 'ops' must be a list")
+        if data.get("base") is not None and not isinstance(data["base"], dict):
+            raise PlanError(f"a pruning plan's 'base' must be a JSON object or null, got {_show(data['base'])}")
         return cls(ops=[op_from_dict(d) for d in ops], base=data.get("base"), format_version=PLAN_FORMAT_VERSION)
 
     def to_json(self, **kwargs) -> str:
@@ -278,7 +289,14 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
-        return cls.from_dict(json.loads(text))
+        """Parse plan JSON text; text that is not JSON (or nested too deeply for one) raises PlanError."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise PlanError(f"the plan is not valid JSON: {err}") from None
+        except RecursionError:
+            raise PlanError("the plan is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a "
+                            "list of flat op objects)") from None
 
     # ----- composition -----------------------------------------------------------------------------------
     def __add__(self, other: PruningPlan) -> PruningPlan:

@@ -27,6 +27,7 @@ class FLAPConfig(PruningConfig):
         "help": "add the removed channels' mean contribution to the down projection's bias"})
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         given = [k for k in ("ratio", "param_ratio") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(f"FLAP needs exactly one budget, ratio or param_ratio (got {given or 'none'})")

@@ -47,6 +47,7 @@ class HARPConfig(PruningConfig):
     flap_metric: str = field(default="wifv", metadata={"help": "FLAP score: wifv, ifv or wifn"})
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         from ..flap.config import METRICS
 
         chosen = [k for k in ("num_layers", "layers", "preset") if getattr(self, k) is not None]

@@ -28,6 +28,7 @@ class HeadsConfig(PruningConfig):
         "help": "instead of per_layer: remove at least this fraction of decoder-layer parameters"})
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         given = [k for k in ("per_layer", "param_ratio") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(f"head pruning needs exactly one budget, per_layer or param_ratio (got {given or 'none'})")

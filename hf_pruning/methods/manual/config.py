@@ -17,6 +17,7 @@ class PlanConfig(PruningConfig):
     plan: dict = field(default_factory=dict, metadata={"help": "the pruning plan (JSON ops) to apply"})
 
     def __post_init__(self):
+        super().__post_init__()  # field types first
         # parse now so that a bad plan fails at construction, with the plan parser's message
         parsed = PruningPlan.from_dict(self.plan)
         self.plan = parsed.to_dict()
