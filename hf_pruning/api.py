@@ -147,7 +147,9 @@ def check_model(model: nn.Module):
         raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; load the model with {_LOAD_HINT}")
     adapter = adapter_for(model)  # an unsupported architecture raises its own error, listing the supported ones
     expected = _causal_lm_class(adapter.arch)
-    if not isinstance(model, expected):
+    # any supported causal-LM class passes: the same weights load into a sibling class (e.g. a LLaMA checkpoint
+    # into MistralForCausalLM), and the config, which the saved code replays from, picks the adapter
+    if not isinstance(model, tuple(_causal_lm_class(arch) for arch in PRUNED_MODEL_CLASSES)):
         kind = "the bare decoder without its language-model head" if type(model).__name__.endswith("Model") else \
             "not a causal language model"
         raise UnsupportedModelError(

@@ -121,7 +121,10 @@ def test_llm_barber_improves_on_its_wanda_initializer(smollm2, pattern):
 
 
 def test_finercut_on_smollm2_exact_equals_naive_and_reloads(smollm2, tmp_path):
-    """A short search (2 x 64 calibration tokens, 3 removals) on the real model, then save and reload."""
+    """A short search (2 x 32 calibration tokens, 2 removals) on the real model, then save and reload.
+
+    The naive search runs a full forward per candidate, so it is what this test pays for (tiny models check
+    longer searches on every architecture)."""
     import copy
 
     from hf_pruning.calibration import build_calibration, evaluation_windows
@@ -129,9 +132,9 @@ def test_finercut_on_smollm2_exact_equals_naive_and_reloads(smollm2, tmp_path):
     from hf_pruning.methods.finercut import finercut_search
 
     base, tok = smollm2
-    calib = build_calibration(tok, source="default:calibration", n_samples=2, seq_len=64, seed=0)
-    exact = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=3), calib, progress=False)["steps"]
-    naive = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=3, search="naive"), calib,
+    calib = build_calibration(tok, source="default:calibration", n_samples=2, seq_len=32, seed=0)
+    exact = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=2), calib, progress=False)["steps"]
+    naive = finercut_search(base, hf_pruning.FinerCutConfig(num_removals=2, search="naive"), calib,
                             progress=False)["steps"]
     assert [str(s.candidate) for s in exact] == [str(s.candidate) for s in naive]
     assert exact[-1].layer_forwards < 0.5 * naive[-1].layer_forwards
@@ -141,7 +144,7 @@ def test_finercut_on_smollm2_exact_equals_naive_and_reloads(smollm2, tmp_path):
     order = [str(s.candidate) for s in exact]
     pruned = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.FinerCutConfig(order=order))
     ppl = perplexity(pruned, windows)
-    assert dense_ppl < ppl < 1.5 * dense_ppl, (dense_ppl, ppl)  # three sublayers cost little
+    assert dense_ppl < ppl < 1.5 * dense_ppl, (dense_ppl, ppl)  # two sublayers cost little
     hf_pruning.save_pretrained(pruned, tmp_path / "m", tokenizer=tok)
     out = reload_in_fresh_process(tmp_path / "m", windows[:1, :32], max_new_tokens=2)
     with torch.no_grad():
