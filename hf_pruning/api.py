@@ -445,6 +445,33 @@ def _bind(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_source(pretrained, gguf_file: str | None = None, subfolder: str | None = None) -> None:
+    """A local path that does not exist, or a folder that holds no model, fails here with its name, instead of
+    deep in the Hub client ("Repo id must be in the form ...") or in transformers."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(os.fspath(pretrained)).expanduser()
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        needed = gguf_file or "config.json"
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no {needed}, so it is not a saved model; pass the folder that "
+                "save_pretrained wrote (or a Hub repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct')"
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{pretrained} is a file; a model is a folder saved with save_pretrained or a Hub "
+                                "repo id ('namespace/name'); for a GGUF file pass its folder and gguf_file=<name>")
+    try:
+        validate_repo_id(str(pretrained))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"no such folder: {pretrained}; and it cannot be a Hub repo id either ('namespace/name'). Pass the "
+            "folder that save_pretrained wrote, or a Hub repo id"
+        ) from None
+
+
 def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None = None, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` plus ``prune_`` bound to the model.
 
@@ -453,6 +480,7 @@ def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None 
     """
     from transformers import AutoModelForCausalLM
 
+    _check_source(pretrained, gguf_file=gguf_file, subfolder=kwargs.get("subfolder"))
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.float32
     if gguf_file is not None:

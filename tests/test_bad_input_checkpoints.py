@@ -78,3 +78,24 @@ def test_an_edited_layer_count_is_refused(tmp_path):
     _edit_config(path, lambda c: c.update(num_hidden_layers=6))
     with pytest.raises(ValueError, match="edited by hand"):
         AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/folder", "no such folder: .*missing/folder; and it cannot be a Hub repo id"),
+    ("empty", "holds no config.json, so it is not a saved model"),
+    ("file.txt", "is a file; a model is a folder"),
+])
+def test_a_source_that_is_not_a_model_names_itself(tmp_path, where, message, capsys):
+    from hf_pruning.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    source = str(tmp_path / where)
+    with pytest.raises(FileNotFoundError, match=message):
+        hf_pruning.from_pretrained(source)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["-q", "show", source]) == 2
+    assert main(["-q", "prune", source, str(tmp_path / "out"), "--method", "magnitude"]) == 2
+    err = capsys.readouterr().err
+    assert "Repo id must be in the form" not in err and err.count("hf-prune: error:") == 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no output folder left behind
