@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibration.check import CalibrationError, check_calibration
+from .calibration.check import BUILD_HINT, CalibrationError, check_calibration
 from .config import ConfigError, PruningConfig
 from .plan import PlanError, PruningPlan
 from .registry import PruningResult, get_method, list_methods
 from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
+from .remote.hf_pruning_plan import TOO_DEEP
 from .remote.hf_pruning_surgery import (
     adapter_for,
     base_fields,
@@ -29,11 +30,10 @@ from .remote.hf_pruning_surgery import (
     simulate_plan,
 )
 from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES, PrunedCausalLMMixin
+from .saving import EVALUATION_NAME
 
 logger = logging.getLogger(__name__)
 
-#: measured numbers saved next to the weights (the model card quotes them)
-EVALUATION_NAME = "evaluation.json"
 
 
 class QuantizedModelError(ValueError):
@@ -239,18 +239,11 @@ def _as_plan(plan: Any) -> PruningPlan:
         source = f"the plan file {reprlib.repr(os.fspath(plan))}"
         plan = _read_plan_file(plan)
     if isinstance(plan, str):
-        try:
-            plan = json.loads(plan)
-        except json.JSONDecodeError as err:
-            raise PlanError(f"{source} is not valid JSON: {err}") from None
-        except RecursionError:
-            raise PlanError(f"{source} is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a "
-                            "list of flat op objects)") from None
+        return PruningPlan.from_json(plan, source=source)
     try:
         return PruningPlan.from_dict(plan)
     except RecursionError:
-        raise PlanError(f"{source} is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a list "
-                        "of flat op objects)") from None
+        raise PlanError(f"{source} {TOO_DEEP}") from None
 
 
 def _check_tensors(model: nn.Module, plan: PruningPlan) -> None:
@@ -356,10 +349,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
                                                               name="compensation_calibration")
     replay = getattr(config, "order", None) is not None and bool(extra)  # a given order only needs the fit's data
     if spec.needs_calibration and calibration is None and config.uses_calibration() and not replay:
-        raise CalibrationError(
-            f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; build them with "
-            "hf_pruning.calibration.build_calibration(tokenizer, source=\"default:calibration\", n_samples=16, seq_len=512)"
-        )
+        raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; {BUILD_HINT}")
     result: PruningResult = spec.run(model, config, calibration, **extra)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)

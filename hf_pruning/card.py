@@ -18,13 +18,12 @@ from . import __version__
 from .plan import PruningPlan
 from .remote.configuration_hf_pruning import MIN_TRANSFORMERS
 from .remote.hf_pruning_surgery import adapter_for
+from .saving import CARD_NAME, GENERATED_MARKER, REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME, is_generated_card  # noqa: F401
 from .summary import pruning_summary
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).with_name("templates") / "modelcard.md"
-GENERATED_MARKER = "<!-- hf_pruning:generated-card"
-CARD_NAME = "README.md"
 
 #: one line per method, in our words, for the "How it was pruned" section
 METHOD_TEXT = {
@@ -63,11 +62,6 @@ METHOD_TEXT = {
 
 class CardTemplateError(ValueError):
     """The card template uses a variable that the card builder does not provide."""
-
-
-def is_generated_card(text: str) -> bool:
-    """True when ``text`` is a card hf_pruning wrote (and may therefore refresh)."""
-    return GENERATED_MARKER in text
 
 
 def _fmt_int(n: int) -> str:
@@ -299,11 +293,11 @@ def _draw_picture(model: nn.Module, folder: Path, summary: dict) -> str | None:
         from . import plots
 
         if drops:
-            plots.removal_map(model, folder / "pruning_map.png")
-            return "pruning_map.png"
+            plots.removal_map(model, folder / REMOVAL_MAP_NAME)
+            return REMOVAL_MAP_NAME
         if summary["sparsity"] > 0.01:
-            plots.sparsity_plot(model, folder / "sparsity.png")
-            return "sparsity.png"
+            plots.sparsity_plot(model, folder / SPARSITY_PICTURE_NAME)
+            return SPARSITY_PICTURE_NAME
     except ImportError as err:
         logger.info("no picture in the model card: %s", err)
     return None

@@ -42,11 +42,20 @@ _WEIGHTS_INDEX = re.compile(r"^model\.safetensors\.index(?P<variant>\.[A-Za-z0-9
 # the remote code hf_pruning copies next to the weights (see hf_pruning/remote: every name carries the prefix)
 _REMOTE_CODE = re.compile(r"^(?:hf_pruning_\w+|configuration_hf_pruning|modeling_hf_pruning)\.py$")
 CARD_NAME = "README.md"
+#: measured numbers saved next to the weights (the model card quotes them)
 EVALUATION_NAME = "evaluation.json"
-PICTURE_NAMES = ("pruning_map.png", "sparsity.png")
-_GENERATED_MARKER = "<!-- hf_pruning:generated-card"
+REMOVAL_MAP_NAME = "pruning_map.png"
+SPARSITY_PICTURE_NAME = "sparsity.png"
+PICTURE_NAMES = (REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME)
+#: the first line of every card hf_pruning generates (a later save or push may refresh such a card)
+GENERATED_MARKER = "<!-- hf_pruning:generated-card"
 # written last, so a reader sees the new configuration only once the weights it describes are in place
 _LAST = ("config.json", CARD_NAME)
+
+
+def is_generated_card(text: str) -> bool:
+    """True when ``text`` is a card hf_pruning wrote (and may therefore refresh)."""
+    return GENERATED_MARKER in text
 
 
 def host_tag() -> str:
@@ -125,7 +134,7 @@ class FolderState:
     @property
     def generated_card(self) -> bool:
         """The folder's README.md is a card hf_pruning generated."""
-        return self.card is not None and _GENERATED_MARKER in self.card
+        return self.card is not None and is_generated_card(self.card)
 
     @property
     def saved_by_hf_pruning(self) -> bool:
@@ -197,8 +206,8 @@ def remove_dead_staging(folder: Path) -> list[str]:
     except OSError:  # an unreadable parent folder: nothing to report
         legacy = []
     if legacy and folder.parent != folder:
-            logger.warning("%s holds %s, left by an interrupted save of an older hf_pruning; check and delete them "
-                           "by hand (one may hold an earlier save)", folder.parent, ", ".join(legacy))
+        logger.warning("%s holds %s, left by an interrupted save of an older hf_pruning; check and delete them "
+                       "by hand (one may hold an earlier save)", folder.parent, ", ".join(legacy))
     return removed
 
 

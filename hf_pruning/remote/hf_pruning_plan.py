@@ -53,6 +53,10 @@ class Op:
         return self.structural
 
 
+#: the end of the message for plan data nested deeply enough to raise RecursionError
+TOO_DEEP = "is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a list of flat op objects)"
+
+
 def _show(value: Any) -> str:
     """A short repr for messages (bounded in length and depth: a deeply nested value cannot overflow it)."""
     return reprlib.repr(value)
@@ -288,15 +292,15 @@ class PruningPlan:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> PruningPlan:
-        """Parse plan JSON text; text that is not JSON (or nested too deeply for one) raises PlanError."""
+    def from_json(cls, text: str, source: str = "the plan") -> PruningPlan:
+        """Parse plan JSON text; text that is not JSON (or nested too deeply for one) raises PlanError naming
+        ``source`` (e.g. the file it came from)."""
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as err:
-            raise PlanError(f"the plan is not valid JSON: {err}") from None
+            raise PlanError(f"{source} is not valid JSON: {err}") from None
         except RecursionError:
-            raise PlanError("the plan is nested too deeply to be a pruning plan (a JSON object whose 'ops' is a "
-                            "list of flat op objects)") from None
+            raise PlanError(f"{source} {TOO_DEEP}") from None
 
     # ----- composition -----------------------------------------------------------------------------------
     def __add__(self, other: PruningPlan) -> PruningPlan:
