@@ -105,7 +105,8 @@ def test_prune_with_plan_config_records_provenance(tmp_path):
     model = hf_pruning.from_pretrained(tmp_path / "dense")
     x = tokens()
     model.prune_(PlanConfig(plan={"ops": [{"op": "drop_attention", "layer": 3}]}))
-    assert model.config.pruning_config == [{"method": "plan", "plan": hf_pruning.get_plan(model).to_dict() | {"base": None}}]
+    assert model.config.pruning_config == [{"method": "plan", "config_version": 1,
+                                            "plan": hf_pruning.get_plan(model).to_dict() | {"base": None}}]
     assert type(model).__name__ == "PrunedMistralForCausalLM"
     model.save_pretrained(tmp_path / "pruned")
     cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
