@@ -1,4 +1,4 @@
-"""Base class of method configurations: typed dataclasses, validated on construction, JSON round-trip."""
+"""Base class of method configurations: typed dataclasses, validated on construction, versioned JSON round-trip."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ class PruningConfig:
 
     ``config_version`` numbers the class's JSON form (:meth:`to_dict` writes it beside ``method``). Raise it
     when a field is added, renamed or changes its meaning, and override :meth:`upgrade_fields` to read the
-    older forms; :meth:`from_dict` refuses a form newer than the class (docs/DESIGN-DECISIONS.md, "Config
-    versions").
+    older forms; :meth:`from_dict` refuses a form newer than the class (docs/DESIGN-DECISIONS.md, "Configs,
+    the registry and method names").
     """
 
     method: ClassVar[str] = ""

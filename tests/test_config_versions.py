@@ -1,6 +1,6 @@
 """Every registered method's config carries a ``config_version`` and round-trips through JSON; a config from a
 newer version is refused with the way out; records saved before versions existed (and under renamed classes)
-still read (docs/DESIGN-DECISIONS.md, "Config versions")."""
+still read (docs/DESIGN-DECISIONS.md, "Configs, the registry and method names")."""
 
 from __future__ import annotations
 
