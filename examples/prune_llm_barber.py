@@ -26,7 +26,7 @@ def main(model=None, tokenizer=None, calibration=None, eval_ids=None, out_dir="o
     threshold: fraction of the beneficial swaps actually made.
     n_samples, seq_len: calibration windows for the initializer and the gradients.
     """
-    config = hf_pruning.BarberConfig(init=init, sparsity=sparsity, pattern=pattern, granularity=granularity,
+    config = hf_pruning.LLMBarberConfig(init=init, sparsity=sparsity, pattern=pattern, granularity=granularity,
                                      threshold=threshold)
     return common.prune_and_evaluate(config, model, tokenizer, calibration, eval_ids, out_dir, n_samples, seq_len)
 

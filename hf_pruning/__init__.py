@@ -29,12 +29,12 @@ from .card import CardTemplateError, build_card  # noqa: E402
 from .config import ConfigError, PruningConfig  # noqa: E402
 from .hub import HubPushError, push_to_hub  # noqa: E402
 from .methods import (  # noqa: E402
-    BarberConfig,
     FinerCutConfig,
     FLAPConfig,
     GradMAPConfig,
     HARPConfig,
     HeadsConfig,
+    LLMBarberConfig,
     MagnitudeConfig,
     PlanConfig,
     ShortGPTConfig,
@@ -43,7 +43,7 @@ from .methods import (  # noqa: E402
     TaylorConfig,
     WandaConfig,
 )
-from .methods.layerwise import sparsity_report  # noqa: E402
+from .methods.masks import sparsity_report  # noqa: E402
 from .plan import PlanError, PruningPlan  # noqa: E402
 from .recovery import NoTrainableTargetError, RecoveryConfig, recover_  # noqa: E402
 from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
@@ -64,8 +64,23 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
+#: public names that were renamed: old name -> new name (the same object; reading the old name warns)
+_DEPRECATED_NAMES = {"BarberConfig": "LLMBarberConfig"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        import warnings
+
+        new = _DEPRECATED_NAMES[name]
+        warnings.warn(f"hf_pruning.{name} was renamed hf_pruning.{new} (the same class); the old name will be "
+                      "removed in a later release", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "BarberConfig",
+    "LLMBarberConfig",
     "CalibrationError",
     "CardTemplateError",
     "HubPushError",

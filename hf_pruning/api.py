@@ -353,8 +353,6 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     result: PruningResult = spec.run(model, config, calibration, **extra)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)
-    if result.masks:
-        _apply_masks_(model, result.masks)
     _record(model, get_plan(model), pruning_config=result.record or config.to_dict())
     model.hf_pruning_report = result.report
     model.hf_pruning_evaluation = None  # numbers measured before this pruning no longer describe the model

@@ -1,4 +1,4 @@
-"""Base class of method configurations: typed dataclasses, validated on construction, JSON round-trip."""
+"""Base class of method configurations: typed dataclasses, validated on construction, versioned JSON round-trip."""
 
 from __future__ import annotations
 
@@ -11,11 +11,27 @@ import reprlib
 import types
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 
 class ConfigError(ValueError):
     """A method configuration with an impossible or unknown value."""
+
+
+#: the oldest ``config_version`` a config's JSON form can carry; a record without one is of this version
+#: (configs saved before versions existed)
+FIRST_CONFIG_VERSION = 1
+
+#: method name -> config class. registry.py installs it on import (this module sits below the registry and
+#: does not import it), so that :meth:`PruningConfig.from_dict` can build the class a ``"method"`` key names.
+_config_class_of: Callable[[str], type] | None = None
+
+
+def set_config_class_lookup(lookup: Callable[[str], type]) -> None:
+    """Called once by :mod:`hf_pruning.registry`: ``lookup(method)`` returns that method's config class or raises
+    ``KeyError`` naming the registered methods."""
+    global _config_class_of
+    _config_class_of = lookup
 
 
 @dataclass
@@ -25,16 +41,23 @@ class PruningConfig:
     Fields carry ``metadata={"help": ...}``; the CLI builds its flags from them. A subclass's ``__post_init__``
     calls ``super().__post_init__()`` first: the types of scalar fields are checked there, generically from the
     annotations (:func:`check_field_types`), so its own checks can compare values without a ``TypeError``.
+
+    ``config_version`` numbers the class's JSON form (:meth:`to_dict` writes it beside ``method``). Raise it
+    when a field is added, renamed or changes its meaning, and override :meth:`upgrade_fields` to read the
+    older forms; :meth:`from_dict` refuses a form newer than the class (docs/DESIGN-DECISIONS.md, "Configs,
+    the registry and method names").
     """
 
     method: ClassVar[str] = ""
+    config_version: ClassVar[int] = FIRST_CONFIG_VERSION
 
     def __post_init__(self) -> None:
         """Check every field's type against its annotation (subclasses call this first, then check values)."""
         check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method}
+        """The JSON form: ``method``, ``config_version`` and every field (what ``pruning_config`` records)."""
+        out: dict[str, Any] = {"method": self.method, "config_version": self.config_version}
         for f in fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "to_dict"):
@@ -44,17 +67,41 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
-        """Build the config named by ``data['method']`` (looked up in the registry) or this class."""
-        from .registry import get_method
+        """Build the config that :meth:`to_dict` wrote: the class ``data['method']`` names (looked up in the
+        registry; ``KeyError`` for an unknown method) or this class when there is no ``method`` key.
 
+        A form from an older ``config_version`` (or none: configs saved before versions) goes through
+        :meth:`upgrade_fields`. A newer one, which this hf_pruning cannot honour, and keys the class does not
+        know (a typo) raise :class:`ConfigError`: a config is never built with some of its settings left out.
+        """
         data = dict(data)
         method = data.pop("method", cls.method)
-        target = cls if method == cls.method and cls.method else get_method(method).config_class
+        target = cls if method == cls.method and cls.method else _config_class(method)
+        version = data.pop("config_version", FIRST_CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < FIRST_CONFIG_VERSION:
+            raise ConfigError(f"{target.__name__}: config_version must be an integer >= {FIRST_CONFIG_VERSION}, "
+                              f"got {version!r}")
+        if version > target.config_version:
+            keys = sorted(set(data) - {f.name for f in fields(target)})
+            raise ConfigError(
+                f"this {method!r} config has config_version {version}, newer than the {target.config_version} this "
+                f"hf_pruning reads{f' (settings it does not know: {keys})' if keys else ''}: it was written by a "
+                "newer hf_pruning. Upgrade (pip install -U hf_pruning) to use it; or, to run this version's "
+                f"{method!r} instead, drop config_version and the settings it does not know"
+            )
+        data = target.upgrade_fields(data, version)
         names = {f.name for f in fields(target)}
         unknown = set(data) - names
         if unknown:
-            raise ConfigError(f"{target.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+            raise ConfigError(f"{target.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)} (a "
+                              "typo? or a setting of a newer hf_pruning: pip install -U hf_pruning)")
         return target(**data)
+
+    @classmethod
+    def upgrade_fields(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """The fields of a form written at ``version`` (older than ``config_version``) in today's form: a class
+        that raises its ``config_version`` overrides this (e.g. renames a key). The base returns ``data``."""
+        return data
 
     def uses_calibration(self) -> bool:
         """False when these settings need no calibration data (e.g. a removal order given up front)."""
@@ -62,6 +109,12 @@ class PruningConfig:
 
     def replace(self, **changes) -> PruningConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _config_class(method: str) -> type:
+    if _config_class_of is None:  # only when this module is used without the package (registry) imported
+        raise ConfigError(f"no method registry to look {method!r} up in: import hf_pruning first")
+    return _config_class_of(method)
 
 
 def check_fraction(name: str, value: float, low_open: bool = True, high_open: bool = True) -> None:

@@ -125,7 +125,7 @@ def sparsity_plot(source, path: str | os.PathLike, title: str | None = None) -> 
     if isinstance(source, dict):
         report, name = source, ""
     else:
-        from .methods.layerwise import sparsity_report
+        from .methods.masks import sparsity_report
 
         report, name = sparsity_report(source), f"{type(source).__name__}: "
     kinds, matrix = _sparsity_matrix(report)

@@ -156,14 +156,7 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     from .evaluation import perplexity
 
     check_model(model)
-    config = config or RecoveryConfig()
-    if not isinstance(config, RecoveryConfig):
-        raise ConfigError(f"config must be a hf_pruning.RecoveryConfig, got {type(config).__name__}")
-    if overrides:
-        unknown = sorted(set(overrides) - set(asdict(config)))
-        if unknown:
-            raise ConfigError(f"unknown recovery setting(s) {unknown}; known: {sorted(asdict(config))}")
-        config = RecoveryConfig(**{**asdict(config), **overrides})
+    config = _settings(config, overrides)
     ids = _token_batches(model, data, tokenizer, config.seq_len)
     if eval_ids is not None:
         eval_ids = check_calibration(model, eval_ids, name="eval_ids")
@@ -174,13 +167,7 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
             "model has none of them (e.g. q_proj is gone from value-only layers). Pass other names, or None for "
             "every linear projection"
         )
-    modules = dict(model.named_modules())
-    masks = {}
-    if config.preserve_sparsity:
-        for name in targets:
-            keep = modules[name].weight != 0  # [out, in]
-            if not bool(keep.all()):
-                masks[name] = keep
+    masks = _keep_masks(model, targets) if config.preserve_sparsity else {}
     report = {"targets": len(targets), "masked_targets": len(masks), "data_tokens": int(ids.numel()),
               "trained_tokens": config.steps * config.batch_size * int(ids.shape[1]), "settings": asdict(config)}
     if eval_ids is not None:
@@ -192,46 +179,13 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
                       target_modules=targets, bias="none")
     peft_model = attach_masked_lora(model, lora, masks)
     try:
-        if config.gradient_checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            peft_model.enable_input_require_grads()
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        report["trainable_params"] = sum(p.numel() for p in trainable)
-        opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        g = torch.Generator().manual_seed(config.seed)
-        losses = []
-        peft_model.train()
-        start = time.perf_counter()
-        order = torch.randperm(ids.shape[0], generator=g)
-        cursor = 0
-        for _ in tqdm(range(config.steps), desc="LoRA recovery", unit="step", leave=False):
-            if cursor + config.batch_size > order.numel():  # a new epoch: reshuffle
-                order, cursor = torch.randperm(ids.shape[0], generator=g), 0
-            batch = ids[order[cursor: cursor + config.batch_size]]  # [batch, seq_len]
-            cursor += config.batch_size
-            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"the recovery loss became {loss.item()}; lower lr (now {config.lr})")
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        report["train_s"] = time.perf_counter() - start
-        if config.gradient_checkpointing:
-            peft_model.gradient_checkpointing_disable()
+        losses = _train(peft_model, ids, config, report)
     except BaseException:  # leave the model as it was: adapters removed unmerged, PEFT's forwards back
-        for name in masks:
-            layer = dict(peft_model.base_model.model.named_modules())[name]
-            del layer.forward, layer.hf_pruning_keep
-        peft_model.unload()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.train(was_training)
+        _unload_unmerged(peft_model, masks)
+        _give_back(model, was_training)
         raise
     merge_masked_lora_(peft_model, model, masks)
-    for p in model.parameters():
-        p.requires_grad_(True)  # PEFT froze the base weights; give the user back a normal model
-    model.train(was_training)
+    _give_back(model, was_training)
     report["losses"] = losses
     report["loss_first"], report["loss_last"] = losses[0], losses[-1]
     if eval_ids is not None:
@@ -242,3 +196,75 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     logger.info("LoRA recovery: %d targets (%d masked), %d steps, loss %.3f -> %.3f", len(targets), len(masks),
                 config.steps, losses[0], losses[-1])
     return report
+
+
+def _settings(config: RecoveryConfig | None, overrides: dict) -> RecoveryConfig:
+    """``config`` (default :class:`RecoveryConfig`) with the keyword ``overrides`` applied and checked."""
+    config = config or RecoveryConfig()
+    if not isinstance(config, RecoveryConfig):
+        raise ConfigError(f"config must be a hf_pruning.RecoveryConfig, got {type(config).__name__}")
+    if overrides:
+        unknown = sorted(set(overrides) - set(asdict(config)))
+        if unknown:
+            raise ConfigError(f"unknown recovery setting(s) {unknown}; known: {sorted(asdict(config))}")
+        config = RecoveryConfig(**{**asdict(config), **overrides})
+    return config
+
+
+def _keep_masks(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Target name -> keep-mask (``weight != 0``, ``[out, in]``) for the targets that have zeros."""
+    modules = dict(model.named_modules())
+    masks = {}
+    for name in targets:
+        keep = modules[name].weight != 0  # [out, in]
+        if not bool(keep.all()):
+            masks[name] = keep
+    return masks
+
+
+def _train(peft_model, ids: torch.Tensor, config: RecoveryConfig, report: dict) -> list[float]:
+    """``config.steps`` AdamW steps on batches of ``ids`` ``[n, seq_len]`` (reshuffled every epoch); the
+    losses. Adds ``trainable_params`` and ``train_s`` to ``report``."""
+    if config.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    report["trainable_params"] = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    losses = []
+    peft_model.train()
+    start = time.perf_counter()
+    order = torch.randperm(ids.shape[0], generator=g)
+    cursor = 0
+    for _ in tqdm(range(config.steps), desc="LoRA recovery", unit="step", leave=False):
+        if cursor + config.batch_size > order.numel():  # a new epoch: reshuffle
+            order, cursor = torch.randperm(ids.shape[0], generator=g), 0
+        batch = ids[order[cursor: cursor + config.batch_size]]  # [batch, seq_len]
+        cursor += config.batch_size
+        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the recovery loss became {loss.item()}; lower lr (now {config.lr})")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    report["train_s"] = time.perf_counter() - start
+    if config.gradient_checkpointing:
+        peft_model.gradient_checkpointing_disable()
+    return losses
+
+
+def _unload_unmerged(peft_model, masks: dict[str, torch.Tensor]) -> None:
+    """Remove the adapters without merging them, and the masked forwards :func:`attach_masked_lora` set."""
+    for name in masks:
+        layer = dict(peft_model.base_model.model.named_modules())[name]
+        del layer.forward, layer.hf_pruning_keep
+    peft_model.unload()
+
+
+def _give_back(model: nn.Module, was_training: bool) -> None:
+    """A normal model again: PEFT froze the base weights; the train/eval mode as it was."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train(was_training)

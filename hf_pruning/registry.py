@@ -6,8 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
+from .config import set_config_class_lookup
 from .plan import PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -15,11 +14,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruningResult:
-    """What a method decided: structural ops and/or weight masks, plus a report for humans."""
+    """What a method decided: structural ops (``plan``; mask methods zero weights in place and return none),
+    plus a report for humans."""
 
     plan: PruningPlan | None = None
-    #: parameter name -> boolean mask (True = keep) of the same shape; applied by zeroing weights
-    masks: dict[str, torch.Tensor] | None = None
     report: dict = field(default_factory=dict)
     #: what ``config.json``'s ``pruning_config`` records (default: the config); e.g. the config plus the order
     #: a search found, so that the record alone reproduces the result
@@ -61,4 +59,8 @@ def get_method(name_or_config) -> MethodSpec:
 
 
 def list_methods() -> list[str]:
+    """The registry keys of every registered method, sorted."""
     return sorted(_METHODS)
+
+
+set_config_class_lookup(lambda name: get_method(name).config_class)

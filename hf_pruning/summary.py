@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .api import parameter_count
-from .methods.layerwise import sparsity_report
+from .methods.masks import sparsity_report
 from .plan import PruningPlan
 from .remote.hf_pruning_adapter_base import _set_config_fields
 from .remote.hf_pruning_surgery import base_fields, inspect_model, stock_model_type

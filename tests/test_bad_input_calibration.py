@@ -9,13 +9,13 @@ from tiny_models import VOCAB, tiny_model, tiny_tokenizer, tokens
 
 import hf_pruning
 from hf_pruning import (
-    BarberConfig,
     CalibrationError,
     FinerCutConfig,
     FLAPConfig,
     GradMAPConfig,
     HARPConfig,
     HeadsConfig,
+    LLMBarberConfig,
     MagnitudeConfig,
     PlanConfig,
     ShortGPTConfig,
@@ -63,7 +63,7 @@ METHOD_CONFIGS = {
     "magnitude": MagnitudeConfig(),
     "wanda": WandaConfig(),
     "sparsegpt": SparseGPTConfig(blocksize=32),
-    "llm_barber": BarberConfig(init="wanda"),
+    "llm_barber": LLMBarberConfig(init="wanda"),
     "flap": FLAPConfig(ratio=0.2),
     "harp": HARPConfig(num_layers=2),
     "heads": HeadsConfig(score="wanda", per_layer=1),

@@ -103,7 +103,7 @@ def test_recovery_config_fields_are_checked_the_same_way():
 def test_numpy_numbers_and_paths_become_json_values(tmp_path):
     config = hf_pruning.SparseGPTConfig(sparsity=np.float32(0.25), blocksize=np.int64(32))
     assert type(config.sparsity) is float and type(config.blocksize) is int
-    barber = hf_pruning.BarberConfig(init="existing", dense_reference=tmp_path)
+    barber = hf_pruning.LLMBarberConfig(init="existing", dense_reference=tmp_path)
     assert barber.dense_reference == str(tmp_path)
     json.dumps([config.to_dict(), barber.to_dict()])
     assert PruningConfig.from_dict(config.to_dict()) == config

@@ -13,7 +13,7 @@ from emulate import layers_of
 from tiny_models import ARCHS, tiny_model, tokens
 
 import hf_pruning
-from hf_pruning import BarberConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from hf_pruning import LLMBarberConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from hf_pruning.config import ConfigError
 
 CALIB = tokens(batch=4, length=24, seed=11)
@@ -21,17 +21,17 @@ CONFIGS = {
     "magnitude": MagnitudeConfig(),
     "wanda": WandaConfig(),
     "sparsegpt": SparseGPTConfig(blocksize=32),
-    "barber_wanda": BarberConfig(init="wanda", threshold=0.5),
-    "barber_magnitude_block": BarberConfig(init="magnitude", granularity="block", threshold=0.5),
-    "barber_sparsegpt_retain": BarberConfig(init="sparsegpt", blocksize=32, retain_reconstruction=True),
-    "barber_sparsegpt_reconstruct": BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True, threshold=0.5),
-    "barber_wanda_verify": BarberConfig(init="wanda", threshold=0.5, verify=True),
-    "barber_sparsegpt_reconstruct_verify": BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
+    "barber_wanda": LLMBarberConfig(init="wanda", threshold=0.5),
+    "barber_magnitude_block": LLMBarberConfig(init="magnitude", granularity="block", threshold=0.5),
+    "barber_sparsegpt_retain": LLMBarberConfig(init="sparsegpt", blocksize=32, retain_reconstruction=True),
+    "barber_sparsegpt_reconstruct": LLMBarberConfig(init="sparsegpt", blocksize=32, reconstruct=True, threshold=0.5),
+    "barber_wanda_verify": LLMBarberConfig(init="wanda", threshold=0.5, verify=True),
+    "barber_sparsegpt_reconstruct_verify": LLMBarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
                                                         threshold=0.1, verify=True),
     "sparsegpt_two_pass": SparseGPTConfig(blocksize=32, one_pass=False),
     "wanda_2:4": WandaConfig(pattern="2:4"),
-    "barber_2:4": BarberConfig(init="wanda", pattern="2:4", threshold=0.5),
-    "barber_2:4_row_rule": BarberConfig(init="wanda", pattern="2:4", threshold=0.5, nm_rule="row"),
+    "barber_2:4": LLMBarberConfig(init="wanda", pattern="2:4", threshold=0.5),
+    "barber_2:4_row_rule": LLMBarberConfig(init="wanda", pattern="2:4", threshold=0.5, nm_rule="row"),
     "sparsegpt_4:8": SparseGPTConfig(pattern="4:8", blocksize=32),
 }
 
@@ -81,7 +81,7 @@ def test_barber_reconstruct_without_swaps_replays_sparsegpt():
     """threshold=0 keeps SparseGPT's mask; re-solving from the dense weights on the same layer input gives
     SparseGPT's own values for q/k/v of layer 0 (the fixed-mask update replays the adaptive one)."""
     sgpt = hf_pruning.prune_(tiny_model("llama"), SparseGPTConfig(blocksize=32), calibration=CALIB)
-    barber = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
+    barber = hf_pruning.prune_(tiny_model("llama"), LLMBarberConfig(init="sparsegpt", blocksize=32, reconstruct=True,
                                                                  threshold=0.0), calibration=CALIB)
     assert barber.hf_pruning_report["swapped"] == 0
     for n in ("q_proj", "k_proj", "v_proj"):
@@ -95,14 +95,14 @@ def test_barber_reconstruct_without_swaps_replays_sparsegpt():
 
 def test_barber_swaps_and_changes_the_initial_mask():
     wanda = hf_pruning.prune_(tiny_model("llama"), WandaConfig(), calibration=CALIB)
-    barber = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="wanda", threshold=1.0), calibration=CALIB)
+    barber = hf_pruning.prune_(tiny_model("llama"), LLMBarberConfig(init="wanda", threshold=1.0), calibration=CALIB)
     assert barber.hf_pruning_report["swapped"] > 0
     # layer 0 sees the same inputs in both runs: its masks differ by exactly the swaps made there
     layer0 = [n for n in linears(wanda) if n.startswith("0.")]
     differ = sum(int(((linears(wanda)[n].weight == 0) != (linears(barber)[n].weight == 0)).sum()) for n in layer0)
     swaps0 = sum(block["swapped"] for block in barber.hf_pruning_report["swaps"][0].values())
     assert swaps0 > 0 and differ == 2 * swaps0
-    none = hf_pruning.prune_(tiny_model("llama"), BarberConfig(init="wanda", threshold=0.0), calibration=CALIB)
+    none = hf_pruning.prune_(tiny_model("llama"), LLMBarberConfig(init="wanda", threshold=0.0), calibration=CALIB)
     assert none.hf_pruning_report["swapped"] == 0
     for a, b in zip(linears(wanda).values(), linears(none).values()):
         assert torch.equal(a.weight == 0, b.weight == 0)
@@ -145,8 +145,8 @@ def test_barber_verify_keeps_a_rebuild_only_when_it_lowers_the_block_error(case)
     initializer's weights exactly, blocks that keep the rebuild hold the unverified rebuild's weights (layer 0
     sees the same inputs in all three runs), and the error reported is the one the pruned model has."""
     settings, initializer = VERIFY_CASES[case]
-    plain = hf_pruning.prune_(tiny_model("llama"), BarberConfig(**settings), calibration=CALIB)
-    checked = hf_pruning.prune_(tiny_model("llama"), BarberConfig(**settings, verify=True), calibration=CALIB)
+    plain = hf_pruning.prune_(tiny_model("llama"), LLMBarberConfig(**settings), calibration=CALIB)
+    checked = hf_pruning.prune_(tiny_model("llama"), LLMBarberConfig(**settings, verify=True), calibration=CALIB)
     alone = hf_pruning.prune_(tiny_model("llama"), initializer, calibration=CALIB)
     reports = checked.hf_pruning_report["swaps"]
     for r in reports:
@@ -175,7 +175,7 @@ def test_barber_reconstruct_hands_verify_the_rebuilt_outputs(arch, monkeypatch):
         handed.append(out is not None)
         return out
 
-    config = BarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
+    config = LLMBarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
     monkeypatch.setattr(pruner, "_reconstruct_block_", recording)
     fast = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB).hf_pruning_report["swaps"]
     assert handed and all(handed)  # every block ends in its output projection
@@ -196,7 +196,7 @@ def test_barber_replayed_passes_match_real_ones(arch, monkeypatch):
 
     from hf_pruning.methods.llm_barber import pruner
 
-    config = BarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
+    config = LLMBarberConfig(init="sparsegpt", blocksize=32, threshold=0.3, reconstruct=True, verify=True)
     real_layer, returned = pruner.barber_layer_, []
 
     def recording(*args, **kwargs):
@@ -222,8 +222,8 @@ def test_barber_verify_rejects_harmful_rebuilds(monkeypatch):
     real = pruner.barber_scores
     monkeypatch.setattr(pruner, "barber_scores", lambda w, g, metric: -real(w, g, metric))
     config = {"init": "wanda", "threshold": 1.0}
-    harmed = hf_pruning.prune_(tiny_model("qwen2"), BarberConfig(**config), calibration=CALIB)
-    guarded = hf_pruning.prune_(tiny_model("qwen2"), BarberConfig(**config, verify=True), calibration=CALIB)
+    harmed = hf_pruning.prune_(tiny_model("qwen2"), LLMBarberConfig(**config), calibration=CALIB)
+    guarded = hf_pruning.prune_(tiny_model("qwen2"), LLMBarberConfig(**config, verify=True), calibration=CALIB)
     wanda = hf_pruning.prune_(tiny_model("qwen2"), WandaConfig(), calibration=CALIB)
     assert harmed.hf_pruning_report["swapped"] > 0
     assert guarded.hf_pruning_report["swapped"] == 0
@@ -234,7 +234,7 @@ def test_barber_verify_rejects_harmful_rebuilds(monkeypatch):
 
 
 def _wanda_mask_(lin, sum_sq):
-    from hf_pruning.methods.sparsity import select_mask
+    from hf_pruning.methods.masks.selection import select_mask
 
     w = lin.weight
     w[select_mask(w.abs() * sum_sq.sqrt()[None], 0.5, None, True, w == 0)] = 0
@@ -244,7 +244,7 @@ def test_linears_reading_one_input_share_one_statistic():
     """q/k/v (and gate/up) read the same tensor: input_stat_hooks computes its statistic once and hands every
     one of them that object, equal to the statistic computed from each linear's own input."""
     from hf_pruning.calibration import hooks
-    from hf_pruning.methods.layerwise import input_stat_hooks, prunable_linears
+    from hf_pruning.methods.masks.layerwise import input_stat_hooks, prunable_linears
 
     layer = layers_of(tiny_model("llama"))[0]
     seen = {}
@@ -325,7 +325,7 @@ def test_barber_holds_one_layer_copy_at_a_time(monkeypatch):
 
     monkeypatch.setattr(barber, "copy", types.SimpleNamespace(deepcopy=recording_deepcopy))
     model = tiny_model("llama")
-    hf_pruning.prune_(model, BarberConfig(init="magnitude"), calibration=CALIB)
+    hf_pruning.prune_(model, LLMBarberConfig(init="magnitude"), calibration=CALIB)
     assert copied and all(obj in list(layers_of(model)) for obj in copied)
 
 
@@ -334,7 +334,7 @@ def test_barber_rebuilds_an_existing_sparse_model_against_its_dense_checkpoint(t
     hf_pruning.save_pretrained(dense, tmp_path / "dense")
     sparse = hf_pruning.prune_(copy.deepcopy(dense), WandaConfig(), calibration=CALIB)
     before = {n: m.weight == 0 for n, m in linears(sparse).items()}
-    hf_pruning.prune_(sparse, BarberConfig(init="existing", dense_reference=str(tmp_path / "dense"), threshold=1.0),
+    hf_pruning.prune_(sparse, LLMBarberConfig(init="existing", dense_reference=str(tmp_path / "dense"), threshold=1.0),
                       calibration=CALIB)
     assert sparse.hf_pruning_report["swapped"] > 0
     for name, lin in linears(sparse).items():
@@ -360,13 +360,13 @@ def test_sparse_model_saves_as_stock_class(tmp_path):
     (lambda: WandaConfig(sparsity=0), r"sparsity must be a fraction"),
     (lambda: MagnitudeConfig(pattern="4:4"), "0 < N < M"),
     (lambda: MagnitudeConfig(sparsity=0.7, pattern="2:4"), "contradicts pattern='2:4'"),
-    (lambda: BarberConfig(threshold=1.5), r"threshold must be a fraction in \[0, 1\]"),
-    (lambda: BarberConfig(pattern="2:4", granularity="block"), "use granularity='output1'"),
-    (lambda: BarberConfig(init="random"), "init must be one of"),
-    (lambda: BarberConfig(init="existing"), "dense_reference"),
+    (lambda: LLMBarberConfig(threshold=1.5), r"threshold must be a fraction in \[0, 1\]"),
+    (lambda: LLMBarberConfig(pattern="2:4", granularity="block"), "use granularity='output1'"),
+    (lambda: LLMBarberConfig(init="random"), "init must be one of"),
+    (lambda: LLMBarberConfig(init="existing"), "dense_reference"),
     (lambda: SparseGPTConfig(pattern="2:4", blocksize=30), "multiple of M=4"),
-    (lambda: BarberConfig(pattern="2:4", nm_rule="group"), "nm_rule must be one of"),
-    (lambda: BarberConfig(init="sparsegpt", reconstruct=True, retain_reconstruction=True), "pick one"),
+    (lambda: LLMBarberConfig(pattern="2:4", nm_rule="group"), "nm_rule must be one of"),
+    (lambda: LLMBarberConfig(init="sparsegpt", reconstruct=True, retain_reconstruction=True), "pick one"),
 ])
 def test_bad_configs(make, message):
     with pytest.raises(ConfigError, match=message):
@@ -386,12 +386,12 @@ def test_bad_input_leaves_the_model_unchanged():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_layer_runs_equal_row_by_row(arch, monkeypatch):
     """Rows run through a layer in batches (masks captured for one row broadcast) give identical results."""
-    import hf_pruning.methods.layerwise as layerwise
+    import hf_pruning.methods.masks.layerwise as layerwise
 
     calib = tokens(batch=5, length=20, seed=3)
     results = []
     for batch in (1, 3):
         monkeypatch.setattr(layerwise, "LAYER_BATCH", batch)
-        results.append(hf_pruning.prune_(tiny_model(arch), BarberConfig(init="wanda", threshold=0.5), calibration=calib))
+        results.append(hf_pruning.prune_(tiny_model(arch), LLMBarberConfig(init="wanda", threshold=0.5), calibration=calib))
     for a, b in zip(results[0].parameters(), results[1].parameters()):
         assert torch.equal(a, b)

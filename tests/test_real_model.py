@@ -112,7 +112,7 @@ def test_llm_barber_improves_on_its_wanda_initializer(smollm2, pattern):
     calib = build_calibration(tok, source="default:calibration", n_samples=8, seq_len=256, seed=0)
     windows = evaluation_windows(tok, default_text("evaluation"), 512, 4)
     wanda = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.WandaConfig(pattern=pattern), calibration=calib)
-    barber = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.BarberConfig(init="wanda", pattern=pattern,
+    barber = hf_pruning.prune_(copy.deepcopy(base), hf_pruning.LLMBarberConfig(init="wanda", pattern=pattern,
                                                                             threshold=0.1), calibration=calib)
     assert hf_pruning.sparsity_report(barber)["overall"] == pytest.approx(0.5, abs=1e-3)
     assert barber.hf_pruning_report["swapped"] > 0

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from hf_pruning.config import ConfigError
-from hf_pruning.methods.sparsegpt.scoring import sparsegpt_solve_
-from hf_pruning.methods.sparsity import (
+from hf_pruning.methods.masks.selection import (
     lowest_per_row,
     nm_mask,
     parse_pattern,
@@ -17,6 +16,7 @@ from hf_pruning.methods.sparsity import (
     rebuild_rows,
     unstructured_mask,
 )
+from hf_pruning.methods.sparsegpt.scoring import sparsegpt_solve_
 
 T, F = True, False
 
@@ -72,7 +72,7 @@ def test_swap_count_is_a_fraction_of_beneficial_swaps():
 @pytest.mark.parametrize("descending", [False, True])
 def test_stable_order_is_a_stable_sort(descending):
     """The int64-key sort orders exactly as a stable float sort: ties (many), negatives, -0.0 == +0.0, +-inf."""
-    from hf_pruning.methods.sparsity import stable_order
+    from hf_pruning.methods.masks.selection import stable_order
 
     g = torch.Generator().manual_seed(3)
     values = torch.tensor([0.0, -0.0, 1.5, -1.5, float("inf"), float("-inf"), 2.0**-140, -(2.0**-140), 3e38, -3e38])

@@ -5,13 +5,13 @@ from .flap import FLAPConfig
 from .gradmap import GradMAPConfig
 from .harp import HARPConfig
 from .heads import HeadsConfig
-from .llm_barber import BarberConfig
+from .llm_barber import LLMBarberConfig
 from .magnitude import MagnitudeConfig
-from .manual import PlanConfig
+from .plan import PlanConfig
 from .shortgpt import ShortGPTConfig
 from .sleb import SLEBConfig
 from .sparsegpt import SparseGPTConfig
 from .taylor import TaylorConfig
 from .wanda import WandaConfig
 
-__all__ = ["BarberConfig", "FLAPConfig", "FinerCutConfig", "GradMAPConfig", "HARPConfig", "HeadsConfig", "MagnitudeConfig", "PlanConfig", "SLEBConfig", "ShortGPTConfig", "SparseGPTConfig", "TaylorConfig", "WandaConfig"]
+__all__ = ["FLAPConfig", "FinerCutConfig", "GradMAPConfig", "HARPConfig", "HeadsConfig", "LLMBarberConfig", "MagnitudeConfig", "PlanConfig", "SLEBConfig", "ShortGPTConfig", "SparseGPTConfig", "TaylorConfig", "WandaConfig"]

@@ -23,7 +23,7 @@ from ..calibration.capture import capture_layer_inputs, run_layer
 from ..config import ConfigError, PruningConfig, check_fraction
 from ..plan import DropAttention, DropMLP, PruningPlan, RemoveLayers
 from ..remote.hf_pruning_surgery import adapter_for, inspect_model
-from .layerwise import LAYER_BATCH
+from .masks.layerwise import LAYER_BATCH
 
 logger = logging.getLogger(__name__)
 

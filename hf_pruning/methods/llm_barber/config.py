@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import ConfigError
-from ..layerwise import ONE_PASS_HELP, SparsityConfig
-from ..sparsity import GRANULARITIES, NM_RULES
+from ..masks.config import ONE_PASS_HELP, SparsityConfig
+from ..masks.selection import GRANULARITIES, NM_RULES
 
 INITS = ("magnitude", "wanda", "sparsegpt", "existing")
 METRICS = ("WD", "W", "D")
 
 
 @dataclass
-class BarberConfig(SparsityConfig):
+class LLMBarberConfig(SparsityConfig):
     """Rebuild the mask of a magnitude/Wanda/SparseGPT initial mask (or of an already sparse model)."""
 
     method: ClassVar[str] = "llm_barber"

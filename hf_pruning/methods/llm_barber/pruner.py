@@ -20,13 +20,13 @@ from torch import nn
 from ...calibration import hooks, run_layer
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
-from ..layerwise import check_widths, input_stat_hooks, prunable_linears, sequential, sparsity_report
 from ..magnitude.pruner import magnitude_prune_layer_
+from ..masks.layerwise import check_widths, input_stat_hooks, prunable_linears, sequential, sparsity_report
+from ..masks.selection import rebuild_masks
 from ..sparsegpt.pruner import add_to_hessian, new_hessian, sparsegpt_prune_layer_
 from ..sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_
-from ..sparsity import rebuild_masks
 from ..wanda.pruner import wanda_prune_layer_
-from .config import BarberConfig
+from .config import LLMBarberConfig
 from .scoring import barber_scores, block_error, block_gradient_sq
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _load_dense_layer_(dense_layer, reference: str, prefix: str) -> None:
         lin.weight.data.copy_(tensor)
 
 
-def _initialize_(layer, inputs, kwargs, config: BarberConfig, attention: dict) -> list | None:
+def _initialize_(layer, inputs, kwargs, config: LLMBarberConfig, attention: dict) -> list | None:
     """Apply the initializer to ``layer``. When it pruned in flight (one pass over all rows, each linear
     pruned before it ran) and ``verify`` with ``reconstruct`` will need them, that pass's attention outputs
     (the initializer's attention block on the block's inputs) are returned per row ``[1, T, d]``; else None."""
@@ -289,7 +289,7 @@ def _batches(rows: list[torch.Tensor], inputs: list[torch.Tensor], arity: int | 
     return out
 
 
-def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_source=None):
+def barber_layer_(adapter, layer, inputs, kwargs, config: LLMBarberConfig, dense_source=None):
     """Initializer + mask rebuild of one decoder layer, in place. Returns swap counts per block, and the
     layer's outputs as well (``(report, outputs)``) when every block's final outputs are already known."""
     dense_layer = copy.deepcopy(layer).float()  # the only dense copy held: one layer
@@ -353,8 +353,8 @@ def barber_layer_(adapter, layer, inputs, kwargs, config: BarberConfig, dense_so
     return report, outputs
 
 
-@register_method("llm_barber", BarberConfig)
-def run_llm_barber(model, config: BarberConfig, calibration) -> PruningResult:
+@register_method("llm_barber", LLMBarberConfig)
+def run_llm_barber(model, config: LLMBarberConfig, calibration) -> PruningResult:
     adapter = adapter_for(model)
     check_widths(model, config.nm)
     layers = adapter.decoder_layers(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..layerwise import SparsityConfig
+from ..masks.config import SparsityConfig
 
 
 @dataclass

@@ -6,8 +6,8 @@ import torch
 
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
-from ..layerwise import check_widths, prunable_linears, sparsity_report
-from ..sparsity import select_mask
+from ..masks.layerwise import check_widths, prunable_linears, sparsity_report
+from ..masks.selection import select_mask
 from .config import MagnitudeConfig
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import ConfigError
-from ..layerwise import ONE_PASS_HELP, SparsityConfig
+from ..masks.config import ONE_PASS_HELP, SparsityConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity import lowest_per_row
+from ..masks.selection import lowest_per_row
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..layerwise import ONE_PASS_HELP, SparsityConfig
+from ..masks.config import ONE_PASS_HELP, SparsityConfig
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...registry import PruningResult, register_method
-from ..layerwise import (
+from ..masks.layerwise import (
     check_widths,
     collect_input_stats,
     prunable_linears,
@@ -13,7 +13,7 @@ from ..layerwise import (
     sequential,
     sparsity_report,
 )
-from ..sparsity import select_mask
+from ..masks.selection import select_mask
 from .config import WandaConfig
 
 

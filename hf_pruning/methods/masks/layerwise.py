@@ -4,51 +4,17 @@ layers before it, and peak memory does not grow with depth (one layer's activati
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import calibration_mode, capture_layer_inputs, hooks, run_layer
-from ..config import ConfigError, PruningConfig, check_fraction
-from ..remote.hf_pruning_surgery import adapter_for
-from .sparsity import parse_pattern
+from ...calibration import calibration_mode, capture_layer_inputs, hooks, run_layer
+from ...config import ConfigError
+from ...remote.hf_pruning_surgery import adapter_for
 
 logger = logging.getLogger(__name__)
-
-
-ONE_PASS_HELP = ("prune each linear as the layer's single forward over all calibration rows reaches it (o/down "
-                 "projections then see the pruned q/k/v and gate/up; one layer pass); False: the official two "
-                 "passes (statistics from the unpruned layer, then a pass through the pruned one)")
-
-
-@dataclass
-class SparsityConfig(PruningConfig):
-    """Fields shared by the mask methods. With an N:M pattern, ``sparsity`` becomes N/M."""
-
-    method: ClassVar[str] = ""
-    sparsity: float = field(default=0.5, metadata={"help": "fraction of each matrix's weights set to zero (0, 1)"})
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (N zeros in every M)"})
-
-    def __post_init__(self):
-        super().__post_init__()  # field types first
-        nm = parse_pattern(self.pattern)
-        if nm is None:
-            check_fraction("sparsity", self.sparsity)
-        else:
-            # 0.5 is the field's default, so it cannot tell "not given" from "given": only other values conflict
-            if self.sparsity not in (0.5, nm[0] / nm[1]):
-                raise ConfigError(
-                    f"sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which zeroes {nm[0]}/{nm[1]} of "
-                    "the weights; leave sparsity out (or give N/M) with an N:M pattern"
-                )
-            self.sparsity = nm[0] / nm[1]
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern)
 
 
 def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:

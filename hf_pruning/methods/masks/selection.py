@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 GRANULARITIES = ("output1", "input1", "layer", "block")
 
