@@ -59,7 +59,8 @@ def load_smollm2(model_class=None):
     """
     from transformers import AutoTokenizer
 
-    from .api import _bind, from_pretrained
+    from .api import from_pretrained
+    from .model_methods import bind as _bind
 
     path = smollm2_path()
     if model_class is None:

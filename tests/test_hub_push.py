@@ -6,8 +6,8 @@ import pytest
 from tiny_models import tiny_model
 
 import hf_pruning
-from hf_pruning.card import is_generated_card
 from hf_pruning.cli import main
+from hf_pruning.publish.card import is_generated_card
 
 TOKEN = "hf_test_token"
 REPO = "test-user/tiny-pruned"

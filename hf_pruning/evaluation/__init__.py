@@ -1,8 +1,9 @@
 """Evaluation: perplexity, zero-shot accuracy (lm-eval), speed and size, pruning cost."""
 
+from ..accounting import accounting, flops_per_token
 from .cost import PeakRSS, forward_seconds, measure_pruning, model_bytes_fp32
 from .perplexity import perplexity
-from .speed import accounting, compare_speed, flops_per_token, kv_cache_bytes, measure_speed
+from .speed import compare_speed, kv_cache_bytes, measure_speed
 from .zero_shot import LOCAL_TASKS, zero_shot
 
 __all__ = [
