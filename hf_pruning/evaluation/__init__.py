@@ -1,6 +1,5 @@
 """Evaluation: perplexity, zero-shot accuracy (lm-eval), speed and size, pruning cost."""
 
-from ..accounting import accounting, flops_per_token
 from .cost import PeakRSS, forward_seconds, measure_pruning, model_bytes_fp32
 from .perplexity import perplexity
 from .speed import compare_speed, kv_cache_bytes, measure_speed
@@ -8,10 +7,8 @@ from .zero_shot import LOCAL_TASKS, zero_shot
 
 __all__ = [
     "LOCAL_TASKS",
-    "accounting",
     "PeakRSS",
     "compare_speed",
-    "flops_per_token",
     "forward_seconds",
     "kv_cache_bytes",
     "measure_pruning",

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-# accounting and part_params are imported by the method packages from here until they import ..accounting
+# methods/flap, heads and harp still import accounting and part_params from here (until they import ..accounting)
 from ..accounting import accounting, flops_per_token, part_params  # noqa: F401
 
 

@@ -19,6 +19,7 @@ from ..remote.configuration_hf_pruning import MIN_TRANSFORMERS
 from ..remote.hf_pruning_surgery import adapter_for
 from ..saving import CARD_NAME, GENERATED_MARKER, REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME, is_generated_card  # noqa: F401
 from ..version import __version__
+from . import plots
 from .summary import pruning_summary
 
 logger = logging.getLogger(__name__)
@@ -290,8 +291,6 @@ def _draw_picture(model: nn.Module, folder: Path, summary: dict) -> str | None:
     plan = get_plan(model)
     drops = any(op.name in ("drop_attention", "drop_mlp", "remove_layers") for op in plan.ops)
     try:
-        from . import plots
-
         if drops:
             plots.removal_map(model, folder / REMOVAL_MAP_NAME)
             return REMOVAL_MAP_NAME
