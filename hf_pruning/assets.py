@@ -60,11 +60,11 @@ def load_smollm2(model_class=None):
     from transformers import AutoTokenizer
 
     from .api import from_pretrained
-    from .model_methods import bind as _bind
+    from .model_methods import bind
 
     path = smollm2_path()
     if model_class is None:
         model = from_pretrained(path)
     else:
-        model = _bind(model_class.from_pretrained(path, dtype=torch.float32))
+        model = bind(model_class.from_pretrained(path, dtype=torch.float32))
     return model.eval(), AutoTokenizer.from_pretrained(path)
