@@ -37,7 +37,8 @@ def smollm2_gguf_dir() -> Path:
 
 def smollm2_path() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct in float32, converted from the GGUF file on first use."""
-    from .api import from_pretrained, save_pretrained
+    from .api import from_pretrained
+    from .publish import save_pretrained
 
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
