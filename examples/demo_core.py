@@ -21,7 +21,7 @@ import torch
 import hf_pruning
 from hf_pruning.calibration import default_text, evaluation_windows
 from hf_pruning.evaluation import perplexity
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 DEMO_PLAN = {
     "ops": [
@@ -35,7 +35,7 @@ PROMPT = "It is a truth universally acknowledged, that"
 
 
 def kv_bytes_per_token(model) -> int:
-    from hf_pruning.adapters import inspect_model
+    from hf_pruning.remote.hf_pruning_surgery import inspect_model
 
     return sum(s.kv_bytes_per_token(4) for s in inspect_model(model))
 

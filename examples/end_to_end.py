@@ -23,7 +23,7 @@ import torch
 import hf_pruning
 from hf_pruning.calibration import default_text, evaluation_windows
 from hf_pruning.evaluation import perplexity
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 logger = logging.getLogger("examples.end_to_end")
 

@@ -9,26 +9,11 @@ Importing the package registers the ``hf_pruning_<arch>`` model types with trans
 pruned checkpoints load without ``trust_remote_code`` wherever hf_pruning is installed.
 """
 
-__version__ = "0.1.0"
-
-from .api import (  # noqa: E402
-    QuantizedModelError,
-    UnsupportedModelError,
-    apply_plan_,
-    clear_quantizer_,
-    from_pretrained,
-    get_plan,
-    lora_target_modules,
-    parameter_count,
-    predicted_decoder_params,
-    prune_,
-    save_pretrained,
-)
-from .calibration.check import CalibrationError  # noqa: E402
-from .card import CardTemplateError, build_card  # noqa: E402
-from .config import ConfigError, PruningConfig  # noqa: E402
-from .hub import HubPushError, push_to_hub  # noqa: E402
-from .methods import (  # noqa: E402
+from .accounting import parameter_count, predicted_decoder_params
+from .api import apply_plan_, from_pretrained, lora_target_modules, prune_
+from .calibration.check import CalibrationError
+from .config import ConfigError, PruningConfig
+from .methods import (
     FinerCutConfig,
     FLAPConfig,
     GradMAPConfig,
@@ -43,12 +28,14 @@ from .methods import (  # noqa: E402
     TaylorConfig,
     WandaConfig,
 )
-from .methods.masks import sparsity_report  # noqa: E402
-from .plan import PlanError, PruningPlan  # noqa: E402
-from .recovery import NoTrainableTargetError, RecoveryConfig, recover_  # noqa: E402
-from .registry import PruningResult, get_method, list_methods, register_method  # noqa: E402
-from .remote.hf_pruning_surgery import UnsupportedArchitectureError  # noqa: E402
-from .summary import pruning_summary  # noqa: E402
+from .methods.masks import sparsity_report
+from .model_checks import QuantizedModelError, UnsupportedModelError, clear_quantizer_
+from .plan import PlanError, PruningPlan, get_plan
+from .publish import CardTemplateError, HubPushError, build_card, pruning_summary, push_to_hub, save_pretrained
+from .recovery import NoTrainableTargetError, RecoveryConfig, recover_
+from .registry import PruningResult, get_method, list_methods, register_method
+from .remote.hf_pruning_surgery import UnsupportedArchitectureError
+from .version import __version__
 
 
 def _register_auto_classes() -> None:

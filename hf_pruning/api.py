@@ -1,178 +1,35 @@
-"""The functional core: ``prune_``, ``apply_plan_``, ``get_plan``, ``from_pretrained``, ``save_pretrained``."""
+"""The functional core: ``prune_``, ``apply_plan_``, ``from_pretrained``, ``lora_target_modules``.
+
+Saving and pushing (``save_pretrained``, ``push_to_hub``) live in :mod:`hf_pruning.publish`, above this module:
+models get them as methods through :mod:`hf_pruning.model_methods`, whose table ``publish`` fills on import.
+"""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import reprlib
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
 from .calibration.check import BUILD_HINT, CalibrationError, check_calibration
 from .config import ConfigError, PruningConfig
-from .plan import PlanError, PruningPlan
+from .model_checks import check_model, clear_quantizer_
+from .model_methods import bind, model_method
+from .plan import PlanError, PruningPlan, get_plan
 from .registry import PruningResult, get_method, list_methods
 from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
 from .remote.hf_pruning_plan import TOO_DEEP
-from .remote.hf_pruning_surgery import (
-    adapter_for,
-    base_fields,
-    execute_ops_,
-    inspect_model,
-    simulate_plan,
-)
-from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES, PrunedCausalLMMixin
+from .remote.hf_pruning_surgery import adapter_for, base_fields, execute_ops_, simulate_plan
+from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES
 from .saving import EVALUATION_NAME
+from .version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-
-class QuantizedModelError(ValueError):
-    """Pruning needs float weights; the model still carries a quantizer."""
-
-
-def _check_float_model(model: nn.Module) -> None:
-    quantizer = getattr(model, "hf_quantizer", None)
-    qconfig = getattr(model.config, "quantization_config", None)
-    if quantizer is not None or qconfig is not None:
-        kind = getattr(qconfig, "quant_method", None) or (qconfig.get("quant_method") if isinstance(qconfig, dict) else None)
-        hint = (
-            "load it with hf_pruning.from_pretrained(path, gguf_file=...), which dequantizes GGUF weights and "
-            "clears the quantizer, or call hf_pruning.clear_quantizer_(model) if its weights are already floats"
-        )
-        raise QuantizedModelError(f"the model is quantized ({kind or type(quantizer).__name__}); {hint}")
-
-
-def clear_quantizer_(model: nn.Module) -> nn.Module:
-    """Forget the quantizer of a model whose weights were dequantized on load (GGUF) so it can be pruned and saved."""
-    bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
-    if bad:
-        raise QuantizedModelError(f"parameters {bad[:3]} are not floating point; this model is really quantized")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    if hasattr(model, "is_quantized"):
-        try:
-            model.is_quantized = False
-        except AttributeError:  # a read-only property on some versions
-            pass
-    return model
-
-
-class UnsupportedModelError(ValueError):
-    """A model object that cannot be pruned as it is given (the message says how to get one that can).
-
-    Raised before anything changes for: a ``torch.compile`` wrapper, a PEFT model or a model with adapter layers,
-    a model class other than a supported ``*ForCausalLM`` (sequence classification, the bare base model), weights
-    on the ``meta`` device, and weights offloaded by accelerate (CPU/disk offload, not supported yet).
-    """
-
-
-_LOAD_HINT = "hf_pruning.from_pretrained(path) or transformers.AutoModelForCausalLM.from_pretrained(path)"
-
-
-def _causal_lm_class(arch: str) -> type:
-    """The stock ``<Arch>ForCausalLM`` class of an architecture (the base of our ``Pruned<Arch>ForCausalLM``)."""
-    pruned = PRUNED_MODEL_CLASSES[arch]
-    return next(b for b in pruned.__bases__ if b is not PrunedCausalLMMixin)
-
-
-def _peft_kind(model: nn.Module) -> str | None:
-    """What PEFT left on ``model`` (a wrapper or injected adapter layers), or None. peft is never imported here:
-    a model cannot carry PEFT modules unless peft was imported."""
-    peft = sys.modules.get("peft")
-    if peft is None:
-        return None
-    wrapper = getattr(peft, "PeftModel", None)
-    if wrapper is not None and isinstance(model, wrapper):
-        return f"a PEFT model ({type(model).__name__})"
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - a peft without the tuner base class
-        return None
-    layers = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    if layers:
-        return f"a model with {len(layers)} PEFT adapter layer(s) (e.g. {layers[0]})"
-    return None
-
-
-def _offloaded(model: nn.Module) -> list[str]:
-    """Modules whose weights accelerate offloads (to the CPU or to disk) and loads only for their forward."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    names = [f"{name or '(whole model)'} (disk)" for name, where in device_map.items() if where == "disk"]
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one
-            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
-                names.append(name or "(whole model)")
-                break
-    return names
-
-
-def check_model(model: nn.Module):
-    """Refuse, before anything changes, a model that hf_pruning cannot prune in place; returns its adapter.
-
-    Accepted: a supported architecture's ``*ForCausalLM`` (or our ``Pruned*ForCausalLM``) with float weights
-    in memory. Refused with :class:`UnsupportedModelError` saying the way out: a ``torch.compile`` wrapper
-    (prune ``model._orig_mod``, or prune before compiling), a PEFT model (``merge_and_unload()`` first), another
-    head or the bare base model (load ``AutoModelForCausalLM``), weights on ``meta`` or offloaded by accelerate.
-    An unknown architecture raises ``UnsupportedArchitectureError``, a quantized model ``QuantizedModelError``.
-    """
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"expected a transformers causal LM (an nn.Module), got {type(model).__name__}; "
-                                    f"load one with {_LOAD_HINT}")
-    if isinstance(model._modules.get("_orig_mod"), nn.Module):
-        raise UnsupportedModelError(
-            f"the model is a torch.compile wrapper ({type(model).__name__}); pruning changes the modules under the "
-            "compiled graph, so prune the original model, model._orig_mod (or prune before compiling), then "
-            "compile the pruned model again"
-        )
-    peft = _peft_kind(model)
-    if peft is not None:
-        raise UnsupportedModelError(
-            f"the model is {peft}; pruning under an active adapter would drop or misplace the adapter's weights. "
-            "Merge it first: model = model.merge_and_unload(), prune, and attach new adapters afterwards "
-            "(hf_pruning.lora_target_modules(model) names the linears a pruned model still has)"
-        )
-    if getattr(model, "config", None) is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; load the model with {_LOAD_HINT}")
-    adapter = adapter_for(model)  # an unsupported architecture raises its own error, listing the supported ones
-    expected = _causal_lm_class(adapter.arch)
-    # any supported causal-LM class passes: the same weights load into a sibling class (e.g. a LLaMA checkpoint
-    # into MistralForCausalLM), and the config, which the saved code replays from, picks the adapter
-    if not isinstance(model, tuple(_causal_lm_class(arch) for arch in PRUNED_MODEL_CLASSES)):
-        kind = "the bare decoder without its language-model head" if type(model).__name__.endswith("Model") else \
-            "not a causal language model"
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is {kind}; hf_pruning prunes causal LMs ({expected.__name__}). Load the "
-            f"checkpoint with {_LOAD_HINT}"
-        )
-    offloaded = _offloaded(model)
-    if offloaded:
-        raise UnsupportedModelError(
-            f"the model's weights are offloaded by accelerate ({len(offloaded)} module(s), e.g. {offloaded[0]}); "
-            "pruning offloaded models is not supported yet. Load it without offloading, on devices that hold all of "
-            "it: no 'disk' in device_map, no offload_folder, no CPU offload next to a GPU (e.g. device_map='cpu', "
-            "or device_map='cuda' on a GPU large enough)"
-        )
-    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    meta = next((name for name, t in tensors if t.is_meta), None)
-    if meta is not None:
-        raise UnsupportedModelError(
-            f"the model has no weights: {meta} is on the meta device (built under torch.device('meta') or "
-            f"init_empty_weights()); load real weights first with {_LOAD_HINT}"
-        )
-    _check_float_model(model)
-    return adapter
 
 
 def _as_config(config) -> PruningConfig:
@@ -203,11 +60,6 @@ def _as_config(config) -> PruningConfig:
                           f"(or a dict {{'method': {config!r}, ...}})")
     raise ConfigError(f"config must be a pruning config object, got {reprlib.repr(config)} "
                       f"({type(config).__name__}); the config's class picks the method: {classes}")
-
-
-def get_plan(model: nn.Module) -> PruningPlan:
-    """The plan a model carries (empty for an unpruned model)."""
-    return PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
 
 
 def _read_plan_file(path: str | os.PathLike) -> str:
@@ -286,7 +138,7 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
     _record(model, merged)
     model.hf_pruning_evaluation = None  # numbers measured before this plan no longer describe the model
     logger.info("applied %d op(s); the model now carries %d op(s)", len(plan.ops), len(merged.ops))
-    return _bind(model)
+    return bind(model)
 
 
 def _record(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
@@ -309,16 +161,6 @@ def _to_pruned_class_(model: nn.Module) -> None:
         model.__class__ = model_cls
     if not isinstance(model.config, config_cls):
         model.config.__class__ = config_cls
-
-
-def _apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, keep in masks.items():
-            p = params.get(name)
-            if p is None or p.shape != keep.shape:
-                raise ValueError(f"mask for {name!r} does not match a parameter of the model")
-            p.mul_(keep.to(device=p.device, dtype=p.dtype))
 
 
 def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
@@ -356,83 +198,12 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     _record(model, get_plan(model), pruning_config=result.record or config.to_dict())
     model.hf_pruning_report = result.report
     model.hf_pruning_evaluation = None  # numbers measured before this pruning no longer describe the model
-    return _bind(model)
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once: ``parameters()`` already skips duplicates)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def predicted_decoder_params(model: nn.Module, plan: PruningPlan | None = None) -> int:
-    """Decoder-layer parameters after ``plan`` (or now), computed from layer shapes without surgery."""
-    states = simulate_plan(model, plan) if plan is not None else inspect_model(model)
-    return sum(s.num_params() for s in states)
+    return bind(model)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# loading and saving
+# loading (saving and pushing: hf_pruning.publish)
 # ---------------------------------------------------------------------------------------------------------
-#: set in a model's ``__dict__`` by :func:`_bind`: the class-level methods below serve this model
-_BOUND = "_hf_pruning_bound"
-
-
-class _ModelMethod:
-    """A method :func:`_bind` adds to a model's class (a non-data descriptor).
-
-    On a model that ``_bind`` marked it is ``func`` bound to that model; on any other instance, and on the class
-    itself (``type(model).save_pretrained``), it is whatever the class had before: its own attribute or the
-    inherited one (transformers' ``save_pretrained``), or no attribute at all.
-
-    Why on the class: a ``types.MethodType`` stored on its own instance is a reference cycle (model -> method ->
-    model), so ``del model`` would free nothing until the garbage collector runs (a replaced model's GPU memory
-    stays in a loop); a weak reference instead would break ``from_pretrained(path).prune_(config)``, where
-    nothing else holds the model while the method runs.
-    """
-
-    def __init__(self, func, owner: type, own=None):
-        self.func, self.owner, self.own = func, owner, own
-        self.name = func.__name__
-
-    def _previous(self, obj, cls: type):
-        """What the attribute was without this descriptor."""
-        attr = self.own
-        if attr is None:
-            mro = cls.__mro__
-            attr = next((k.__dict__[self.name] for k in mro[mro.index(self.owner) + 1:] if self.name in k.__dict__),
-                        None)
-        if attr is None:
-            raise AttributeError(f"{cls.__name__!r} object has no attribute {self.name!r}")
-        return attr.__get__(obj, cls) if hasattr(attr, "__get__") else attr
-
-    def __get__(self, obj, cls=None):
-        cls = type(obj) if cls is None else cls
-        if obj is not None and obj.__dict__.get(_BOUND, False):
-            return types.MethodType(self.func, obj)
-        return self._previous(obj, cls)
-
-
-def _bind(model: nn.Module) -> nn.Module:
-    """Give a model ``model.prune_(...)``, ``model.apply_plan_(...)``, an atomic ``save_pretrained`` that writes a
-    model card, and a ``push_to_hub`` that uploads the same files in one commit.
-
-    The methods live on the model's class and serve only models marked here (see :class:`_ModelMethod`): the
-    model holds no reference to itself, so ``del model`` frees it without the garbage collector.
-    """
-    from .hub import push_to_hub
-
-    cls = type(model)
-    for func in (prune_, apply_plan_, save_pretrained, push_to_hub):
-        current = cls.__dict__.get(func.__name__)
-        if not (isinstance(current, _ModelMethod) and current.func is func):
-            setattr(cls, func.__name__, _ModelMethod(func, cls, own=current))
-        old = model.__dict__.get(func.__name__)
-        if isinstance(old, types.MethodType) and old.__func__ is func:  # bound per instance by an older version
-            del model.__dict__[func.__name__]
-    model.__dict__[_BOUND] = True
-    return model
-
-
 def _check_source(pretrained, gguf_file: str | None = None, subfolder: str | None = None) -> None:
     """A local path that does not exist, or a folder that holds no model, fails here with its name, instead of
     deep in the Hub client ("Repo id must be in the form ...") or in transformers."""
@@ -479,69 +250,7 @@ def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None 
     evaluation = Path(pretrained, EVALUATION_NAME)
     if evaluation.is_file():  # what the card quotes; kept so that a re-save or a push keeps the numbers
         model.hf_pruning_evaluation = json.loads(evaluation.read_text())
-    return _bind(model)
-
-
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, tokenizer=None, card=None,
-                    evaluation: dict | None = None, repo_id: str | None = None, base_model: str | None = None,
-                    **kwargs) -> None:
-    """Save ``model`` (and ``tokenizer``) into the folder ``save_directory``, keeping every other file in it.
-
-    Like transformers' ``save_pretrained``, the model's files are written into the folder (created when missing)
-    and nothing else in it is touched: a user's notes, data or own README.md stay. Files of an earlier save that
-    this save leaves out of date are removed after the new files are in place: weight shards, a weight index or a
-    single ``model.safetensors`` the new save did not write, hf_pruning's remote code (``*hf_pruning*.py``) when
-    the model no longer needs it, and the card, pictures and ``evaluation.json`` an earlier hf_pruning save wrote
-    (see :func:`hf_pruning.saving.stale_files`).
-
-    Every file is first written into a staging folder inside the target,
-    ``<save_directory>/.hf_pruning-save-<pid>-<host tag>-<random>``, and moved into place with ``os.replace``
-    once all are written, so each file appears whole; an exception or interrupt before that leaves the folder as
-    it was (and no staging folder). A save killed outright (SIGKILL, power loss) leaves its staging folder
-    behind; the next save into the same folder removes the staging folders of processes that no longer run on
-    this machine.
-
-    Extra arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``); use
-    :func:`hf_pruning.push_to_hub` instead of ``push_to_hub=True``. ``tokenizer=`` saves a tokenizer alongside,
-    with a ``tokenizer_config.json`` that names its class, so loading it never needs the model's custom code.
-
-    A model card (``README.md``, see :mod:`hf_pruning.card`) is written with the weights: generated from the
-    model's plan and settings plus ``evaluation`` (measured numbers, optional), ``repo_id`` and ``base_model``
-    (for the loading snippets and metadata; without ``repo_id`` the snippets name ``path/to/<folder name>``, never
-    a local path). A card already in ``save_directory`` that hf_pruning did not write is kept as it is;
-    ``card="text"`` (or a ``ModelCard``) writes the user's own card, ``card=False`` none.
-
-    ``evaluation`` defaults to ``model.hf_pruning_evaluation`` and is also written to ``evaluation.json``. It must
-    hold JSON values (numbers, strings, booleans, None, lists, dicts); NaN and infinities are legitimate outcomes
-    (a diverged perplexity) and are saved as ``null``, which the card shows as not reported. Anything else raises
-    ``ValueError`` naming the key, before anything is written.
-
-    Raises ``NotADirectoryError`` when ``save_directory`` is an existing file (nothing is written then).
-    """
-    from .card import CARD_NAME, is_generated_card, write_card
-    from .saving import StagedSave, check_save_directory, clean_evaluation, portable_tokenizer_config
-
-    if kwargs.get("push_to_hub"):
-        raise ValueError("push_to_hub=True is not supported by hf_pruning.save_pretrained; save locally and call "
-                         "model.push_to_hub(repo_id) (hf_pruning.push_to_hub), which uploads the same files")
-    target = check_save_directory(save_directory)
-    evaluation = clean_evaluation(evaluation if evaluation is not None else getattr(model, "hf_pruning_evaluation", None))
-    with StagedSave(target) as save:
-        stage = save.stage
-        type(model).save_pretrained(model, stage, *args, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-            portable_tokenizer_config(stage)
-        if evaluation:
-            (stage / EVALUATION_NAME).write_text(json.dumps(evaluation, indent=2, allow_nan=False))
-        keep = save.before.card
-        write_card(model, stage, keep=keep, card=card, evaluation=evaluation, repo_id=repo_id, base_model=base_model,
-                   location=target.name)
-        users_card = card is None and keep is not None and not is_generated_card(keep)
-        save.commit(skip={CARD_NAME} if users_card else set())  # a user's card stays as it is, not even rewritten
-    if evaluation:
-        model.hf_pruning_evaluation = evaluation
-    logger.info("saved %s to %s", type(model).__name__, target)
+    return bind(model)
 
 
 def lora_target_modules(model: nn.Module, names: list[str] | tuple[str, ...] | None = None) -> list[str]:
@@ -558,3 +267,8 @@ def lora_target_modules(model: nn.Module, names: list[str] | tuple[str, ...] | N
         for name, module in layers.named_modules()
         if isinstance(module, nn.Linear) and (names is None or name.rsplit(".", 1)[-1] in names)
     ]
+
+
+# model.prune_(...) and model.apply_plan_(...) on every model bind() marks (publish adds the saving methods)
+model_method(prune_)
+model_method(apply_plan_)

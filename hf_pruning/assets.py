@@ -37,7 +37,8 @@ def smollm2_gguf_dir() -> Path:
 
 def smollm2_path() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct in float32, converted from the GGUF file on first use."""
-    from .api import from_pretrained, save_pretrained
+    from .api import from_pretrained
+    from .publish import save_pretrained
 
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -59,11 +60,12 @@ def load_smollm2(model_class=None):
     """
     from transformers import AutoTokenizer
 
-    from .api import _bind, from_pretrained
+    from .api import from_pretrained
+    from .model_methods import bind
 
     path = smollm2_path()
     if model_class is None:
         model = from_pretrained(path)
     else:
-        model = _bind(model_class.from_pretrained(path, dtype=torch.float32))
+        model = bind(model_class.from_pretrained(path, dtype=torch.float32))
     return model.eval(), AutoTokenizer.from_pretrained(path)

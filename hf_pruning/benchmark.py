@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .api import parameter_count, prune_
+from .accounting import parameter_count
+from .api import prune_
 from .calibration.data import build_calibration, evaluation_windows, load_text
 from .config import PruningConfig
 from .evaluation import compare_speed, forward_seconds, measure_pruning, perplexity, zero_shot
@@ -206,7 +207,7 @@ class BenchmarkRunner:
         accuracy-retained against removed-parameter plots of all rows (``<results>-ppl.png``, ``-acc.png``),
         when matplotlib is there."""
         try:
-            from .plots import ratio_plot, removal_map
+            from .publish.plots import ratio_plot, removal_map
         except ImportError:
             return
         for metric, suffix in (("ppl", "ppl"), ("acc_retained", "acc")):

@@ -102,7 +102,7 @@ def cmd_inspect(args) -> int:
     if args.plots:
         from pathlib import Path
 
-        from hf_pruning import plots
+        from hf_pruning.publish import plots
 
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)
@@ -110,14 +110,14 @@ def cmd_inspect(args) -> int:
                    plots.sparsity_plot(model, folder / "sparsity.png", title=args.model)]
         sys.stderr.write("plots: " + ", ".join(str(p) for p in written) + "\n")
     if args.removal_map:
-        from hf_pruning.plots import removal_map
+        from hf_pruning.publish.plots import removal_map
 
         removal_map(model, args.removal_map, title=f"{args.model}")
     return 0
 
 
 def cmd_push(args) -> int:
-    from hf_pruning.hub import push_folder
+    from hf_pruning.publish.hub import push_folder
 
     out = push_folder(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                       commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
@@ -166,7 +166,7 @@ def cmd_cards(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from hf_pruning.verify import reload_in_fresh_process
+    from hf_pruning.publish.verify import reload_in_fresh_process
 
     model = _load(args.model)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from hf_pruning.config import ConfigError
-    from hf_pruning.hub import HubPushError
     from hf_pruning.plan import PlanError
+    from hf_pruning.publish.hub import HubPushError
 
     try:
         return args.func(args)

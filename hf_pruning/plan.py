@@ -31,5 +31,11 @@ __all__ = [
     "ScaleOutput",
     "ShrinkMLP",
     "ValueOnlyAttention",
+    "get_plan",
     "op_from_dict",
 ]
+
+
+def get_plan(model) -> PruningPlan:
+    """The plan a model carries (empty for an unpruned model), read from ``model.config.pruning_plan``."""
+    return PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))

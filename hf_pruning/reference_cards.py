@@ -72,10 +72,11 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
     """Rebuild the reference models of :data:`REFERENCE_ROWS` and write ``out_dir/<name>/README.md`` (+ picture)."""
     import copy
 
-    from .api import prune_, save_pretrained
+    from .api import prune_
     from .assets import load_smollm2
     from .benchmark import BenchSettings, _decoder_nonzero, row_key
     from .config import PruningConfig
+    from .publish import save_pretrained
 
     results = json.loads(Path(results_path).read_text())
     settings = BenchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["settings"].items()})

@@ -14,14 +14,15 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import hf_pruning
+from hf_pruning.accounting import accounting
 from hf_pruning.calibration.moments import input_moments
 from hf_pruning.config import ConfigError
-from hf_pruning.evaluation import accounting, kv_cache_bytes
+from hf_pruning.evaluation import kv_cache_bytes
 from hf_pruning.methods.flap import choose_channels, shrink_ops
 from hf_pruning.methods.flap.pruner import channel_params
 from hf_pruning.methods.harp import AlphaSearch
+from hf_pruning.publish.verify import reload_in_fresh_process
 from hf_pruning.remote.hf_pruning_surgery import adapter_for, inspect_model
-from hf_pruning.verify import reload_in_fresh_process
 
 IDENTITY = "hf_pruning_test_identity"
 _TARGETS: set[int] = set()

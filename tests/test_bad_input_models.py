@@ -1,6 +1,6 @@
 """Model objects hf_pruning cannot prune in place are refused before anything changes, with the way out.
 
-Also: the methods ``_bind`` puts on a model make no reference cycle (``del model`` frees it at once).
+Also: the methods ``bind`` puts on a model make no reference cycle (``del model`` frees it at once).
 """
 
 from __future__ import annotations

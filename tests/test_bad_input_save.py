@@ -23,8 +23,8 @@ from tiny_models import tiny_model, tiny_tokenizer, tokens
 
 import hf_pruning
 from hf_pruning import saving
-from hf_pruning.card import is_generated_card
 from hf_pruning.cli import main
+from hf_pruning.publish.card import is_generated_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -237,13 +237,13 @@ _KILLED_SAVE = """
 import os, signal, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import hf_pruning
-from hf_pruning import card
+from hf_pruning.publish import save
 from tiny_models import tiny_model
 
 def killed(*args, **kwargs):  # the weights are staged; the process dies before anything moves
     os.kill(os.getpid(), signal.SIGKILL)
 
-card.write_card = killed
+save.write_card = killed
 hf_pruning.apply_plan_(tiny_model("llama"), {plan!r}).save_pretrained(sys.argv[1])
 """
 

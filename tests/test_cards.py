@@ -10,8 +10,8 @@ from huggingface_hub import ModelCard
 from tiny_models import ARCHS, tiny_model, tokens
 
 import hf_pruning
-from hf_pruning import card as card_module
-from hf_pruning.summary import pruning_summary
+from hf_pruning.publish import card as card_module
+from hf_pruning.publish.summary import pruning_summary
 
 PLAN = {"ops": [{"op": "drop_mlp", "layer": 2}, {"op": "value_only_attention", "layer": 4},
                 {"op": "remove_heads", "layer": 1, "heads": [0, 1]}]}

@@ -16,7 +16,7 @@ from hf_pruning import FinerCutConfig, ShortGPTConfig, SLEBConfig
 from hf_pruning.config import ConfigError
 from hf_pruning.methods.depth import Candidate, candidates_for, removal_params
 from hf_pruning.methods.finercut import finercut_search, metrics, removal_score
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 CALIB = tokens(batch=3, length=24, seed=5)
 
@@ -293,7 +293,7 @@ def test_sleb_exact_equals_naive():
 # ----- pictures -------------------------------------------------------------------------------------------
 def test_removal_map_png_from_a_model_and_from_an_order(tmp_path):
     pytest.importorskip("matplotlib")
-    from hf_pruning.plots import removal_map, removal_order
+    from hf_pruning.publish.plots import removal_map, removal_order
 
     model = tiny_model("llama")
     hf_pruning.prune_(model, FinerCutConfig(num_removals=3), calibration=CALIB)

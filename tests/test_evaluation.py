@@ -9,9 +9,9 @@ import torch
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer, tokens
 
 import hf_pruning
+from hf_pruning.accounting import flops_per_token
 from hf_pruning.evaluation import (
     compare_speed,
-    flops_per_token,
     measure_pruning,
     measure_speed,
     perplexity,

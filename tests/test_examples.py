@@ -14,7 +14,7 @@ import torch
 from tiny_models import tiny_model, tokens
 
 import hf_pruning
-from hf_pruning.adapters import adapter_for, inspect_model
+from hf_pruning.remote.hf_pruning_surgery import adapter_for, inspect_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # how the scripts find ``common`` when run from their folder

@@ -12,11 +12,11 @@ from tiny_models import ARCHS, tiny_model, tokens
 
 import hf_pruning
 from hf_pruning import FinerCutConfig, GradMAPConfig, ShortGPTConfig, SLEBConfig, TaylorConfig
-from hf_pruning.adapters import adapter_for
 from hf_pruning.config import ConfigError
 from hf_pruning.methods import compensation, gradmap
 from hf_pruning.methods.depth import layers_return_tuple
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
+from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
 CALIB = tokens(batch=3, length=24, seed=5)
 PRE_NORM = [a for a in ARCHS if a != "opt_postln"]

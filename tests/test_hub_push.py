@@ -1,4 +1,4 @@
-"""push_to_hub / hf-prune push against a local stand-in of the Hub API: files, one commit, cards, errors."""
+"""push_to_hub / hf-prune push against a fake Hub (tests/fakes/hub.py): files, one commit, cards, errors."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import pytest
 from tiny_models import tiny_model
 
 import hf_pruning
-from hf_pruning.card import is_generated_card
 from hf_pruning.cli import main
+from hf_pruning.publish.card import is_generated_card
 
 TOKEN = "hf_test_token"
 REPO = "test-user/tiny-pruned"
-pytestmark = pytest.mark.usefixtures("local_hub_client")
 PLAN = {"ops": [{"op": "drop_mlp", "layer": 2}, {"op": "value_only_attention", "layer": 4}]}
 
 
@@ -19,18 +18,14 @@ def _model():
     return hf_pruning.prune_(tiny_model("llama"), hf_pruning.PlanConfig(plan=PLAN))
 
 
-def _ours(files: dict) -> dict:
-    return {k: v for k, v in files.items() if k != ".gitattributes"}
-
-
 def _commits(hub, repo=REPO):
-    return [c for c in hub.repos[repo].commits if c["message"] != "initial commit"]
+    return hub.repos[repo].commits
 
 
 def test_push_uploads_what_a_save_writes_in_one_commit(hub, tmp_path):
     model = _model()
     info = model.push_to_hub(REPO, token=TOKEN, private=True, endpoint=hub.url, evaluation={"ppl": 9.5})
-    files = _ours(hub.files(REPO))
+    files = hub.files(REPO)
     model.save_pretrained(tmp_path / "local", repo_id=REPO, evaluation={"ppl": 9.5})
     local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
     assert sorted(files) == sorted(local)
@@ -43,16 +38,19 @@ def test_push_uploads_what_a_save_writes_in_one_commit(hub, tmp_path):
     assert info.oid == commits[0]["oid"]
     card = files["README.md"].decode()
     assert is_generated_card(card) and f'from_pretrained("{REPO}", trust_remote_code=True)' in card
+    assert sorted(commits[0]["files"]) == sorted(local) and hub.endpoints == {hub.url}
     # the card is decided before the upload: the README check comes before the single commit
-    paths = [p for _, p in hub.calls]
-    assert paths.index(f"/{REPO}/resolve/main/README.md") < paths.index(f"/api/models/{REPO}/commit/main")
+    calls = [method for method, _ in hub.calls]
+    assert calls.index("file_exists") < calls.index("upload_folder") and calls.count("upload_folder") == 1
 
 
 def test_push_to_a_branch_leaves_main_alone(hub):
     _model().push_to_hub(REPO, token=TOKEN, endpoint=hub.url, revision="pruned-v1", commit_message="first cut")
     assert "config.json" in hub.files(REPO, revision="pruned-v1")
-    assert _ours(hub.files(REPO)) == {}
+    assert hub.files(REPO) == {}
     assert _commits(hub)[0]["revision"] == "pruned-v1" and _commits(hub)[0]["message"] == "first cut"
+    info = _model().push_to_hub(REPO, token=TOKEN, endpoint=hub.url, create_pr=True)
+    assert info.pr_num == 1 and _commits(hub)[1]["revision"] == "refs/pr/1" and hub.files(REPO) == {}
 
 
 def test_a_users_card_on_the_hub_is_kept_and_a_generated_one_refreshed(hub):
@@ -61,6 +59,7 @@ def test_a_users_card_on_the_hub_is_kept_and_a_generated_one_refreshed(hub):
     _model().push_to_hub(REPO, token=TOKEN, endpoint=hub.url)
     files = hub.files(REPO)
     assert files["README.md"] == mine and "model.safetensors" in files
+    assert "README.md" not in _commits(hub)[0]["files"]  # left out of the upload, not re-uploaded as it was
     other = "test-user/generated"
     model = _model()
     model.push_to_hub(other, token=TOKEN, endpoint=hub.url)
@@ -85,7 +84,7 @@ def test_bad_input_and_failures_commit_nothing(hub, monkeypatch):
     hub.fail_commit = 422  # a status the client does not retry
     with pytest.raises(hf_pruning.HubPushError, match="nothing was committed"):
         model.push_to_hub(REPO, token=TOKEN, endpoint=hub.url)
-    assert _commits(hub) == [] and _ours(hub.files(REPO)) == {}
+    assert _commits(hub) == [] and hub.files(REPO) == {}
 
 
 def test_dry_run_needs_no_token_and_touches_nothing(hub, monkeypatch):

@@ -14,7 +14,7 @@ from test_save_reload import STRUCTURAL
 from tiny_models import ARCHS, tiny_model, tokens
 
 import hf_pruning
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 pytestmark = pytest.mark.oldtf
 OLD_PYTHON = os.environ.get("HF_PRUNING_OLD_PYTHON")

@@ -14,7 +14,7 @@ from tiny_models import ARCHS, tiny_model, tokens
 
 import hf_pruning
 from hf_pruning import PruningPlan
-from hf_pruning.adapters import adapter_for
+from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
 ATOL = 1e-5
 

@@ -16,8 +16,8 @@ pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hf_pruning import plots  # noqa: E402
-from hf_pruning.plots import _ratio_series, _sparsity_matrix, ratio_plot, sparsity_plot  # noqa: E402
+from hf_pruning.publish import plots  # noqa: E402
+from hf_pruning.publish.plots import _ratio_series, _sparsity_matrix, ratio_plot, sparsity_plot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "smollm2.json"
 
@@ -213,7 +213,7 @@ def test_ratio_plot_errors_name_the_problem(results, metric, message, tmp_path):
 
 
 def test_series_labels_name_the_distinguishing_settings():
-    from hf_pruning.plots import _series_label
+    from hf_pruning.publish.plots import _series_label
 
     assert _series_label("wanda", {"pattern": "2:4"}) == "wanda 2:4"
     assert _series_label("gradmap", {"param_ratio": 0.2, "compensate": False}) == "gradmap no compensate"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import hf_pruning
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pre_redesign"
 ARCHS = ("llama", "gemma2", "opt_postln")

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, MistralForCausalLM
 import hf_pruning
 from hf_pruning.assets import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_dir, smollm2_path
 from hf_pruning.calibration import default_text
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 pytestmark = pytest.mark.real
 

@@ -12,7 +12,7 @@ from tiny_models import ARCHS, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_pruning
-from hf_pruning.verify import reload_in_fresh_process
+from hf_pruning.publish.verify import reload_in_fresh_process
 
 STRUCTURAL = {
     "ops": [

@@ -2,15 +2,13 @@
 
 from .cost import PeakRSS, forward_seconds, measure_pruning, model_bytes_fp32
 from .perplexity import perplexity
-from .speed import accounting, compare_speed, flops_per_token, kv_cache_bytes, measure_speed
+from .speed import compare_speed, kv_cache_bytes, measure_speed
 from .zero_shot import LOCAL_TASKS, zero_shot
 
 __all__ = [
     "LOCAL_TASKS",
-    "accounting",
     "PeakRSS",
     "compare_speed",
-    "flops_per_token",
     "forward_seconds",
     "kv_cache_bytes",
     "measure_pruning",

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..accounting import parameter_count
+
 
 def _rss() -> int:
     import psutil
@@ -42,8 +44,6 @@ class PeakRSS:
 
 
 def model_bytes_fp32(model) -> int:
-    from ..api import parameter_count
-
     return parameter_count(model) * 4
 
 

@@ -1,4 +1,5 @@
-"""Inference speed and size: prefill/decode tokens per second, KV-cache bytes, parameters, FLOPs per token.
+"""Inference speed: prefill/decode tokens per second and KV-cache bytes, measured (``hf_pruning.accounting``
+predicts parameters and FLOPs per token from shapes).
 
 Absolute tokens/s depend on the machine and its load; compare a pruned model with its dense model measured
 in the same process (``compare_speed``), interleaving the two so that drifting load hits both alike.
@@ -12,7 +13,8 @@ import time
 
 import torch
 
-from ..remote.hf_pruning_surgery import inspect_model, simulate_plan
+# methods/flap, heads and harp still import accounting and part_params from here (until they import ..accounting)
+from ..accounting import accounting, flops_per_token, part_params  # noqa: F401
 
 
 def _ids(model, n: int, seed: int) -> torch.Tensor:
@@ -62,80 +64,6 @@ def measure_speed(model, prefill_tokens: int = 2048, decode_tokens: int = 128, s
         "prefill_tok_s": prefill_tokens / prefill_s,
         "decode_tok_s": decode_tokens / decode_s,
         "kv_bytes_per_token": kv_bytes / prefill_tokens,
-    }
-
-
-def _state_flops(states, head_params: int, context: int) -> float:
-    """Forward FLOPs per token of decoder layers in ``states`` plus an LM head of ``head_params`` weights."""
-    macs = 0
-    for s in states:
-        d, hd = s.hidden, s.head_dim
-        if s.attention == "full":
-            macs += d * hd * (2 * s.q_heads + 2 * s.kv_heads)  # q, k, v, o
-            macs += 2 * s.q_heads * hd * (context / 2)  # q.k and a.v over the cached context
-        elif s.attention == "value_only":
-            macs += 2 * d * s.kv_heads * hd  # v, fused o
-        if s.mlp == "full":
-            macs += (s.n_mlp_in + 1) * d * s.mlp_width
-    return 2.0 * (macs + head_params)
-
-
-def _head_params(model) -> int:
-    head = model.get_output_embeddings()
-    return head.weight.numel() if head is not None else 0
-
-
-def flops_per_token(model, context: int = 2048) -> float:
-    """Forward FLOPs per token: 2 x multiply-adds of every decoder linear and the LM head, plus attention
-    scores and weighted values at the average causal context ``context / 2``."""
-    return _state_flops(inspect_model(model), _head_params(model), context)
-
-
-PARTS = ("qk", "vo", "mlp")
-
-
-def part_params(states, which: str) -> int:
-    """Decoder parameters in one part of the layers ``states``: ``qk`` (query/key projections and biases), ``vo``
-    (value and output projections, the value bias; the fused pair of a value-only layer) or ``mlp``."""
-    n = 0
-    for s in states:
-        d, hd = s.hidden, s.head_dim
-        if which == "qk" and s.attention == "full":
-            n += d * hd * (s.q_heads + s.kv_heads) + ((s.q_heads + s.kv_heads) * hd if s.qkv_bias else 0)
-        elif which == "vo" and s.attention == "full":
-            n += d * hd * (s.kv_heads + s.q_heads) + (s.kv_heads * hd if s.qkv_bias else 0)
-        elif which == "vo" and s.attention == "value_only":
-            n += 2 * d * hd * s.kv_heads + (s.kv_heads * hd if s.qkv_bias else 0)
-        elif which == "mlp" and s.mlp == "full":
-            n += (s.n_mlp_in + 1) * s.hidden * s.mlp_width
-    return n
-
-
-def accounting(model, plan=None, context: int = 2048) -> dict:
-    """What ``plan`` saves on ``model`` (or, without a plan, nothing yet), computed from layer shapes.
-
-    Decoder-layer parameters removed (total and by part: query/key projections, value/output paths, MLP
-    channels), KV-cache bytes per token removed, and forward FLOPs per token at ``context`` tokens (attention
-    over the average causal context ``context / 2``) before and after.
-    """
-    before = inspect_model(model)
-    after = simulate_plan(model, plan) if plan is not None else before
-
-    total = sum(s.num_params() for s in before)
-    kv0 = sum(s.kv_bytes_per_token(2) for s in before)
-    head = _head_params(model)
-    f0, f1 = _state_flops(before, head, context), _state_flops(after, head, context)
-    removed = total - sum(s.num_params() for s in after)
-    return {
-        "decoder_params": total,
-        "params_removed": removed,
-        "params_removed_fraction": removed / total if total else 0.0,
-        "removed_by_part": {k: part_params(before, k) - part_params(after, k) for k in PARTS},
-        "kv_removed_fraction": 1 - sum(s.kv_bytes_per_token(2) for s in after) / kv0 if kv0 else 0.0,
-        "context": context,
-        "flops_per_token_before": f0,
-        "flops_per_token_after": f1,
-        "flops_ratio": f1 / f0,
     }
 
 

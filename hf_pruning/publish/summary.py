@@ -11,11 +11,11 @@ import logging
 import torch
 from torch import nn
 
-from .api import parameter_count
-from .methods.masks import sparsity_report
-from .plan import PruningPlan
-from .remote.hf_pruning_adapter_base import _set_config_fields
-from .remote.hf_pruning_surgery import base_fields, inspect_model, stock_model_type
+from ..accounting import parameter_count
+from ..methods.masks import sparsity_report
+from ..plan import get_plan
+from ..remote.hf_pruning_adapter_base import _set_config_fields
+from ..remote.hf_pruning_surgery import base_fields, inspect_model, stock_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def dense_reference(model: nn.Module) -> nn.Module:
     """The unpruned base architecture of ``model`` as a stock model on the meta device (shapes only)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    plan = PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
+    plan = get_plan(model)
     fields = {k: v for k, v in model.config.to_dict().items() if k not in _OWN_FIELDS}
     config = AutoConfig.for_model(stock_model_type(model.config.model_type), **fields)
     base = plan.base or base_fields(model.config)

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from torch import nn
 
+from ..api import from_pretrained
+from ..model_methods import model_method
+from ..saving import CARD_NAME, is_generated_card
+from .save import save_pretrained
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,14 +55,13 @@ def _resolve_token(token):
 
 def _remote_user_card(api, repo_id: str, revision: str | None, folder: Path) -> bool:
     """True when the repository already has a README.md that hf_pruning did not write (it must stay)."""
-    from .card import CARD_NAME, is_generated_card
-
     if not api.file_exists(repo_id, CARD_NAME, revision=revision):
         return False
     path = api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=folder / ".remote-card")
     return not is_generated_card(Path(path).read_text(encoding="utf-8"))
 
 
+@model_method
 def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, token: str | None = None,
                 private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
                 create_pr: bool = False, evaluation: dict | None = None, card=None, base_model: str | None = None,
@@ -73,9 +77,6 @@ def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, token: str | 
     could not be done (nothing is committed then).
     """
     from huggingface_hub import HfApi
-
-    from .api import save_pretrained
-    from .card import CARD_NAME
 
     _check_repo_id(repo_id)
     token = None if dry_run else _resolve_token(token)
@@ -114,9 +115,6 @@ def push_folder(folder: str | os.PathLike, repo_id: str, **kwargs):
 
     The card is regenerated for ``repo_id`` with the folder's ``evaluation.json``; a README.md in the folder that
     hf_pruning did not write is uploaded as it is instead."""
-    from .api import from_pretrained
-    from .card import CARD_NAME, is_generated_card
-
     _check_repo_id(repo_id)
     model = from_pretrained(folder)
     tokenizer = None

@@ -19,6 +19,9 @@ import math
 import os
 from pathlib import Path
 
+from ..methods.masks import sparsity_report
+from ..plan import get_plan
+
 logger = logging.getLogger(__name__)
 
 _COLUMNS = ("attention", "mlp")
@@ -49,8 +52,6 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
 
 def removal_order(model) -> tuple[list[str], int]:
     """The removal order (``"<layer>.<attention|mlp|block>"``, base layer indices) and the base layer count."""
-    from .api import get_plan
-
     plan = get_plan(model)
     base = plan.base or {"num_hidden_layers": model.config.num_hidden_layers}
     n_layers = int(base["num_hidden_layers"])
@@ -125,8 +126,6 @@ def sparsity_plot(source, path: str | os.PathLike, title: str | None = None) -> 
     if isinstance(source, dict):
         report, name = source, ""
     else:
-        from .methods.masks import sparsity_report
-
         report, name = sparsity_report(source), f"{type(source).__name__}: "
     kinds, matrix = _sparsity_matrix(report)
     if not matrix.size:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from . import __version__
-from .plan import PruningPlan
-from .remote.configuration_hf_pruning import MIN_TRANSFORMERS
-from .remote.hf_pruning_surgery import adapter_for
-from .saving import CARD_NAME, GENERATED_MARKER, REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME, is_generated_card  # noqa: F401
+from ..plan import PruningPlan, get_plan
+from ..remote.configuration_hf_pruning import MIN_TRANSFORMERS
+from ..remote.hf_pruning_surgery import adapter_for
+from ..saving import CARD_NAME, GENERATED_MARKER, REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME, is_generated_card  # noqa: F401
+from ..version import __version__
+from . import plots
 from .summary import pruning_summary
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    plan = PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
+    plan = get_plan(model)
     history = [h for h in (getattr(model.config, "pruning_config", None) or []) if isinstance(h, dict)]
     summary = summary if summary is not None else pruning_summary(model)
     arch = adapter_for(model).arch
@@ -287,11 +288,9 @@ def build_card(model: nn.Module, *, repo_id: str | None = None, base_model: str 
 
 def _draw_picture(model: nn.Module, folder: Path, summary: dict) -> str | None:
     """A removal map (structural plans) or a per-layer sparsity plot (masks) next to the card, if matplotlib is there."""
-    plan = PruningPlan.from_dict(getattr(model.config, "pruning_plan", None))
+    plan = get_plan(model)
     drops = any(op.name in ("drop_attention", "drop_mlp", "remove_layers") for op in plan.ops)
     try:
-        from . import plots
-
         if drops:
             plots.removal_map(model, folder / REMOVAL_MAP_NAME)
             return REMOVAL_MAP_NAME

@@ -1,0 +1,1 @@
+"""Small fakes of outside services that the tests use instead of the network."""
