@@ -33,8 +33,9 @@ FLOORS = {
     "hf_pruning.api": 5,
     "hf_pruning.recovery": 6,
     "hf_pruning.publish": 7,
-    "hf_pruning.cli": 8,
-    "hf_pruning": 9,  # the package's __init__: the public face, imports everything
+    # the public face: the package's __init__ imports everything; the CLI uses it the way a user does
+    "hf_pruning.cli": 9,
+    "hf_pruning": 9,
 }
 
 
