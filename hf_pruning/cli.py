@@ -211,6 +211,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
             group.add_argument(flag, dest=f.name, type=_field_type(hints[f.name]), default=None, help=help_text)
 
 
+def _input_flag(name: str) -> str:
+    """The flag stem of method input ``name``: ``compensation_calibration`` -> ``compensation``."""
+    return name.removesuffix("_calibration").replace("_", "-")
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """Two flags per method input that ``config_cls`` declares (``inputs``; token ids like the calibration):
+    ``--<stem>-samples`` and ``--<stem>-seq-len``, its windows of ``--calib``."""
+    for name, used_when in config_cls.inputs.items():
+        stem = _input_flag(name)
+        group = parser.add_argument_group(f"{name} (used with {used_when})")
+        group.add_argument(f"--{stem}-samples", type=at_least(1), default=None,
+                           help=f"build {name} from this many windows of --calib (default: the calibration "
+                                "windows' count); e.g. a d x d compensation fit wants thousands of tokens")
+        group.add_argument(f"--{stem}-seq-len", type=at_least(2), default=None,
+                           help=f"tokens per {name} window (default: --seq-len)")
+
+
+def input_windows(config_cls, args, windows) -> dict:
+    """The method inputs asked for on the command line, built with ``windows(n_samples, seq_len)``."""
+    inputs = {}
+    for name in config_cls.inputs:
+        stem = _input_flag(name).replace("-", "_")
+        n_samples, seq_len = getattr(args, f"{stem}_samples", None), getattr(args, f"{stem}_seq_len", None)
+        if n_samples or seq_len:
+            inputs[name] = windows(n_samples or args.n_samples, seq_len or args.seq_len)
+    return inputs
+
+
 def config_from_args(config_cls, args):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name, None) is not None}
     return config_cls(**values)
@@ -233,13 +262,11 @@ def cmd_prune(args) -> int:
         return build_calibration(tokenizer, source=args.calib, n_samples=n_samples, seq_len=seq_len, seed=args.seed,
                                  max_length=getattr(model.config, "max_position_embeddings", None))
 
+    inputs = input_windows(spec.config_class, args, windows)  # e.g. compensation_calibration
     calibration = None
-    if spec.needs_calibration and config.uses_calibration():  # e.g. HARP with given alphas needs none
+    if spec.needs_calibration and config.uses_calibration(inputs):  # e.g. HARP with given alphas needs none
         calibration = windows(args.n_samples, args.seq_len)
-    fit_on = None
-    if args.compensation_samples or args.compensation_seq_len:
-        fit_on = windows(args.compensation_samples or args.n_samples, args.compensation_seq_len or args.seq_len)
-    hf_pruning.prune_(model, config, calibration=calibration, compensation_calibration=fit_on)
+    hf_pruning.prune_(model, config, calibration=calibration, **inputs)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
     return 0
@@ -324,15 +351,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=at_least(1), default=16, help="calibration windows")
     p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensation-samples", type=at_least(1), default=None,
-                   help="depth methods with --compensate: fit the projection on this many windows of --calib "
-                        "(default: the calibration windows); a d x d fit wants thousands of tokens")
-    p.add_argument("--compensation-seq-len", type=at_least(2), default=None,
-                   help="tokens per compensation window (default: --seq-len)")
     if method is not None:
         import hf_pruning
 
         add_config_arguments(p, hf_pruning.get_method(method).config_class)
+        add_input_arguments(p, hf_pruning.get_method(method).config_class)
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a model (JSON on stdout)")
     p.add_argument("model")

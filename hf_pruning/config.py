@@ -10,6 +10,7 @@ import os
 import reprlib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -28,6 +29,10 @@ class PruningConfig:
     """
 
     method: ClassVar[str] = ""
+    #: data the method takes besides ``calibration``, as keywords of ``prune_``: name -> the settings that use it
+    #: (for messages), e.g. ``{"compensation_calibration": "compensate=True"}``; ``prune_`` checks each like
+    #: calibration and passes it to the method's ``run`` by keyword
+    inputs: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         """Check every field's type against its annotation (subclasses call this first, then check values)."""
@@ -56,9 +61,14 @@ class PruningConfig:
             raise ConfigError(f"{target.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
         return target(**data)
 
-    def uses_calibration(self) -> bool:
-        """False when these settings need no calibration data (e.g. a removal order given up front)."""
+    def uses_calibration(self, inputs: Collection[str] = ()) -> bool:
+        """False when these settings need no calibration data (e.g. a removal order given up front); ``inputs``
+        names the method inputs given (see :attr:`inputs`), which may stand in for it."""
         return True
+
+    def uses_input(self, name: str) -> bool:
+        """Whether these settings use the method input ``name`` (a key of :attr:`inputs`)."""
+        return name in self.inputs
 
     def replace(self, **changes) -> PruningConfig:
         return dataclasses.replace(self, **changes)

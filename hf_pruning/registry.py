@@ -62,3 +62,17 @@ def get_method(name_or_config) -> MethodSpec:
 
 def list_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def check_inputs(config, names) -> None:
+    """Refuse method inputs ``names`` (keywords of ``prune_`` beyond ``calibration``) that ``config``'s settings do
+    not use (:meth:`PruningConfig.uses_input`), naming the methods that declare each one."""
+    for name in names:
+        if config.uses_input(name):
+            continue
+        users = {m: _METHODS[m].config_class.inputs[name] for m in sorted(_METHODS)
+                 if name in getattr(_METHODS[m].config_class, "inputs", {})}
+        when = " or ".join(sorted(set(users.values())))
+        fix = f"drop the argument or set {when}" if name in config.inputs else "drop the argument"
+        raise ValueError(f"{name} is only used by methods {', '.join(users) or '(none)'} with {when or 'any settings'}; "
+                         f"{config.method!r} with these settings does not use it: {fix}")

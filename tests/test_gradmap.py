@@ -14,8 +14,8 @@ import hf_pruning
 from hf_pruning import FinerCutConfig, GradMAPConfig, ShortGPTConfig, SLEBConfig, TaylorConfig
 from hf_pruning.adapters import adapter_for
 from hf_pruning.config import ConfigError
-from hf_pruning.methods import compensation, gradmap
-from hf_pruning.methods.depth import layers_return_tuple
+from hf_pruning.methods import gradmap
+from hf_pruning.methods.depth import compensation, layers_return_tuple
 from hf_pruning.verify import reload_in_fresh_process
 
 CALIB = tokens(batch=3, length=24, seed=5)
@@ -256,7 +256,7 @@ def test_pruned_runner_reuses_the_dense_prefix_exactly(arch):
 def test_runner_batches_rows_like_running_them_one_by_one(arch, monkeypatch):
     """The cached stream is computed in batches of rows (a last, partial batch included); it equals running
     every row alone, and the work counter counts rows, not calls."""
-    from hf_pruning.methods import depth
+    from hf_pruning.methods.depth import runner as depth
 
     model = tiny_model(arch)
     removed = [depth.Candidate(2, "attention")]
