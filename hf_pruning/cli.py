@@ -199,7 +199,8 @@ def _field_type(hint):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One flag per dataclass field of ``config_cls`` (help from ``field(metadata={"help": ...})``)."""
+    """One flag per dataclass field of ``config_cls`` (help from ``field(metadata={"help": ...})``), and the flags
+    of the method inputs it declares (:func:`add_input_arguments`)."""
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(f"{config_cls.method} options ({config_cls.__name__})")
     for f in dataclasses.fields(config_cls):
@@ -209,6 +210,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=_field_type(hints[f.name]), default=None, help=help_text)
+    add_input_arguments(parser, config_cls)
 
 
 def _input_flag(name: str) -> str:
@@ -219,12 +221,11 @@ def _input_flag(name: str) -> str:
 def add_input_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     """Two flags per method input that ``config_cls`` declares (``inputs``; token ids like the calibration):
     ``--<stem>-samples`` and ``--<stem>-seq-len``, its windows of ``--calib``."""
-    for name, used_when in config_cls.inputs.items():
+    for name, used_when in getattr(config_cls, "inputs", {}).items():
         stem = _input_flag(name)
         group = parser.add_argument_group(f"{name} (used with {used_when})")
         group.add_argument(f"--{stem}-samples", type=at_least(1), default=None,
-                           help=f"build {name} from this many windows of --calib (default: the calibration "
-                                "windows' count); e.g. a d x d compensation fit wants thousands of tokens")
+                           help=f"build {name} from this many windows of --calib (default: --n-samples)")
         group.add_argument(f"--{stem}-seq-len", type=at_least(2), default=None,
                            help=f"tokens per {name} window (default: --seq-len)")
 
@@ -232,7 +233,7 @@ def add_input_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
 def input_windows(config_cls, args, windows) -> dict:
     """The method inputs asked for on the command line, built with ``windows(n_samples, seq_len)``."""
     inputs = {}
-    for name in config_cls.inputs:
+    for name in getattr(config_cls, "inputs", {}):
         stem = _input_flag(name).replace("-", "_")
         n_samples, seq_len = getattr(args, f"{stem}_samples", None), getattr(args, f"{stem}_seq_len", None)
         if n_samples or seq_len:
@@ -355,7 +356,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         import hf_pruning
 
         add_config_arguments(p, hf_pruning.get_method(method).config_class)
-        add_input_arguments(p, hf_pruning.get_method(method).config_class)
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a model (JSON on stdout)")
     p.add_argument("model")
