@@ -344,7 +344,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     inputs = {k: v for k, v in {"compensation_calibration": compensation_calibration}.items() if v is not None}
     check_inputs(config, inputs)
     inputs = {name: check_calibration(model, ids, name=name) for name, ids in inputs.items()}
-    if spec.needs_calibration and calibration is None and config.uses_calibration(inputs):
+    if spec.needs_calibration and calibration is None and config.calibration_required(inputs):
         raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; {BUILD_HINT}")
     result: PruningResult = spec.run(model, config, calibration, **inputs)
     if result.plan is not None and result.plan.ops:

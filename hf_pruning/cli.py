@@ -265,7 +265,7 @@ def cmd_prune(args) -> int:
 
     inputs = input_windows(spec.config_class, args, windows)  # e.g. compensation_calibration
     calibration = None
-    if spec.needs_calibration and config.uses_calibration(inputs):  # e.g. HARP with given alphas needs none
+    if spec.needs_calibration and config.calibration_required(inputs):  # e.g. HARP with given alphas needs none
         calibration = windows(args.n_samples, args.seq_len)
     hf_pruning.prune_(model, config, calibration=calibration, **inputs)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)

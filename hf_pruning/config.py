@@ -61,10 +61,14 @@ class PruningConfig:
             raise ConfigError(f"{target.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
         return target(**data)
 
-    def uses_calibration(self, inputs: Collection[str] = ()) -> bool:
-        """False when these settings need no calibration data (e.g. a removal order given up front); ``inputs``
-        names the method inputs given (see :attr:`inputs`), which may stand in for it."""
+    def uses_calibration(self) -> bool:
+        """False when these settings need no calibration data (e.g. a removal order given up front)."""
         return True
+
+    def calibration_required(self, inputs: Collection[str] = ()) -> bool:
+        """Whether calibration must be given when the method inputs ``inputs`` (names, see :attr:`inputs`) are:
+        whenever these settings use it, unless a subclass lets an input stand in for it."""
+        return self.uses_calibration()
 
     def uses_input(self, name: str) -> bool:
         """Whether these settings use the method input ``name`` (a key of :attr:`inputs`)."""

@@ -38,12 +38,13 @@ class DepthConfig(PruningConfig):
                 "default: chosen by leave-one-sample-out error"})
     solver: str = field(default="closed_form", metadata={"help": "compensation: closed_form (one solve) or adam"})
 
-    def uses_calibration(self, inputs: Collection[str] = ()) -> bool:
-        """The search needs calibration unless an ``order`` is given; the compensation fits on it unless the
-        method input ``compensation_calibration`` is among ``inputs``."""
-        if self.order is None:
-            return True
-        return self.compensate and "compensation_calibration" not in inputs
+    def uses_calibration(self) -> bool:
+        """The search needs calibration unless an ``order`` is given; the compensation fits on it."""
+        return self.order is None or self.compensate
+
+    def calibration_required(self, inputs: Collection[str] = ()) -> bool:
+        """A given ``order`` with compensation needs only the fit's data: ``compensation_calibration`` will do."""
+        return self.uses_calibration() and not (self.order is not None and "compensation_calibration" in inputs)
 
     def uses_input(self, name: str) -> bool:
         """``compensation_calibration`` is used with ``compensate=True`` only."""

@@ -22,7 +22,7 @@ MIN_TOKENS = 16
 
 #: ``search(model, config, calibration) -> (removed, report)``: the candidates to remove in removal order and
 #: the search's report (its cost under ``"search"``)
-DepthSearch = Callable[[object, DepthConfig, torch.Tensor], tuple[list[Candidate], dict]]
+DepthSearch = Callable[[torch.nn.Module, DepthConfig, torch.Tensor], tuple[list[Candidate], dict]]
 
 
 def check_search_rows(calibration: torch.Tensor) -> None:

@@ -88,5 +88,5 @@ class HARPConfig(PruningConfig):
         if self.flap_metric not in METRICS:
             raise ConfigError(f"unknown FLAP metric {self.flap_metric!r}; choose one of {', '.join(METRICS)}")
 
-    def uses_calibration(self, inputs=()) -> bool:
+    def uses_calibration(self) -> bool:
         return (self.alphas is None and self.preset is None) or self.flap_ratio is not None or self.flap_match

@@ -42,5 +42,5 @@ class HeadsConfig(PruningConfig):
         if self.unit not in UNITS:
             raise ConfigError(f"unit must be one of {UNITS}, got {self.unit!r}")
 
-    def uses_calibration(self, inputs=()) -> bool:
+    def uses_calibration(self) -> bool:
         return self.score == "wanda"
