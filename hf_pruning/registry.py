@@ -72,7 +72,8 @@ def check_inputs(config, names) -> None:
             continue
         users = {m: _METHODS[m].config_class.inputs[name] for m in sorted(_METHODS)
                  if name in getattr(_METHODS[m].config_class, "inputs", {})}
-        when = " or ".join(sorted(set(users.values())))
-        fix = f"drop the argument or set {when}" if name in config.inputs else "drop the argument"
-        raise ValueError(f"{name} is only used by methods {', '.join(users) or '(none)'} with {when or 'any settings'}; "
-                         f"{config.method!r} with these settings does not use it: {fix}")
+        used = (f"{name} is only used by methods {', '.join(users)} with {' or '.join(sorted(set(users.values())))}"
+                if users else f"no registered method uses {name}")
+        own = config.inputs.get(name)
+        raise ValueError(f"{used}; {config.method!r} with these settings does not use it: drop the argument"
+                         + (f" or set {own}" if own else ""))
