@@ -141,7 +141,7 @@ def test_every_method_folder_is_registered():
         config_classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, hf_pruning.PruningConfig)]
         assert config_classes, f"methods/{name} exports no PruningConfig"
         if not any(cls.method for cls in config_classes):
-            continue  # a family's shared package (methods/depth/): its base config is no method of its own
+            continue  # a family package (e.g. masks/): its configs are bases with no method key of their own
         for cls in config_classes:
             assert cls.method in hf_pruning.list_methods(), f"add methods/{name} to hf_pruning/methods/__init__.py"
 
