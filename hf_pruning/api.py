@@ -21,7 +21,7 @@ from .config import ConfigError, PruningConfig
 from .model_checks import check_model, clear_quantizer_
 from .model_methods import bind, model_method
 from .plan import PlanError, PruningPlan, get_plan
-from .registry import PruningResult, get_method, list_methods
+from .registry import PruningResult, check_inputs, get_method, list_methods
 from .remote.configuration_hf_pruning import PRUNED_CONFIG_CLASSES
 from .remote.hf_pruning_plan import TOO_DEEP
 from .remote.hf_pruning_surgery import adapter_for, base_fields, execute_ops_, simulate_plan
@@ -169,9 +169,10 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
 
     ``config`` is a method config (e.g. ``hf_pruning.WandaConfig()``) or its JSON form, a dict with a ``"method"``
     key (what ``config.json``'s ``pruning_config`` records). ``calibration`` is a LongTensor of token ids
-    ``[n_samples, seq_len]`` for methods that need data. ``compensation_calibration`` (same form; depth methods
-    with ``compensate=True`` only) is what the compensation projection is fitted on instead of ``calibration``:
-    a d x d fit wants thousands of tokens, a greedy search is cheaper on few.
+    ``[n_samples, seq_len]`` for methods that need data. ``compensation_calibration`` (same form) is a method
+    input: data a method's config declares (``config.inputs``), here the depth methods' with ``compensate=True``,
+    which fit the compensation projection on it instead of ``calibration`` (a d x d fit wants thousands of
+    tokens, a greedy search is cheaper on few). A method input the settings do not use is refused.
 
     The model (:func:`check_model`), the config and the ids (:func:`hf_pruning.calibration.check_calibration`)
     are checked before anything changes: bad input raises and leaves the model as it was.
@@ -179,20 +180,15 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     check_model(model)
     config = _as_config(config)
     spec = get_method(config)
-    extra = {}
     if calibration is not None:
         calibration = check_calibration(model, calibration)
-    if compensation_calibration is not None:
-        if not getattr(config, "compensate", False):
-            raise ValueError(f"compensation_calibration is only used by depth methods with compensate=True "
-                             f"(shortgpt, sleb, finercut, taylor, gradmap); {spec.name!r} with these settings "
-                             "fits no compensation: drop the argument or set compensate=True")
-        extra["compensation_calibration"] = check_calibration(model, compensation_calibration,
-                                                              name="compensation_calibration")
-    replay = getattr(config, "order", None) is not None and bool(extra)  # a given order only needs the fit's data
-    if spec.needs_calibration and calibration is None and config.uses_calibration() and not replay:
+    # method inputs (data besides calibration that a config declares in ``inputs``): one path for all of them
+    inputs = {k: v for k, v in {"compensation_calibration": compensation_calibration}.items() if v is not None}
+    check_inputs(config, inputs)
+    inputs = {name: check_calibration(model, ids, name=name) for name, ids in inputs.items()}
+    if spec.needs_calibration and calibration is None and config.calibration_required(inputs):
         raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; {BUILD_HINT}")
-    result: PruningResult = spec.run(model, config, calibration, **extra)
+    result: PruningResult = spec.run(model, config, calibration, **inputs)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)
     _record(model, get_plan(model), pruning_config=result.record or config.to_dict())

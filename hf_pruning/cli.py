@@ -199,7 +199,8 @@ def _field_type(hint):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One flag per dataclass field of ``config_cls`` (help from ``field(metadata={"help": ...})``)."""
+    """One flag per dataclass field of ``config_cls`` (help from ``field(metadata={"help": ...})``), and the flags
+    of the method inputs it declares (:func:`add_input_arguments`)."""
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(f"{config_cls.method} options ({config_cls.__name__})")
     for f in dataclasses.fields(config_cls):
@@ -209,6 +210,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=_field_type(hints[f.name]), default=None, help=help_text)
+    add_input_arguments(parser, config_cls)
+
+
+def _input_flag(name: str) -> str:
+    """The flag stem of method input ``name``: ``compensation_calibration`` -> ``compensation``."""
+    return name.removesuffix("_calibration").replace("_", "-")
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """Two flags per method input that ``config_cls`` declares (``inputs``; token ids like the calibration):
+    ``--<stem>-samples`` and ``--<stem>-seq-len``, its windows of ``--calib``."""
+    for name, used_when in getattr(config_cls, "inputs", {}).items():
+        stem = _input_flag(name)
+        group = parser.add_argument_group(f"{name} (used with {used_when})")
+        group.add_argument(f"--{stem}-samples", type=at_least(1), default=None,
+                           help=f"build {name} from this many windows of --calib (default: --n-samples)")
+        group.add_argument(f"--{stem}-seq-len", type=at_least(2), default=None,
+                           help=f"tokens per {name} window (default: --seq-len)")
+
+
+def input_windows(config_cls, args, windows) -> dict:
+    """The method inputs asked for on the command line, built with ``windows(n_samples, seq_len)``."""
+    inputs = {}
+    for name in getattr(config_cls, "inputs", {}):
+        stem = _input_flag(name).replace("-", "_")
+        n_samples, seq_len = getattr(args, f"{stem}_samples", None), getattr(args, f"{stem}_seq_len", None)
+        if n_samples or seq_len:
+            inputs[name] = windows(n_samples or args.n_samples, seq_len or args.seq_len)
+    return inputs
 
 
 def config_from_args(config_cls, args):
@@ -233,13 +263,11 @@ def cmd_prune(args) -> int:
         return build_calibration(tokenizer, source=args.calib, n_samples=n_samples, seq_len=seq_len, seed=args.seed,
                                  max_length=getattr(model.config, "max_position_embeddings", None))
 
+    inputs = input_windows(spec.config_class, args, windows)  # e.g. compensation_calibration
     calibration = None
-    if spec.needs_calibration and config.uses_calibration():  # e.g. HARP with given alphas needs none
+    if spec.needs_calibration and config.calibration_required(inputs):  # e.g. HARP with given alphas needs none
         calibration = windows(args.n_samples, args.seq_len)
-    fit_on = None
-    if args.compensation_samples or args.compensation_seq_len:
-        fit_on = windows(args.compensation_samples or args.n_samples, args.compensation_seq_len or args.seq_len)
-    hf_pruning.prune_(model, config, calibration=calibration, compensation_calibration=fit_on)
+    hf_pruning.prune_(model, config, calibration=calibration, **inputs)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
     return 0
@@ -324,11 +352,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=at_least(1), default=16, help="calibration windows")
     p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensation-samples", type=at_least(1), default=None,
-                   help="depth methods with --compensate: fit the projection on this many windows of --calib "
-                        "(default: the calibration windows); a d x d fit wants thousands of tokens")
-    p.add_argument("--compensation-seq-len", type=at_least(2), default=None,
-                   help="tokens per compensation window (default: --seq-len)")
     if method is not None:
         import hf_pruning
 

@@ -10,6 +10,7 @@ import os
 import reprlib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
 
@@ -50,6 +51,10 @@ class PruningConfig:
 
     method: ClassVar[str] = ""
     config_version: ClassVar[int] = FIRST_CONFIG_VERSION
+    #: data the method takes besides ``calibration``, as keywords of ``prune_``: name -> the settings that use it
+    #: (for messages), e.g. ``{"compensation_calibration": "compensate=True"}``; ``prune_`` checks each like
+    #: calibration and passes it to the method's ``run`` by keyword
+    inputs: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         """Check every field's type against its annotation (subclasses call this first, then check values)."""
@@ -106,6 +111,15 @@ class PruningConfig:
     def uses_calibration(self) -> bool:
         """False when these settings need no calibration data (e.g. a removal order given up front)."""
         return True
+
+    def calibration_required(self, inputs: Collection[str] = ()) -> bool:
+        """Whether calibration must be given when the method inputs ``inputs`` (names, see :attr:`inputs`) are:
+        whenever these settings use it, unless a subclass lets an input stand in for it."""
+        return self.uses_calibration()
+
+    def uses_input(self, name: str) -> bool:
+        """Whether these settings use the method input ``name`` (a key of :attr:`inputs`)."""
+        return name in self.inputs
 
     def replace(self, **changes) -> PruningConfig:
         return dataclasses.replace(self, **changes)

@@ -63,4 +63,19 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def check_inputs(config, names) -> None:
+    """Refuse method inputs ``names`` (keywords of ``prune_`` beyond ``calibration``) that ``config``'s settings do
+    not use (:meth:`PruningConfig.uses_input`), naming the methods that declare each one."""
+    for name in names:
+        if config.uses_input(name):
+            continue
+        users = {m: _METHODS[m].config_class.inputs[name] for m in sorted(_METHODS)
+                 if name in getattr(_METHODS[m].config_class, "inputs", {})}
+        used = (f"{name} is only used by methods {', '.join(users)} with {' or '.join(sorted(set(users.values())))}"
+                if users else f"no registered method uses {name}")
+        own = config.inputs.get(name)
+        raise ValueError(f"{used}; {config.method!r} with these settings does not use it: drop the argument"
+                         + (f" or set {own}" if own else ""))
+
+
 set_config_class_lookup(lambda name: get_method(name).config_class)

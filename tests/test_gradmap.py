@@ -13,8 +13,8 @@ from tiny_models import ARCHS, tiny_model, tokens
 import hf_pruning
 from hf_pruning import FinerCutConfig, GradMAPConfig, ShortGPTConfig, SLEBConfig, TaylorConfig
 from hf_pruning.config import ConfigError
-from hf_pruning.methods import compensation, gradmap
-from hf_pruning.methods.depth import layers_return_tuple
+from hf_pruning.methods import gradmap
+from hf_pruning.methods.depth import compensation, layers_return_tuple
 from hf_pruning.publish.verify import reload_in_fresh_process
 from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
@@ -233,6 +233,32 @@ def test_compensation_calibration_is_refused_where_nothing_is_fitted():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_cli_builds_the_compensation_windows_from_the_method_input_flags(tmp_path, monkeypatch):
+    """``--compensation-samples/--compensation-seq-len`` come from the config's declared input and reach
+    ``prune_`` as ``compensation_calibration``; a method that declares no such input has no such flag."""
+    from tiny_models import tiny_tokenizer
+
+    from hf_pruning.cli import main
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    seen = {}
+    real = hf_pruning.prune_
+
+    def spy(model, config, calibration=None, **inputs):
+        seen.update({"calibration": calibration.shape, **{k: v.shape for k, v in inputs.items()}})
+        return real(model, config, calibration=calibration, **inputs)
+
+    monkeypatch.setattr(hf_pruning, "prune_", spy)
+    assert main(["-q", "prune", str(src), str(tmp_path / "out"), "--method", "sleb", "--num-removals", "1",
+                 "--compensate", "--ridge", "0.1", "--n-samples", "2", "--seq-len", "24",
+                 "--compensation-samples", "3", "--compensation-seq-len", "40"]) == 0
+    assert seen == {"calibration": (2, 24), "compensation_calibration": (3, 40)}
+    assert main(["-q", "prune", str(src), str(tmp_path / "out2"), "--method", "wanda",
+                 "--compensation-samples", "3"]) == 2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pruned_runner_reuses_the_dense_prefix_exactly(arch):
     """The compensation's pruned pass starts at the first removal from the dense pass's cache: same stream as a
@@ -256,7 +282,7 @@ def test_pruned_runner_reuses_the_dense_prefix_exactly(arch):
 def test_runner_batches_rows_like_running_them_one_by_one(arch, monkeypatch):
     """The cached stream is computed in batches of rows (a last, partial batch included); it equals running
     every row alone, and the work counter counts rows, not calls."""
-    from hf_pruning.methods import depth
+    from hf_pruning.methods.depth import runner as depth
 
     model = tiny_model(arch)
     removed = [depth.Candidate(2, "attention")]

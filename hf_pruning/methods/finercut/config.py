@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import ConfigError, check_fraction
-from ..depth import DepthConfig
+from ..depth import DEFAULT_FRACTION, DepthConfig
 from .metrics import METRICS
 from .search import MODES
 
@@ -17,13 +17,14 @@ GRANULARITIES = ("sublayer", "attention", "mlp", "block")
 class FinerCutConfig(DepthConfig):
     """FinerCut: greedily remove the attention/MLP sublayers whose removal changes the output distribution least.
 
-    Budget: ``sublayer_ratio`` (fraction of the candidates, the paper's ratio; default 0.25 when no budget is
-    given), ``param_ratio`` (fraction of decoder-layer parameters, at least) or ``num_removals``.
+    Budget: ``sublayer_ratio`` (fraction of the candidates, the paper's ratio; default ``DEFAULT_FRACTION`` when
+    no budget is given), ``param_ratio`` (fraction of decoder-layer parameters, at least) or ``num_removals``.
     """
 
     method: ClassVar[str] = "finercut"
     sublayer_ratio: float | None = field(default=None, metadata={
-        "help": "fraction of the candidates to remove (the paper's ratio); default 0.25 without another budget"})
+        "help": f"fraction of the candidates to remove (the paper's ratio); default {DEFAULT_FRACTION} without "
+                "another budget"})
     granularity: str = field(default="sublayer", metadata={
         "help": "candidates: sublayer (attention and MLP), attention, mlp, or block (whole layers)"})
     metric: str = field(default="js_code", metadata={
@@ -43,6 +44,13 @@ class FinerCutConfig(DepthConfig):
 
     def _budgets(self) -> dict:
         return {**super()._budgets(), "sublayer_ratio": self.sublayer_ratio}
+
+    def candidate_granularity(self) -> str:
+        return self.granularity
+
+    def candidate_fraction(self) -> float | None:
+        """``sublayer_ratio`` when given, else the depth methods' default."""
+        return self.sublayer_ratio if self.sublayer_ratio is not None else super().candidate_fraction()
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,4 +1,4 @@
-"""Orchestration of FinerCut: resolve the budget, run the greedy search, turn the removal order into a plan."""
+"""FinerCut's search: resolve the budget, run the greedy search, report its steps and cost."""
 
 from __future__ import annotations
 
@@ -8,35 +8,21 @@ from typing import Callable
 import torch
 
 from ...calibration import calibration_mode
-from ...registry import PruningResult, register_method
 from ..depth import (
     Candidate,
     DepthRunner,
     candidates_for,
-    depth_result,
+    check_search_rows,
+    config_budget,
     named_candidates,
-    removal_from_order,
+    register_depth_method,
     removal_params,
-    resolve_budget,
 )
 from .config import FinerCutConfig
 from .metrics import Metric
 from .search import GreedySearch
 
 logger = logging.getLogger(__name__)
-
-#: shortest calibration row the search accepts (the fast search screens on a prefix of it)
-MIN_TOKENS = 16
-
-
-def check_calibration(calibration: torch.Tensor) -> None:
-    """Depth searches score whole rows: refuse rows too short to say anything about the output."""
-    if calibration is None or calibration.ndim != 2 or calibration.shape[0] < 1:
-        raise ValueError("calibration must be token ids [n_samples, seq_len]; build them with "
-                         "hf_pruning.calibration.build_calibration(tokenizer, n_samples=8, seq_len=256)")
-    if calibration.shape[1] < MIN_TOKENS:
-        raise ValueError(f"calibration rows of {calibration.shape[1]} tokens are too short to score a removal "
-                         f"(need at least {MIN_TOKENS}); build longer rows, e.g. build_calibration(..., seq_len=256)")
 
 
 def _exclusion(model, config: FinerCutConfig, n_candidates: int) -> tuple[set[int], int]:
@@ -56,12 +42,9 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
     ratio, so one search to the largest budget serves every smaller one: ``stop(removed)`` replaces the config's
     budget as the end of the search (e.g. "every budget of a list is reached").
     """
-    check_calibration(calibration)
+    check_search_rows(calibration)
     candidates = candidates_for(model, config.granularity)
-    default = 0.25 if config.param_ratio is None and config.num_removals is None else None
-    budget = resolve_budget(model, candidates, config.num_removals, config.param_ratio,
-                            config.sublayer_ratio if config.sublayer_ratio is not None else default,
-                            what="block" if config.granularity == "block" else "sublayer")
+    budget = config_budget(model, config, candidates)
     exclude, readmit = _exclusion(model, config, len(candidates))
     weights = None
     if config.cost_aware:  # score increase per freed parameter: a knapsack-style greedy for parameter budgets
@@ -88,7 +71,7 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
     The search's last step reports this value for the set it found, so two sets, e.g. a FinerCut result and a
     block method's, can be compared on the objective FinerCut minimises.
     """
-    check_calibration(calibration)
+    check_search_rows(calibration)
     removed = tuple(named_candidates(model, removed, "the removal set",
                                      "name each once as '<layer>.<attention|mlp|block>' of a layer still in the model"))
     with calibration_mode(model):
@@ -101,21 +84,23 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
         return sum(score.score(s, runner.logits(s, final[s]), runner.ids[s]) for s in range(runner.n)) / runner.n
 
 
-@register_method("finercut", FinerCutConfig)
-def run_finercut(model, config: FinerCutConfig, calibration, compensation_calibration=None) -> PruningResult:
-    if config.order is not None:
-        removed, report = removal_from_order(model, config, config.granularity, None), {"search": None}
-    else:
-        found = finercut_search(model, config, calibration)
-        steps = found["steps"]
-        removed = [s.candidate for s in steps]
-        last = steps[-1]
-        report = {
-            "scores": [s.score for s in steps],
-            "steps": [s.to_dict() for s in steps],
-            "search": {"mode": config.search, "metric": config.metric, "cost_aware": config.cost_aware,
-                       "search_s": last.seconds,
-                       "search_layer_forwards": last.layer_forwards, "search_head_forwards": last.head_forwards,
-                       "calibration_tokens": found["calibration_tokens"]},
-        }
-    return depth_result(model, config, removed, calibration, report, compensation_calibration)
+def search_report(config: FinerCutConfig, found: dict) -> tuple[list[Candidate], dict]:
+    """The removal set and report of a finished search (``found``: what :func:`finercut_search` returned)."""
+    steps = found["steps"]
+    last = steps[-1]
+    return [s.candidate for s in steps], {
+        "scores": [s.score for s in steps],
+        "steps": [s.to_dict() for s in steps],
+        "search": {"mode": config.search, "metric": config.metric, "cost_aware": config.cost_aware,
+                   "search_s": last.seconds,
+                   "search_layer_forwards": last.layer_forwards, "search_head_forwards": last.head_forwards,
+                   "calibration_tokens": found["calibration_tokens"]},
+    }
+
+
+def greedy_search(model, config: FinerCutConfig, calibration: torch.Tensor) -> tuple[list[Candidate], dict]:
+    """FinerCut's search as a depth method's: the removal set and the report."""
+    return search_report(config, finercut_search(model, config, calibration))
+
+
+run_finercut = register_depth_method("finercut", FinerCutConfig, greedy_search)

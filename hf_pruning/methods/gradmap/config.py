@@ -18,7 +18,7 @@ class GradMAPConfig(DepthConfig):
     largest mean shift. The default score is the diagonal-Fisher (second-order) estimate of what removing each
     block's residual update costs, from one backward pass that ranks every block (``mode="one_shot"``);
     ``mode="iterative"`` re-scores after every removal. Budget: ``param_ratio`` or ``num_removals`` (blocks),
-    default 25% of the blocks. ``compensate=False`` gives stage 1 alone. Choices and measurements:
+    default ``DEFAULT_FRACTION`` of the blocks. ``compensate=False`` gives stage 1 alone. Choices and measurements:
     docs/DEPTH-METHODS.md."""
 
     method: ClassVar[str] = "gradmap"

@@ -1,4 +1,4 @@
-"""Orchestration of GradMAP: gradient-ranked block removal (iterative or one shot), then the compensation."""
+"""GradMAP's search: gradient-ranked block removal (iterative or one shot); the compensation follows (depth/)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ...registry import PruningResult, register_method
-from ..depth import Candidate, candidates_for, depth_result, layers_return_tuple, removal_from_order, resolve_budget
+from ..depth import Candidate, candidates_for, config_budget, layers_return_tuple, register_depth_method
 from .config import GradMAPConfig
 from .scoring import check_token_ids, gradient_scores
 
@@ -21,8 +20,7 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
     check_token_ids(calibration)
     start = time.perf_counter()
     candidates = candidates_for(model, "block")
-    fraction = 0.25 if config.param_ratio is None and config.num_removals is None else None
-    budget = resolve_budget(model, candidates, config.num_removals, config.param_ratio, fraction, what="block")
+    budget = config_budget(model, config, candidates)
     tuple_out = layers_return_tuple(model, calibration)
     removed: list[Candidate] = []
     history, backward_passes = [], 0
@@ -44,10 +42,9 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
     return removed, {"history": history, "search": search}
 
 
-@register_method("gradmap", GradMAPConfig)
-def run_gradmap(model, config: GradMAPConfig, calibration, compensation_calibration=None) -> PruningResult:
-    if config.order is not None:
-        removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
-    else:
-        removed, report = rank_blocks(model, calibration, config, config.score, config.mode)
-    return depth_result(model, config, removed, calibration, report, compensation_calibration)
+def gradmap_search(model, config: GradMAPConfig, calibration: torch.Tensor) -> tuple[list[Candidate], dict]:
+    """GradMAP's stage 1: blocks by ``config.score``, ranked once or re-scored after every removal (``mode``)."""
+    return rank_blocks(model, calibration, config, config.score, config.mode)
+
+
+run_gradmap = register_depth_method("gradmap", GradMAPConfig, gradmap_search)

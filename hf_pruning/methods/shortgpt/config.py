@@ -10,6 +10,7 @@ from ..depth import DepthConfig
 
 @dataclass
 class ShortGPTConfig(DepthConfig):
-    """ShortGPT (Block Influence, one shot). Budget: ``param_ratio``, ``num_removals`` (blocks), default 25% of blocks."""
+    """ShortGPT (Block Influence, one shot). Budget: ``param_ratio``, ``num_removals`` (blocks), default
+    ``DEFAULT_FRACTION`` of the blocks."""
 
     method: ClassVar[str] = "shortgpt"

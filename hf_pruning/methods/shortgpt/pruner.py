@@ -1,4 +1,4 @@
-"""Orchestration of ShortGPT: one forward collects every block's input and output, then rank by influence."""
+"""ShortGPT's search: one pass collects every block's input and output, then blocks rank by influence."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...calibration import calibration_mode
-from ...registry import PruningResult, register_method
-from ..depth import Candidate, DepthRunner, candidates_for, depth_result, removal_from_order, resolve_budget
-from ..finercut.pruner import check_calibration
+from ..depth import Candidate, DepthRunner, candidates_for, check_search_rows, config_budget, register_depth_method
 from .config import ShortGPTConfig
 
 
@@ -25,13 +23,12 @@ def block_influence(runner: DepthRunner) -> list[float]:
     return scores
 
 
-def ranked_blocks(model, calibration: torch.Tensor, config) -> tuple[list[Candidate], list[Candidate], dict]:
-    """Blocks in removal order (lowest influence first), the budget's prefix of them, and a cost report."""
-    check_calibration(calibration)
+def ranked_blocks(model, config: ShortGPTConfig, calibration: torch.Tensor) -> tuple[list[Candidate], dict]:
+    """The budget's prefix of the blocks in removal order (lowest influence first), and a cost report."""
+    check_search_rows(calibration)
     start = time.perf_counter()
     candidates = candidates_for(model, "block")
-    fraction = 0.25 if config.param_ratio is None and config.num_removals is None else None
-    budget = resolve_budget(model, candidates, config.num_removals, config.param_ratio, fraction, what="block")
+    budget = config_budget(model, config, candidates)
     with calibration_mode(model):
         runner = DepthRunner(model, calibration)
         bi = block_influence(runner)
@@ -39,13 +36,7 @@ def ranked_blocks(model, calibration: torch.Tensor, config) -> tuple[list[Candid
     n = budget.prefix(order)
     search = {"search_s": time.perf_counter() - start, "search_layer_forwards": runner.layer_forwards,
               "search_head_forwards": 0.0, "calibration_tokens": int(calibration.numel())}
-    return order, order[:n], {"block_influence": bi, "search": search}
+    return order[:n], {"block_influence": bi, "search": search}
 
 
-@register_method("shortgpt", ShortGPTConfig)
-def run_shortgpt(model, config: ShortGPTConfig, calibration, compensation_calibration=None) -> PruningResult:
-    if config.order is not None:
-        removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
-    else:
-        _, removed, report = ranked_blocks(model, calibration, config)
-    return depth_result(model, config, removed, calibration, report, compensation_calibration)
+run_shortgpt = register_depth_method("shortgpt", ShortGPTConfig, ranked_blocks)

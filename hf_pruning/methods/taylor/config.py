@@ -11,6 +11,6 @@ from ..depth import DepthConfig
 @dataclass
 class TaylorConfig(DepthConfig):
     """Taylor block importance, one shot (one backward pass). Budget: ``param_ratio`` or ``num_removals``
-    (blocks), default 25% of the blocks. ``compensate=True`` adds GradMAP's stage 2."""
+    (blocks), default ``DEFAULT_FRACTION`` of the blocks. ``compensate=True`` adds GradMAP's stage 2."""
 
     method: ClassVar[str] = "taylor"

@@ -1,17 +1,17 @@
-"""The Taylor baseline through GradMAP's gradient scoring: score "taylor", ranked once."""
+"""The Taylor baseline's search: GradMAP's gradient ranking with score "taylor", ranked once."""
 
 from __future__ import annotations
 
-from ...registry import PruningResult, register_method
-from ..depth import depth_result, removal_from_order
+import torch
+
+from ..depth import Candidate, register_depth_method
 from ..gradmap.pruner import rank_blocks
 from .config import TaylorConfig
 
 
-@register_method("taylor", TaylorConfig)
-def run_taylor(model, config: TaylorConfig, calibration, compensation_calibration=None) -> PruningResult:
-    if config.order is not None:
-        removed, report = removal_from_order(model, config, "block", 0.25), {"search": None}
-    else:
-        removed, report = rank_blocks(model, calibration, config, "taylor", "one_shot")
-    return depth_result(model, config, removed, calibration, report, compensation_calibration)
+def taylor_search(model, config: TaylorConfig, calibration: torch.Tensor) -> tuple[list[Candidate], dict]:
+    """Blocks ranked once by sum |θ · dL/dθ| (one backward pass), the lowest first, cut to the budget."""
+    return rank_blocks(model, calibration, config, "taylor", "one_shot")
+
+
+run_taylor = register_depth_method("taylor", TaylorConfig, taylor_search)

@@ -27,14 +27,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..calibration import calibration_mode, hooks
-from ..calibration.capture import run_layer
-from ..plan import AddLinear, RemoveLayers
-from ..remote.hf_pruning_surgery import adapter_for
-from .depth import Candidate, DepthRunner, plan_for
+from ...calibration import calibration_mode, hooks
+from ...calibration.capture import run_layer
+from ...plan import AddLinear, RemoveLayers
+from ...remote.hf_pruning_surgery import adapter_for
+from .candidates import Candidate, plan_for
+from .runner import DepthRunner
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +191,95 @@ def _layer_fit(captured: list[torch.Tensor], pruned: DepthRunner, j: int, target
             "sample_of": sample_of}
 
 
+@dataclass
+class _Streams:
+    """The dense and the pruned residual stream on the calibration rows, and what each kept layer's fit needs."""
+
+    dense: DepthRunner
+    pruned: DepthRunner
+    whole: list[int]  # layers the plan removes whole
+    carrier: dict[int, str]  # kept layer -> the sublayer that carries its projection
+    feeds: dict[int, int]  # kept layer -> the layer (or L: the final norm) its output feeds
+    captured: dict[int, list[torch.Tensor]]  # kept layer -> its carrier's contribution on the pruned pass
+    shifts: dict[int, float]  # kept layer -> the drift of its output from the dense stream it stands in for
+
+    @property
+    def layer_forwards(self) -> float:
+        return self.dense.layer_forwards + self.pruned.layer_forwards
+
+
+def _streams(model, removed: list[Candidate], calibration: torch.Tensor, relative: bool) -> _Streams:
+    """One dense pass and one pruned pass (from the first removal on), keeping every carrier's contribution."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    if any(adapter.residual_norms(layer) for layer in layers):
+        raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
+                         "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
+    whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
+    kept = [i for i in range(len(layers)) if i not in whole]
+    # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
+    gone = {(c.layer, part) for c in removed for part in c.parts}
+    carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
+               or (i, "mlp") not in gone}
+    dense = DepthRunner(model, calibration)  # one dense pass
+    # the pruned pass runs from the first removal on (the layers below it are the dense pass's) and keeps
+    # each carrier's contribution on the way ([b, T, d] chunks in row order), so no layer runs twice
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in carrier}
+    with hooks() as handles:
+        for i in carrier:
+            _capture_contribution(handles, adapter, layers[i], carrier[i], captured[i])
+        pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
+    # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
+    # dense model receives the dense stream at that point (after the removed blocks in between)
+    feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
+    shifts = {i: _shift(pruned.cache[i + 1], dense.cache[feeds[i]], relative) for i in kept}
+    return _Streams(dense, pruned, whole, carrier, feeds, captured, shifts)
+
+
+def _best_fit(model, streams: _Streams, usable: list[int], ridge: float | None) -> tuple[dict, dict]:
+    """The fit data of the kept layer to compensate, and the shortlist's validated error ratios.
+
+    The paper's criterion (largest shift) shortlists; the fit that generalises best decides (a fixed ridge or a
+    one-layer shortlist keeps the largest shift)."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    shifts, captured, pruned = streams.shifts, streams.captured, streams.pruned
+    shortlist = sorted(usable, key=lambda i: (-shifts[i], i))[:SHORTLIST if ridge is None else 1]
+    for i in set(captured) - set(shortlist):
+        del captured[i]  # free what no fit will use
+    best = None
+    validation = {}
+    for i in shortlist:
+        # the last kept layer below the first removal feeds a removed span but was not re-run: run it once
+        chunks = captured.pop(i, None) or _contributions(adapter, layers[i], streams.carrier[i], pruned, i)
+        fit = _layer_fit(chunks, pruned, i, streams.dense.cache[streams.feeds[i]])
+        if ridge is None:  # screened on at most SCREEN_FOLDS folds; the winner's ridge by leave-one-row-out
+            _, screen = choose_ridge(fit["a"], fit["b"], fit["sample_of"], SCREEN_FOLDS, torch.float32)
+            fit["gain"] = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
+            validation[i] = fit["gain"]
+        else:
+            fit["gain"] = 0.0
+        if best is None or fit["gain"] < best["gain"]:
+            best = fit
+    return best, validation
+
+
+def _projection(best: dict, ridge: float, solver: str, steps: int) -> tuple[torch.Tensor, dict, float, float]:
+    """The fitted ``P`` ``[d, d]`` (float64) on ``best``'s data, the solver's report and the hidden-state MSE
+    before and after."""
+    a, b = best["a"], best["b"]
+    if solver == "adam":
+        p, info = adam_projection(a, b, ridge, steps), {}
+    else:
+        p, info = solve_projection(a, b, ridge)
+    before = float(((best["h_pruned"] - best["h_dense"]) ** 2).mean())
+    after = float(((a.double() @ p.T - b.double()) ** 2).mean())
+    if info.get("condition", 0) > 1e12:
+        logger.warning("the compensation system at layer %d is ill-conditioned (cond %.2e); the ridge term keeps "
+                       "it solvable: raise ridge for a more conservative fit", best["layer"], info["condition"])
+    return p, info, before, after
+
+
 def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor, ridge: float | None = None,
                      solver: str = "closed_form", steps: int = 300, relative: bool = True) -> tuple[list, dict]:
     """The ``add_linear`` op (in a list; empty when nothing can be compensated) and a report.
@@ -200,55 +291,15 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     if not removed:
         return [], {"skipped": "nothing was removed"}
     with calibration_mode(model):
-        adapter = adapter_for(model)
-        layers = adapter.decoder_layers(model)
-        if any(adapter.residual_norms(layer) for layer in layers):
-            raise ValueError("compensation needs residual sublayers added after their norms; this model keeps a "
-                             "norm after the residual add (OPT with do_layer_norm_before=False): use compensate=False")
-        whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
-        kept = [i for i in range(len(layers)) if i not in whole]
-        # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
-        gone = {(c.layer, part) for c in removed for part in c.parts}
-        carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
-                   or (i, "mlp") not in gone}
-        dense = DepthRunner(model, calibration)  # one dense pass
-        # the pruned pass runs from the first removal on (the layers below it are the dense pass's) and keeps
-        # each carrier's contribution on the way ([b, T, d] chunks in row order), so no layer runs twice
-        captured: dict[int, list[torch.Tensor]] = {i: [] for i in carrier}
-        with hooks() as handles:
-            for i in carrier:
-                _capture_contribution(handles, adapter, layers[i], carrier[i], captured[i])
-            pruned = DepthRunner(model, calibration, removed=removed, prefix_from=dense)
-        # what the pruned output of kept layer i feeds: the next kept layer (or the final norm), which in the
-        # dense model receives the dense stream at that point (after the removed blocks in between)
-        feeds = {i: next((k for k in kept if k > i), len(layers)) for i in kept}
-        shifts = {i: _shift(pruned.cache[i + 1], dense.cache[feeds[i]], relative) for i in kept}
-        usable = [i for i in carrier if shifts[i] > 0]
+        streams = _streams(model, removed, calibration, relative)
+        shifts = streams.shifts
+        usable = [i for i in streams.carrier if shifts[i] > 0]
         if not usable:
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model", "shifts": shifts}
-        # the paper's criterion (largest shift) shortlists; the fit that generalises best decides (a fixed ridge
-        # or a one-layer shortlist keeps the largest shift)
-        shortlist = sorted(usable, key=lambda i: (-shifts[i], i))[:SHORTLIST if ridge is None else 1]
-        for i in set(captured) - set(shortlist):
-            del captured[i]  # free what no fit will use
-        best = None
-        validation = {}
-        for i in shortlist:
-            # the last kept layer below the first removal feeds a removed span but was not re-run: run it once
-            chunks = captured.pop(i, None) or _contributions(adapter, layers[i], carrier[i], pruned, i)
-            fit = _layer_fit(chunks, pruned, i, dense.cache[feeds[i]])
-            if ridge is None:  # screened on at most SCREEN_FOLDS folds; the winner's ridge by leave-one-row-out
-                _, screen = choose_ridge(fit["a"], fit["b"], fit["sample_of"], SCREEN_FOLDS, torch.float32)
-                fit["gain"] = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
-                validation[i] = fit["gain"]
-            else:
-                fit["gain"] = 0.0
-            if best is None or fit["gain"] < best["gain"]:
-                best = fit
+        best, validation = _best_fit(model, streams, usable, ridge)
         j = best["layer"]
-        a, b, h_pruned, h_dense = best["a"], best["b"], best["h_pruned"], best["h_dense"]
         if ridge is None:
-            ridge, chosen = choose_ridge(a, b, best["sample_of"])
+            ridge, chosen = choose_ridge(best["a"], best["b"], best["sample_of"])
             chosen["validated_error_ratio"] = validation
         else:
             chosen = {}
@@ -257,20 +308,12 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
                            "calibration rows (more calibration tokens may help)", j)
             return [], {"skipped": "no ridge fit beats the identity on held-out calibration rows",
                         "layer": j, "shifts": shifts, **chosen, "compensation_s": time.perf_counter() - start,
-                        "layer_forwards": dense.layer_forwards + pruned.layer_forwards}
-        if solver == "adam":
-            p, info = adam_projection(a, b, ridge, steps), {}
-        else:
-            p, info = solve_projection(a, b, ridge)
-        before = float(((h_pruned - h_dense) ** 2).mean())
-        after = float(((a.double() @ p.T - b.double()) ** 2).mean())
-        if info.get("condition", 0) > 1e12:
-            logger.warning("the compensation system at layer %d is ill-conditioned (cond %.2e); the ridge term keeps "
-                           "it solvable: raise ridge for a more conservative fit", j, info["condition"])
-    new_index = j - sum(1 for i in whole if i < j)
-    op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
-    report = {"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j], "shifts": shifts, "solver": solver,
-              "ridge": ridge, **chosen, "mse_before": before, "mse_after": after, "compensation_s": time.perf_counter() - start,
-              "layer_forwards": dense.layer_forwards + pruned.layer_forwards, **info}
+                        "layer_forwards": streams.layer_forwards}
+        p, info, before, after = _projection(best, ridge, solver, steps)
+    new_index = j - sum(1 for i in streams.whole if i < j)
+    op = AddLinear(layer=new_index, sublayer=streams.carrier[j], bias=False, tensors={"weight": p.float()})
+    report = {"layer": j, "pruned_layer_index": new_index, "sublayer": streams.carrier[j], "shift": shifts[j],
+              "shifts": shifts, "solver": solver, "ridge": ridge, **chosen, "mse_before": before, "mse_after": after,
+              "compensation_s": time.perf_counter() - start, "layer_forwards": streams.layer_forwards, **info}
     logger.info("compensation at layer %d (shift %.3g): hidden-state MSE %.4g -> %.4g", j, shifts[j], before, after)
     return [op], report
