@@ -9,7 +9,7 @@ Importing the package registers the ``hf_pruning_<arch>`` model types with trans
 pruned checkpoints load without ``trust_remote_code`` wherever hf_pruning is installed.
 """
 
-from .accounting import parameter_count, predicted_decoder_params
+from .accounting import parameter_count, predicted_decoder_params, sparsity_report
 from .api import apply_plan_, from_pretrained, lora_target_modules, prune_
 from .calibration.check import CalibrationError
 from .config import ConfigError, PruningConfig
@@ -28,7 +28,6 @@ from .methods import (
     TaylorConfig,
     WandaConfig,
 )
-from .methods.masks import sparsity_report
 from .model_checks import QuantizedModelError, UnsupportedModelError, clear_quantizer_
 from .plan import PlanError, PruningPlan, get_plan
 from .publish import CardTemplateError, HubPushError, build_card, pruning_summary, push_to_hub, save_pretrained

@@ -7,10 +7,12 @@ simulation gives, before any surgery.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from .plan import PruningPlan
-from .remote.hf_pruning_surgery import inspect_model, simulate_plan
+from .remote.hf_pruning_surgery import adapter_for, inspect_model, simulate_plan
 
 #: the parts of a decoder layer that ``part_params`` and ``accounting(...)["removed_by_part"]`` count
 PARTS = ("qk", "vo", "mlp")
@@ -96,3 +98,39 @@ def accounting(model: nn.Module, plan: PruningPlan | None = None, context: int =
         "flops_per_token_after": f1,
         "flops_ratio": f1 / f0,
     }
+
+
+def removal_params(model) -> tuple[dict[tuple[int, str], int], int]:
+    """Parameters each removal frees, keyed (layer, "attention"|"mlp"|"block"), and the decoder total."""
+    freed = {}
+    states = inspect_model(model)
+    for i, s in enumerate(states):
+        freed[(i, "attention")] = s.num_params() - dataclasses.replace(s, attention="none").num_params()
+        freed[(i, "mlp")] = s.num_params() - dataclasses.replace(s, mlp="none").num_params()
+        freed[(i, "block")] = s.num_params()  # remove_layers also takes norms that stay on the residual stream
+    return freed, sum(s.num_params() for s in states)
+
+
+def params_of(removed, freed: dict[tuple[int, str], int]) -> int:
+    """Parameters that removing ``removed`` frees (``freed`` from :func:`removal_params`)."""
+    return sum(freed[(c.layer, c.kind)] for c in removed)
+
+
+def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear weights of one decoder layer that mask methods may zero (biases never)."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear) and "compensation" not in name}
+
+
+def sparsity_report(model) -> dict:
+    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them."""
+    adapter = adapter_for(model)
+    layers, zeros, total = [], 0, 0
+    for layer in adapter.decoder_layers(model):
+        entry = {}
+        for name, lin in prunable_linears(layer).items():
+            z = int((lin.weight == 0).sum())
+            entry[name] = z / lin.weight.numel()
+            zeros += z
+            total += lin.weight.numel()
+        layers.append(entry)
+    return {"overall": zeros / total if total else 0.0, "layers": layers}

@@ -243,8 +243,9 @@ def _wanda_mask_(lin, sum_sq):
 def test_linears_reading_one_input_share_one_statistic():
     """q/k/v (and gate/up) read the same tensor: input_stat_hooks computes its statistic once and hands every
     one of them that object, equal to the statistic computed from each linear's own input."""
+    from hf_pruning.accounting import prunable_linears
     from hf_pruning.calibration import hooks
-    from hf_pruning.methods.masks.layerwise import input_stat_hooks, prunable_linears
+    from hf_pruning.methods.masks.layerwise import input_stat_hooks
 
     layer = layers_of(tiny_model("llama"))[0]
     seen = {}

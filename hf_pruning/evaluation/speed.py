@@ -13,8 +13,7 @@ import time
 
 import torch
 
-# methods/flap, heads and harp still import accounting and part_params from here (until they import ..accounting)
-from ..accounting import accounting, flops_per_token, part_params  # noqa: F401
+from ..accounting import flops_per_token
 
 
 def _ids(model, n: int, seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from ..methods.masks import sparsity_report
+from ..accounting import sparsity_report
 from ..plan import get_plan
 
 logger = logging.getLogger(__name__)

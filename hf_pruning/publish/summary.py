@@ -11,8 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from ..accounting import parameter_count
-from ..methods.masks import sparsity_report
+from ..accounting import parameter_count, sparsity_report
 from ..plan import get_plan
 from ..remote.hf_pruning_adapter_base import _set_config_fields
 from ..remote.hf_pruning_surgery import base_fields, inspect_model, stock_model_type

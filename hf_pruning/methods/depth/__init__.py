@@ -11,8 +11,9 @@ A method folder holds its config (a :class:`DepthConfig`) and its search, regist
 ``register_depth_method(name, config_class, search)``.
 """
 
+from ...accounting import params_of, removal_params
 from .budget import Budget, config_budget, removal_from_order, resolve_budget
-from .candidates import KINDS, Candidate, candidates_for, named_candidates, params_of, plan_for, removal_params
+from .candidates import KINDS, Candidate, candidates_for, named_candidates, plan_for
 from .compensation import fit_compensation
 from .config import DEFAULT_FRACTION, DepthConfig
 from .method import MIN_TOKENS, check_search_rows, depth_result, register_depth_method

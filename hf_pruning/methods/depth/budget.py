@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .candidates import Candidate, candidates_for, named_candidates, params_of, removal_params
+from ...accounting import params_of, removal_params
+from .candidates import Candidate, candidates_for, named_candidates
 from .config import DepthConfig
 
 

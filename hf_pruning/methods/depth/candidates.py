@@ -7,7 +7,6 @@ plan ops (``drop_attention`` / ``drop_mlp``, whole layers as ``remove_layers``) 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ...plan import DropAttention, DropMLP, PruningPlan, RemoveLayers
@@ -63,22 +62,6 @@ def named_candidates(model, names, what: str, fix: str) -> list[Candidate]:
     if bad or len(set(parsed)) != len(parsed):
         raise ValueError(f"{what} names candidates the model does not have (or repeats one): {bad or parsed}; {fix}")
     return parsed
-
-
-def removal_params(model) -> tuple[dict[tuple[int, str], int], int]:
-    """Parameters each removal frees, keyed (layer, "attention"|"mlp"|"block"), and the decoder total."""
-    freed = {}
-    states = inspect_model(model)
-    for i, s in enumerate(states):
-        freed[(i, "attention")] = s.num_params() - dataclasses.replace(s, attention="none").num_params()
-        freed[(i, "mlp")] = s.num_params() - dataclasses.replace(s, mlp="none").num_params()
-        freed[(i, "block")] = s.num_params()  # remove_layers also takes norms that stay on the residual stream
-    return freed, sum(s.num_params() for s in states)
-
-
-def params_of(removed, freed: dict[tuple[int, str], int]) -> int:
-    """Parameters that removing ``removed`` frees (``freed`` from :func:`removal_params`)."""
-    return sum(freed[(c.layer, c.kind)] for c in removed)
 
 
 def plan_for(model, removed: list[Candidate]) -> PruningPlan:

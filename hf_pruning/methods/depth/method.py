@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
+from ...accounting import params_of, removal_params
 from ...registry import PruningResult, register_method
 from .budget import removal_from_order
-from .candidates import Candidate, params_of, plan_for, removal_params
+from .candidates import Candidate, plan_for
 from .compensation import fit_compensation
 from .config import DepthConfig
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ...accounting import removal_params
 from ...calibration import calibration_mode
 from ..depth import (
     Candidate,
@@ -16,7 +17,6 @@ from ..depth import (
     config_budget,
     named_candidates,
     register_depth_method,
-    removal_params,
 )
 from .config import FinerCutConfig
 from .metrics import Metric

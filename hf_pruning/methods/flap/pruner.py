@@ -125,7 +125,7 @@ def flap_ops(model, calibration: torch.Tensor, remove: int, metric: str = "wifv"
 
 @register_method("flap", FLAPConfig)
 def run_flap(model, config: FLAPConfig, calibration) -> PruningResult:
-    from ...evaluation.speed import accounting
+    from ...accounting import accounting
 
     if config.ratio is not None:
         remove = round(config.ratio * mlp_channels(model))

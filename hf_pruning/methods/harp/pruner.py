@@ -65,7 +65,7 @@ def harp_plan(layers: list[int], alphas: list[float]) -> PruningPlan:
 
 def _flap_channels(model, config: HARPConfig, layers: list[int], plan: PruningPlan) -> int:
     """How many MLP channels the FLAP step removes."""
-    from ...evaluation.speed import accounting, part_params
+    from ...accounting import accounting, part_params
     from ..flap.pruner import channel_params, mlp_channels
 
     if config.flap_ratio is not None:
@@ -81,7 +81,7 @@ def _flap_channels(model, config: HARPConfig, layers: list[int], plan: PruningPl
 
 @register_method("harp", HARPConfig)
 def run_harp(model, config: HARPConfig, calibration) -> PruningResult:
-    from ...evaluation.speed import accounting
+    from ...accounting import accounting
     from ..flap.pruner import flap_ops
 
     layers, alphas = harp_layers(model, config)

@@ -98,7 +98,7 @@ def _plan(heads: dict[int, list[int]]) -> PruningPlan:
 
 @register_method("heads", HeadsConfig)
 def run_heads(model, config: HeadsConfig, calibration) -> PruningResult:
-    from ...evaluation.speed import accounting
+    from ...accounting import accounting
 
     states = inspect_model(model)
     scores = head_scores(model, config, calibration)

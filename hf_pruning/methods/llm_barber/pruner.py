@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...accounting import prunable_linears, sparsity_report
 from ...calibration import hooks, run_layer
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
 from ..magnitude.pruner import magnitude_prune_layer_
-from ..masks.layerwise import check_widths, input_stat_hooks, prunable_linears, sequential, sparsity_report
+from ..masks.layerwise import check_widths, input_stat_hooks, sequential
 from ..masks.selection import rebuild_masks
 from ..sparsegpt.pruner import add_to_hessian, new_hessian, sparsegpt_prune_layer_
 from ..sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_

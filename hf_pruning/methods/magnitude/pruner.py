@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ...accounting import prunable_linears, sparsity_report
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
-from ..masks.layerwise import check_widths, prunable_linears, sparsity_report
+from ..masks.layerwise import check_widths
 from ..masks.selection import select_mask
 from .config import MagnitudeConfig
 

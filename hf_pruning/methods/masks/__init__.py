@@ -3,21 +3,20 @@
 - ``config.py``: :class:`SparsityConfig` (``sparsity`` and ``pattern``), the base of their configs;
 - ``selection.py``: the mask math (exact counts by stable sorting, N:M groups, LLM-Barber's swap);
 - ``layerwise.py``: the layer-by-layer runner (each layer sees the already-pruned layers' outputs) and the
-  hooks that collect a linear's inputs, plus ``sparsity_report``.
+  hooks that collect a linear's inputs (``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``).
 
 A mask method's folder holds its config (a ``SparsityConfig`` subclass), its scoring and its run function.
 """
 
+from ...accounting import prunable_linears, sparsity_report
 from .config import ONE_PASS_HELP, SparsityConfig
 from .layerwise import (
     LAYER_BATCH,
     check_widths,
     collect_input_stats,
     input_stat_hooks,
-    prunable_linears,
     prune_in_flight,
     sequential,
-    sparsity_report,
 )
 from .selection import GRANULARITIES, NM_RULES, parse_pattern, rebuild_masks, select_mask
 

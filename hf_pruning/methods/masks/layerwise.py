@@ -10,16 +10,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...accounting import prunable_linears
 from ...calibration import calibration_mode, capture_layer_inputs, hooks, run_layer
 from ...config import ConfigError
 from ...remote.hf_pruning_surgery import adapter_for
 
 logger = logging.getLogger(__name__)
-
-
-def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The linear weights of one decoder layer that mask methods may zero (biases never)."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear) and "compensation" not in name}
 
 
 def check_widths(model, nm: tuple[int, int] | None) -> None:
@@ -124,18 +120,3 @@ def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: 
             reports.append(report or {})
             inputs = outputs if outputs is not None else [run_layer(layer, h, layer_kwargs[i]) for h in inputs]
     return reports
-
-
-def sparsity_report(model) -> dict:
-    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them."""
-    adapter = adapter_for(model)
-    layers, zeros, total = [], 0, 0
-    for layer in adapter.decoder_layers(model):
-        entry = {}
-        for name, lin in prunable_linears(layer).items():
-            z = int((lin.weight == 0).sum())
-            entry[name] = z / lin.weight.numel()
-            zeros += z
-            total += lin.weight.numel()
-        layers.append(entry)
-    return {"overall": zeros / total if total else 0.0, "layers": layers}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ...accounting import prunable_linears, sparsity_report
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
     collect_input_stats,
-    prunable_linears,
     prune_in_flight,
     sequential,
-    sparsity_report,
 )
 from ..masks.selection import select_mask
 from .config import WandaConfig
