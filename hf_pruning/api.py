@@ -135,13 +135,14 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
     with torch.no_grad():
         execute_ops_(model, plan.ops)
     merged = PruningPlan(ops=[*current.ops, *plan.ops], base=base)
-    _record(model, merged)
+    record_pruning(model, merged)
     model.hf_pruning_evaluation = None  # numbers measured before this plan no longer describe the model
     logger.info("applied %d op(s); the model now carries %d op(s)", len(plan.ops), len(merged.ops))
     return bind(model)
 
 
-def _record(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
+def record_pruning(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
+    """Write ``plan`` (and append ``pruning_config`` to the list of recorded steps) into ``model.config``."""
     config = model.config
     config.pruning_plan = plan.to_dict()
     config.hf_pruning_version = __version__
@@ -191,7 +192,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     result: PruningResult = spec.run(model, config, calibration, **inputs)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)
-    _record(model, get_plan(model), pruning_config=result.record or config.to_dict())
+    record_pruning(model, get_plan(model), pruning_config=result.record or config.to_dict())
     model.hf_pruning_report = result.report
     model.hf_pruning_evaluation = None  # numbers measured before this pruning no longer describe the model
     return bind(model)

@@ -21,8 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import lora_target_modules, record_pruning
 from .calibration.check import CalibrationError, check_calibration
 from .config import ConfigError, check_field_types
+from .evaluation import perplexity
+from .model_checks import check_model
+from .plan import get_plan
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +156,6 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     """
     from peft import LoraConfig
 
-    from .api import _record, check_model, get_plan, lora_target_modules
-    from .evaluation import perplexity
 
     check_model(model)
     config = _settings(config, overrides)
@@ -191,7 +193,7 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     if eval_ids is not None:
         report["ppl_after"] = perplexity(model, eval_ids)
     entry = {"method": "lora_recovery", **{k: v for k, v in asdict(config).items() if k != "gradient_checkpointing"}}
-    _record(model, get_plan(model), pruning_config=entry)
+    record_pruning(model, get_plan(model), pruning_config=entry)
     model.hf_pruning_evaluation = None
     logger.info("LoRA recovery: %d targets (%d masked), %d steps, loss %.3f -> %.3f", len(targets), len(masks),
                 config.steps, losses[0], losses[-1])
