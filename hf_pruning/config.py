@@ -50,6 +50,8 @@ class PruningConfig:
     """
 
     method: ClassVar[str] = ""
+    #: the method's one-line description in a model card's "Method" section
+    card_text: ClassVar[str] = ""
     config_version: ClassVar[int] = FIRST_CONFIG_VERSION
     #: data the method takes besides ``calibration``, as keywords of ``prune_``: name -> the settings that use it
     #: (for messages), e.g. ``{"compensation_calibration": "compensate=True"}``; ``prune_`` checks each like

@@ -40,6 +40,11 @@ class RecoveryConfig:
     """LoRA recovery settings (the defaults suit a ~100M-1B model on a CPU or a small GPU)."""
 
     method: ClassVar[str] = "lora_recovery"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "Recovery fine-tuning: LoRA adapters trained on text and merged into the weights, with the sparsity "
+        "masks kept (pruned weights stay zero)."
+    )
 
     steps: int = 100
     batch_size: int = 4

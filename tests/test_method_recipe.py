@@ -45,6 +45,7 @@ FOLDER = {
             """Drop the MLP of the last ``count`` decoder layers."""
 
             method: ClassVar[str] = "drop_last_mlps"
+            card_text: ClassVar[str] = "Drop-last-MLPs: the MLP sublayers of the last layers removed."
             count: int = field(default=1, metadata={"help": "how many of the last layers lose their MLP"})
 
             def __post_init__(self):
@@ -112,6 +113,7 @@ def test_a_method_added_by_the_recipe_prunes_records_round_trips_and_saves(throw
         torch.testing.assert_close(by_dict(x).logits, model(x).logits, rtol=0, atol=0)
 
     hf_pruning.save_pretrained(model, tmp_path / "pruned")
+    assert "1. Drop-last-MLPs: the MLP sublayers of the last layers removed." in (tmp_path / "pruned" / "README.md").read_text()
     again = hf_pruning.from_pretrained(tmp_path / "pruned")
     assert hf_pruning.get_plan(again).to_dict()["ops"] == ops
     with torch.no_grad():

@@ -15,6 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from ..plan import PruningPlan, get_plan
+from ..recovery import RecoveryConfig
+from ..registry import get_method
 from ..remote.configuration_hf_pruning import MIN_TRANSFORMERS
 from ..remote.hf_pruning_surgery import adapter_for
 from ..saving import CARD_NAME, GENERATED_MARKER, REMOVAL_MAP_NAME, SPARSITY_PICTURE_NAME, is_generated_card  # noqa: F401
@@ -27,38 +29,6 @@ logger = logging.getLogger(__name__)
 TEMPLATE_PATH = Path(__file__).with_name("templates") / "modelcard.md"
 
 #: one line per method, in our words, for the "How it was pruned" section
-METHOD_TEXT = {
-    "harp": "HARP: in the top layers, queries and keys are removed so each token only passes its own value "
-            "vector through the output projection, scaled by a per-layer factor found by a greedy search on "
-            "calibration perplexity (a factor of 0 removes the attention sublayer).",
-    "flap": "FLAP: MLP channels ranked by the fluctuation of their input times the squared norm of their output "
-            "weights, standardised per layer and cut with one global threshold; the mean of each removed "
-            "channel is folded into the down projection's bias.",
-    "heads": "Uniform head pruning: the same number of attention heads (or whole KV groups) removed from every "
-             "layer, ranked by weight magnitude or by a Wanda-style activation score.",
-    "gradmap": "GradMAP: decoder layers ranked by a gradient-based importance (the first-order loss cost of removing "
-               "each layer's residual update, from a backward pass of the language-model loss), "
-               "then a d x d correction fitted on calibration data and fused into a kept layer's MLP output "
-               "projection.",
-    "taylor": "Taylor block importance: each decoder layer scored by |weight x gradient| of the language-model "
-              "loss, the lowest removed.",
-    "shortgpt": "ShortGPT: decoder layers ranked by block influence (1 - cosine similarity between a layer's "
-                "input and output), the lowest removed in one shot.",
-    "sleb": "SLEB: decoder layers removed greedily, each time the one whose removal raises calibration "
-            "perplexity least.",
-    "finercut": "FinerCut: every attention and MLP sublayer is a candidate; greedily remove the one whose removal "
-                "changes the output distribution least, re-scoring after each removal.",
-    "magnitude": "Magnitude pruning: the smallest weights of every decoder linear set to zero.",
-    "wanda": "Wanda: weights scored by |weight| x the norm of their input activation, the lowest per output row "
-             "set to zero, layer by layer on already-pruned inputs.",
-    "sparsegpt": "SparseGPT: weights removed column block by column block with an inverse-Hessian update of the "
-                 "remaining weights, layer by layer on already-pruned inputs.",
-    "llm_barber": "LLM-Barber: the sparsity mask of an initial pruning rebuilt block by block, scoring weights by "
-                  "|weight| x the gradient of the block's output error and swapping pruned and kept weights.",
-    "plan": "A hand-written pruning plan.",
-    "lora_recovery": "Recovery fine-tuning: LoRA adapters trained on text and merged into the weights, with the "
-                     "sparsity masks kept (pruned weights stay zero).",
-}
 
 
 class CardTemplateError(ValueError):
@@ -188,13 +158,24 @@ def _load_section(repo_id: str, custom_code: bool, arch: str, saved_with: str | 
     return f"{without}\n\n{with_pkg}"
 
 
+def _card_text(method) -> str:
+    """The method's own card line (``card_text`` beside its config); a method unknown here says so."""
+    if method == RecoveryConfig.method:
+        return RecoveryConfig.card_text
+    try:
+        text = get_method(method).config_class.card_text
+    except (KeyError, ValueError, TypeError):
+        text = ""
+    return text or f"{method}: a method registered outside hf_pruning."
+
+
 def _method_section(history: list) -> str:
     if not history:
         return "No pruning method is recorded in `config.json`."
     lines = []
     for i, entry in enumerate(history, start=1):
         method = entry.get("method") if isinstance(entry, dict) else None
-        lines.append(f"{i}. {METHOD_TEXT.get(method, f'{method}: a method registered outside hf_pruning.')}")
+        lines.append(f"{i}. {_card_text(method)}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,11 @@ class FinerCutConfig(DepthConfig):
     """
 
     method: ClassVar[str] = "finercut"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "FinerCut: every attention and MLP sublayer is a candidate; greedily remove the one whose removal "
+        "changes the output distribution least, re-scoring after each removal."
+    )
     sublayer_ratio: float | None = field(default=None, metadata={
         "help": f"fraction of the candidates to remove (the paper's ratio); default {DEFAULT_FRACTION} without "
                 "another budget"})

@@ -16,6 +16,12 @@ class FLAPConfig(PruningConfig):
     ``param_ratio`` (fraction of decoder-layer parameters); give exactly one."""
 
     method: ClassVar[str] = "flap"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "FLAP: MLP channels ranked by the fluctuation of their input times the squared norm of their output "
+        "weights, standardised per layer and cut with one global threshold; the mean of each removed channel "
+        "is folded into the down projection's bias."
+    )
     ratio: float | None = field(default=None, metadata={
         "help": "fraction of all MLP intermediate channels to remove, in (0, 1) (one global threshold)"})
     param_ratio: float | None = field(default=None, metadata={

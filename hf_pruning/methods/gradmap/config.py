@@ -22,6 +22,12 @@ class GradMAPConfig(DepthConfig):
     docs/DEPTH-METHODS.md."""
 
     method: ClassVar[str] = "gradmap"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "GradMAP: decoder layers ranked by a gradient-based importance (the first-order loss cost of removing "
+        "each layer's residual update, from a backward pass of the language-model loss), then a d x d "
+        "correction fitted on calibration data and fused into a kept layer's MLP output projection."
+    )
     compensate: bool = field(default=True, metadata={
         "help": "stage 2: fit a d x d projection at a kept layer that drifted most (the validated best of the largest "
                 "shifts), fused into its MLP"})

@@ -27,6 +27,12 @@ class HARPConfig(PruningConfig):
     search over ``grid`` that minimises calibration perplexity. ``flap_ratio`` / ``flap_match`` add FLAP."""
 
     method: ClassVar[str] = "harp"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "HARP: in the top layers, queries and keys are removed so each token only passes its own value vector "
+        "through the output projection, scaled by a per-layer factor found by a greedy search on calibration "
+        "perplexity (a factor of 0 removes the attention sublayer)."
+    )
     num_layers: int | None = field(default=None, metadata={"help": "make the top N decoder layers value-only"})
     layers: list[int] | None = field(default=None, metadata={"help": "instead of num_layers: these layer indices"})
     alphas: list[float] | None = field(default=None, metadata={

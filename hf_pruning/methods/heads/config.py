@@ -17,6 +17,11 @@ class HeadsConfig(PruningConfig):
     uniform count removing at least this fraction of decoder-layer parameters); give exactly one."""
 
     method: ClassVar[str] = "heads"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "Uniform head pruning: the same number of attention heads (or whole KV groups) removed from every "
+        "layer, ranked by weight magnitude or by a Wanda-style activation score."
+    )
     score: str = field(default="magnitude", metadata={
         "help": "magnitude (L2 of the unit's weights) or wanda (|W| x input norm of its o_proj columns, and of "
                 "its k/v rows for a group)"})

@@ -18,6 +18,11 @@ class LLMBarberConfig(SparsityConfig):
     """Rebuild the mask of a magnitude/Wanda/SparseGPT initial mask (or of an already sparse model)."""
 
     method: ClassVar[str] = "llm_barber"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "LLM-Barber: the sparsity mask of an initial pruning rebuilt block by block, scoring weights by "
+        "|weight| x the gradient of the block's output error and swapping pruned and kept weights."
+    )
     init: str = field(default="wanda", metadata={"help": "initial mask: magnitude, wanda, sparsegpt, or existing "
                                                           "(the model's zeros; needs dense_reference)"})
     granularity: str = field(default="output1", metadata={"help": "swap groups: output1, input1, layer, block"})

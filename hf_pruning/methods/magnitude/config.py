@@ -13,3 +13,5 @@ class MagnitudeConfig(SparsityConfig):
     """Zero the smallest-magnitude weights of every decoder-layer linear (per matrix, or per N:M group)."""
 
     method: ClassVar[str] = "magnitude"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = "Magnitude pruning: the smallest weights of every decoder linear set to zero."

@@ -14,6 +14,8 @@ class PlanConfig(PruningConfig):
     """Apply ``plan`` as given: a dict, a list of ops, or a :class:`PruningPlan`."""
 
     method: ClassVar[str] = "plan"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = "A hand-written pruning plan."
     plan: dict = field(default_factory=dict, metadata={"help": "the pruning plan (JSON ops) to apply"})
 
     def __post_init__(self):

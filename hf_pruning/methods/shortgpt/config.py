@@ -14,3 +14,8 @@ class ShortGPTConfig(DepthConfig):
     ``DEFAULT_FRACTION`` of the blocks."""
 
     method: ClassVar[str] = "shortgpt"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "ShortGPT: decoder layers ranked by block influence (1 - cosine similarity between a layer's input "
+        "and output), the lowest removed in one shot."
+    )

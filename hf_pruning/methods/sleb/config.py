@@ -19,6 +19,11 @@ class SLEBConfig(DepthConfig):
     """
 
     method: ClassVar[str] = "sleb"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "SLEB: decoder layers removed greedily, each time the one whose removal raises calibration perplexity "
+        "least."
+    )
     search: str = field(default="exact", metadata={
         "help": "exact (cached residual stream, same choices as naive) or naive (a full forward per candidate)"})
 

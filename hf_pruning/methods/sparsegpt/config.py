@@ -14,6 +14,11 @@ class SparseGPTConfig(SparsityConfig):
     """SparseGPT, layer by layer on sparse-path inputs."""
 
     method: ClassVar[str] = "sparsegpt"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "SparseGPT: weights removed column block by column block with an inverse-Hessian update of the "
+        "remaining weights, layer by layer on already-pruned inputs."
+    )
     blocksize: int = field(default=128, metadata={"help": "columns processed together (mask chosen per block)"})
     percdamp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
     one_pass: bool = field(default=True, metadata={"help": ONE_PASS_HELP})

@@ -14,3 +14,8 @@ class TaylorConfig(DepthConfig):
     (blocks), default ``DEFAULT_FRACTION`` of the blocks. ``compensate=True`` adds GradMAP's stage 2."""
 
     method: ClassVar[str] = "taylor"
+    #: one line for the model card's "Method" section
+    card_text: ClassVar[str] = (
+        "Taylor block importance: each decoder layer scored by |weight x gradient| of the language-model "
+        "loss, the lowest removed."
+    )
