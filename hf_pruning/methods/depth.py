@@ -2,7 +2,7 @@
 
 A *candidate* is a removable piece of a decoder layer: its attention sublayer, its MLP sublayer or the whole
 block. :class:`DepthRunner` runs the model layer by layer on calibration rows with any set of candidates
-removed, using the very drop operations of the plan (``drop_attention_`` / ``drop_mlp_``) applied for the
+removed, using the very drop operations of the plan (``drop_attention_in_`` / ``drop_mlp_in_``) applied for the
 duration of one call, so what the search scores is exactly what the saved model computes. It caches the
 residual stream at the input of every layer for the current removal set; scoring a candidate in layer ``l``
 then re-runs layers ``l..L-1`` only. Work is counted in *layer-forwards*: one decoder layer over the whole
@@ -214,9 +214,9 @@ class DepthRunner:
         saved = dict(layer._modules)
         try:
             if "attention" in parts and self.adapter.attention(layer).__class__.__name__ != "NoAttention":
-                self.adapter.drop_attention_(layer)
+                self.adapter.drop_attention_in_(layer)
             if "mlp" in parts and not self._mlp_dropped(layer):
-                self.adapter.drop_mlp_(layer, self.hidden)
+                self.adapter.drop_mlp_in_(layer, self.hidden)
             yield layer
         finally:
             layer._modules.clear()
