@@ -21,9 +21,12 @@ from .hf_pruning_modules import (
     add_output_bias_,
     attach_output_linear,
     head_rows,
+    left_multiply_,
     own_numel,
     scale_linear_,
+    scale_norm_gain_,
     slice_linear_,
+    zero_heads_,
 )
 from .hf_pruning_state import LayerState, head_layout, set_config_fields
 
@@ -203,11 +206,7 @@ class DecoderAdapter:
         # q/k norms act on one head_dim vector, shared by all heads: they stay as they are
         pads = [i for i, h in enumerate(q_src) if h is None]
         if pads:  # padding heads: zero query rows and zero output columns
-            pad_rows = head_rows(hd, pads, dev)
-            q.weight.data[pad_rows] = 0
-            if q.bias is not None:
-                q.bias.data[pad_rows] = 0
-            o.weight.data[:, pad_rows] = 0
+            zero_heads_(q, o, head_rows(hd, pads, dev))
         if hasattr(attn, "num_key_value_groups"):  # keep what attention code reads in step with the shapes
             attn.num_key_value_groups = len(q_src) // len(kv_src)
         for name, value in (("num_heads", len(q_src)), ("num_attention_heads", len(q_src)),
@@ -269,9 +268,7 @@ class DecoderAdapter:
         if comp is not None:  # the contribution is comp(norm(x)): scale the compensation
             scale_linear_(comp, alpha)
             return
-        # RMSNorm is scale invariant: scale its gain instead, x * (c + w) -> x * alpha * (c + w)
-        c = self.norm_weight_offset
-        norm.weight.data = ((norm.weight.data.double() + c) * alpha - c).to(norm.weight.dtype)
+        scale_norm_gain_(norm, alpha, self.norm_weight_offset)  # RMSNorm is scale invariant
 
     def add_linear_in_(self, layer: nn.Module, sublayer: str, bias: bool, weight: torch.Tensor | None,
                        bias_values: torch.Tensor | None) -> bool:
@@ -292,10 +289,7 @@ class DecoderAdapter:
         lin = self.output_linear(layer, sublayer)
         fused = lin.bias is not None or not bias
         if weight is not None:
-            m = weight.to(device=lin.weight.device, dtype=torch.float64)  # [d, d]
-            lin.weight.data = (m @ lin.weight.data.double()).to(lin.weight.dtype)  # [d, d] @ [d, in]
-            if lin.bias is not None:
-                lin.bias.data = (m @ lin.bias.data.double()).to(lin.bias.dtype)
+            left_multiply_(lin, weight)
         if bias:
             add_output_bias_(lin, bias_values)
         return fused

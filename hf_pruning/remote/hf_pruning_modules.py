@@ -116,6 +116,27 @@ def scale_linear_(lin: nn.Linear, alpha: float) -> None:
         lin.bias.data = (lin.bias.data.double() * alpha).to(lin.bias.dtype)
 
 
+def zero_heads_(q: nn.Linear, o: nn.Linear, rows: torch.Tensor) -> None:
+    """Make heads contribute nothing: zero query rows ``rows`` (and their bias) and the same columns of ``o``."""
+    q.weight.data[rows] = 0
+    if q.bias is not None:
+        q.bias.data[rows] = 0
+    o.weight.data[:, rows] = 0
+
+
+def left_multiply_(lin: nn.Linear, m: torch.Tensor) -> None:
+    """Fold ``y -> m @ y`` into a linear (weight and bias), computed in float64."""
+    m = m.to(device=lin.weight.device, dtype=torch.float64)  # [d, d]
+    lin.weight.data = (m @ lin.weight.data.double()).to(lin.weight.dtype)  # [d, d] @ [d, in]
+    if lin.bias is not None:
+        lin.bias.data = (m @ lin.bias.data.double()).to(lin.bias.dtype)
+
+
+def scale_norm_gain_(norm: nn.Module, alpha: float, offset: float) -> None:
+    """Scale an RMSNorm's output by ``alpha`` through its gain: x * (c + w) -> x * alpha * (c + w)."""
+    norm.weight.data = ((norm.weight.data.double() + offset) * alpha - offset).to(norm.weight.dtype)
+
+
 def own_numel(module: nn.Module) -> int:
     """Parameters of a module (a norm), not counting an attached compensation."""
     return sum(p.numel() for n, p in module.named_parameters() if not n.startswith("compensation."))
