@@ -116,9 +116,22 @@ def test_gemma3_layer_types_follow_removed_layers_and_attentionless_layers_keep_
     assert model.config.layer_types == ["sliding_attention"] * 4 + ["full_attention"]
     attn = [adapter_for(model).attention(layer) for layer in adapter_for(model).decoder_layers(model)]
     assert [a.is_sliding for a in attn] == [True] * 4 + [False]  # transformers 4.x picks the RoPE table by it
+    _assert_caches_agree(model)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "full"])
+def test_gemma3_without_any_attention_of_one_kind_keeps_caches_exact(kind):
+    """Cache slots, masks and positions come from the layers that keep attention of the other kind."""
+    layers = (0, 1, 2, 4) if kind == "sliding" else (3, 5)
+    ops = [{"op": "drop_attention" if i % 2 else "value_only_attention", "layer": i} for i in layers]
+    _assert_caches_agree(hf_pruning.apply_plan_(tiny_model("gemma3"), {"ops": ops}))
+
+
+def _assert_caches_agree(model):
     x = tokens(batch=1, length=14)  # longer than the sliding window (6)
-    with_cache = model.generate(x, max_new_tokens=8, do_sample=False)
-    assert torch.equal(with_cache, model.generate(x, max_new_tokens=8, do_sample=False, use_cache=False))
+    reference = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(model.generate(x, max_new_tokens=8, do_sample=False), reference)
+    assert torch.equal(model.generate(x, max_new_tokens=8, do_sample=False, cache_implementation="static"), reference)
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
