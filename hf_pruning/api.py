@@ -99,20 +99,18 @@ def _as_plan(plan: Any) -> PruningPlan:
 
 
 def _check_tensors(model: nn.Module, plan: PruningPlan) -> None:
-    """Tensor-carrying ops must bring tensors of the right shape (checked before any surgery)."""
-    d = int(model.config.hidden_size)
+    """Every op's declared tensors (``Op.tensor_specs``) are present when required and of the declared shape,
+    checked before any surgery."""
     for i, op in enumerate(plan.ops):
-        if op.name == "add_linear":
-            w, b = op.tensors.get("weight"), op.tensors.get("bias")
-            if w is None or tuple(w.shape) != (d, d):
-                got = None if w is None else tuple(w.shape)
-                raise PlanError(f"op #{i} (add_linear): tensors['weight'] must be a [{d}, {d}] tensor, got {got}")
-            if op.bias and (b is None or tuple(b.shape) != (d,)):
-                raise PlanError(f"op #{i} (add_linear): bias=true needs tensors['bias'] of shape [{d}]")
-        if op.name == "shrink_mlp" and op.bias:
-            b = op.tensors.get("bias")
-            if b is not None and tuple(b.shape) != (d,):
-                raise PlanError(f"op #{i} (shrink_mlp): tensors['bias'] must have shape [{d}], got {tuple(b.shape)}")
+        for key, (dims, required) in op.tensor_specs().items():
+            shape = tuple(int(getattr(model.config, dim)) for dim in dims)
+            value = op.tensors.get(key)
+            if value is None and not required:
+                continue
+            got = None if value is None else tuple(value.shape)
+            if got != shape:
+                raise PlanError(f"op #{i} ({op.name}): tensors[{key!r}] must be a tensor of shape {list(shape)}, "
+                                f"got {got}")
 
 
 def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.Module:

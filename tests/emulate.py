@@ -14,13 +14,15 @@ CONTRIBUTION = {
     "llama": {"attention": ("self_attn", True), "mlp": ("mlp", False)},
     "mistral": {"attention": ("self_attn", True), "mlp": ("mlp", False)},
     "qwen2": {"attention": ("self_attn", True), "mlp": ("mlp", False)},
+    "qwen3": {"attention": ("self_attn", True), "mlp": ("mlp", False)},
     "gemma2": {"attention": ("post_attention_layernorm", False), "mlp": ("post_feedforward_layernorm", False)},
+    "gemma3": {"attention": ("post_attention_layernorm", False), "mlp": ("post_feedforward_layernorm", False)},
     "opt": {"attention": ("self_attn", True), "mlp": ("fc2", False)},
 }
 
 
 def arch_family(model) -> str:
-    return model.config.model_type.replace("hf_pruning_", "")
+    return model.config.model_type.replace("hf_pruning_", "").replace("gemma3_text", "gemma3")
 
 
 def layers_of(model) -> nn.ModuleList:
@@ -129,7 +131,7 @@ class Emulator:
                 # spec: the bias joins the output projection's bias as given, i.e. after earlier scales; on
                 # Gemma2 the projection output still goes through the post-feedforward norm
                 b = tensors["bias"]
-                if self.arch == "gemma2":
+                if self.arch in ("gemma2", "gemma3"):
                     _map_output(down, False, lambda y, b=b: y + b)
                 else:
                     self._contribution(layer, "mlp", lambda y, b=b: y + b)

@@ -85,7 +85,7 @@ def test_impossible_plans_leave_the_model_unchanged(ops, message):
 
 def test_unsupported_architecture_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(hf_pruning.UnsupportedArchitectureError, match="gpt2.*supported: gemma2, llama, mistral, opt, qwen2"):
+    with pytest.raises(hf_pruning.UnsupportedArchitectureError, match="gpt2.*supported: gemma2, gemma3_text, llama, mistral, opt, qwen2, qwen3"):
         hf_pruning.apply_plan_(model, {"ops": [{"op": "drop_mlp", "layer": 0}]})
 
 
@@ -126,13 +126,6 @@ def test_method_registry_errors_and_config_round_trip():
         PlanConfig(plan={"ops": [{"op": "bogus"}]})
 
 
-def test_every_adapter_file_is_registered():
-    remote = Path(hf_pruning_surgery.__file__).parent
-    files = sorted(p.stem for p in remote.glob("hf_pruning_adapter_*.py") if p.stem != "hf_pruning_adapter_base")
-    registered = sorted(cls.__module__.rsplit(".", 1)[-1] for cls in hf_pruning_surgery.ADAPTER_CLASSES)
-    assert files == registered, "add the adapter's class to ADAPTER_CLASSES in hf_pruning_surgery.py"
-
-
 def test_every_method_folder_is_registered():
     import hf_pruning.methods as methods
 
@@ -153,12 +146,16 @@ def test_library_code_uses_logging_not_print():
     assert not offenders
 
 
-def test_modeling_file_imports_every_remote_sibling_directly():
-    """transformers < 5 copies only direct relative imports of the modeling file next to it."""
+@pytest.mark.parametrize("entry", ["modeling_hf_pruning", "configuration_hf_pruning"])
+def test_remote_entry_files_import_every_sibling_they_need_directly(entry):
+    """transformers < 5 copies only direct relative imports of the file it loads (modeling, or configuration
+    alone for AutoConfig) next to it."""
     remote = Path(hf_pruning_surgery.__file__).parent
-    modeling = (remote / "modeling_hf_pruning.py").read_text()
-    siblings = [p.stem for p in remote.glob("*.py") if p.stem not in ("__init__", "modeling_hf_pruning")]
-    missing = [s for s in siblings if f"from .{s} import" not in modeling]
+    text = (remote / f"{entry}.py").read_text()
+    # the configuration needs everything but the model side (modeling and the surgery it calls)
+    unneeded = {"__init__", entry} | ({"modeling_hf_pruning", "hf_pruning_surgery"} if entry.startswith("config") else set())
+    siblings = [p.stem for p in remote.glob("*.py") if p.stem not in unneeded]
+    missing = [s for s in siblings if f"from .{s} import" not in text]
     assert not missing
 
 

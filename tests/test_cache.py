@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_model, tokens
+from tiny_models import ARCHS, NEW_ARCHS, tiny_model, tokens
 from transformers import DynamicCache
 
 import hf_pruning
@@ -24,7 +24,7 @@ def pruned(arch):
     return hf_pruning.apply_plan_(tiny_model(arch), PLAN)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_one_token_steps_equal_full_forward(arch):
     model = pruned(arch)
     x = tokens(batch=2, length=10)
@@ -45,7 +45,7 @@ def test_one_token_steps_equal_full_forward(arch):
     assert cache.layers[1].keys.numel() > 0 and cache.layers[1].get_seq_length() == x.shape[1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_generate_with_and_without_cache_agree(arch):
     model = pruned(arch)
     x = tokens(batch=1, length=6)
@@ -76,7 +76,7 @@ def test_user_cache_is_prepared():
     assert cache.get_seq_length() == 5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_static_cache_generate_matches_dynamic(arch):
     model = pruned(arch)
     x = tokens(batch=1, length=5)
@@ -85,7 +85,7 @@ def test_static_cache_generate_matches_dynamic(arch):
     assert torch.equal(out, reference)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_one_token_steps_through_a_prebuilt_cache(arch, kind):
     """A cache built before the first forward (as generate builds it): positions and masks come from the slots

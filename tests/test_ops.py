@@ -10,7 +10,7 @@ import torch
 from emulate import Emulator, layers_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import ARCHS, tiny_model, tokens
+from tiny_models import ARCHS, NEW_ARCHS, tiny_model, tokens
 
 import hf_pruning
 from hf_pruning import PruningPlan
@@ -78,13 +78,13 @@ SINGLE_OPS = {
 }
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 @pytest.mark.parametrize("case", sorted(SINGLE_OPS))
 def test_single_op_matches_emulation(arch, case):
     check_against_emulation(arch, SINGLE_OPS[case])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_empty_plan_is_identity(arch):
     model = tiny_model(arch)
     x = tokens()
@@ -96,7 +96,7 @@ def test_empty_plan_is_identity(arch):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_composed_plans_equal_one_plan(arch):
     ops = [
         {"op": "remove_heads", "layer": 1, "heads": [2, 3, 7]},
@@ -169,7 +169,7 @@ def random_plans(draw, n_layers=6, n_heads=8, width=96):
     return ops
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 @settings(max_examples=int(os.environ.get("HF_PRUNING_HYPOTHESIS_EXAMPLES", "15")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(ops=random_plans())

@@ -1,4 +1,4 @@
-"""Tiny random models of the five supported architectures, built in code (no downloads)."""
+"""Tiny random models of the supported architectures, built in code (no downloads)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -14,10 +16,15 @@ from transformers import (
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 96
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "opt", "opt_postln")
+#: architectures added by the recipe in docs (q/k norms; Gemma3's sliding and global layers): tests/test_new_archs.py
+#: runs them through every method, save, reload and the oldest transformers
+NEW_ARCHS = ("qwen3", "gemma3")
 
 
 def tiny_config(arch: str):
@@ -33,6 +40,12 @@ def tiny_config(arch: str):
     if arch == "gemma2":
         return Gemma2Config(**common, intermediate_size=96, num_key_value_heads=4, head_dim=16, sliding_window=6,
                             query_pre_attn_scalar=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if arch == "qwen3":
+        return Qwen3Config(**common, intermediate_size=96, num_key_value_heads=4, head_dim=8)
+    if arch == "gemma3":  # layers 0-2 and 4 sliding, 3 and 5 global
+        return Gemma3TextConfig(**common, intermediate_size=96, num_key_value_heads=4, head_dim=16, sliding_window=6,
+                                query_pre_attn_scalar=16, layer_types=["sliding_attention"] * 3 + ["full_attention"]
+                                + ["sliding_attention", "full_attention"])
     if arch in ("opt", "opt_postln"):
         common.pop("max_position_embeddings")
         return OPTConfig(**common, ffn_dim=96, max_position_embeddings=256, word_embed_proj_dim=64,
@@ -47,6 +60,8 @@ MODEL_CLASSES = {
     "gemma2": Gemma2ForCausalLM,
     "opt": OPTForCausalLM,
     "opt_postln": OPTForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 

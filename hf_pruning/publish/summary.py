@@ -13,7 +13,7 @@ from torch import nn
 
 from ..accounting import parameter_count, sparsity_report
 from ..plan import get_plan
-from ..remote.hf_pruning_adapter_base import _set_config_fields
+from ..remote.hf_pruning_state import set_config_fields
 from ..remote.hf_pruning_surgery import base_fields, inspect_model, stock_model_type
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def dense_reference(model: nn.Module) -> nn.Module:
     fields = {k: v for k, v in model.config.to_dict().items() if k not in _OWN_FIELDS}
     config = AutoConfig.for_model(stock_model_type(model.config.model_type), **fields)
     base = plan.base or base_fields(model.config)
-    _set_config_fields(config, base["num_hidden_layers"], base.get("layer_types"))
+    set_config_fields(config, base["num_hidden_layers"], base.get("layer_types"))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import transformers
-from transformers import Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 #: the oldest transformers the saved code runs on (tested in CI with a second virtualenv)
 MIN_TRANSFORMERS = (4, 57)
@@ -28,33 +27,26 @@ if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
     )
 
 
-class PrunedLlamaConfig(LlamaConfig):
-    model_type = "hf_pruning_llama"
+# the sibling imports below come after the version check (they need a recent transformers); transformers < 5
+# copies only the files a remote module imports DIRECTLY into its dynamic-module cache, so every sibling the
+# adapters need is imported here too (a test checks the list)
+from .hf_pruning_adapters import ADAPTER_CLASSES, PRUNED_PREFIX, pruned_class_names  # noqa: E402
+from .hf_pruning_modules import NoAttention  # noqa: E402, F401
+from .hf_pruning_plan import PruningPlan  # noqa: E402, F401
+from .hf_pruning_state import LayerState  # noqa: E402, F401
 
 
-class PrunedMistralConfig(MistralConfig):
-    model_type = "hf_pruning_mistral"
+def _pruned_config_class(adapter_cls) -> type:
+    """``Pruned<Arch>Config``: the stock config class with ``model_type`` ``hf_pruning_<arch>``, defined as a real
+    name of this module (saved ``config.json`` files name it in ``auto_map``)."""
+    name = pruned_class_names(adapter_cls)[0]
+    stock = getattr(transformers, adapter_cls.stock_config)
+    return type(name, (stock,), {"model_type": PRUNED_PREFIX + adapter_cls.arch, "__module__": __name__,
+                                 "__qualname__": name, "__doc__": f"{stock.__name__} of a structurally pruned model."})
 
 
-class PrunedQwen2Config(Qwen2Config):
-    model_type = "hf_pruning_qwen2"
-
-
-class PrunedGemma2Config(Gemma2Config):
-    model_type = "hf_pruning_gemma2"
-
-
-class PrunedOPTConfig(OPTConfig):
-    model_type = "hf_pruning_opt"
-
-
-PRUNED_CONFIG_CLASSES = {
-    "llama": PrunedLlamaConfig,
-    "mistral": PrunedMistralConfig,
-    "qwen2": PrunedQwen2Config,
-    "gemma2": PrunedGemma2Config,
-    "opt": PrunedOPTConfig,
-}
-
-for _cls in PRUNED_CONFIG_CLASSES.values():
+#: arch -> ``Pruned<Arch>Config``, one per entry of ADAPTER_CLASSES (each also a module-level name)
+PRUNED_CONFIG_CLASSES: dict[str, type] = {}
+for _adapter in ADAPTER_CLASSES:
+    _cls = PRUNED_CONFIG_CLASSES[_adapter.arch] = globals()[pruned_class_names(_adapter)[0]] = _pruned_config_class(_adapter)
     _cls.register_for_auto_class()

@@ -1,4 +1,5 @@
-"""Small modules that replace pruned sublayers, and the KV-cache adjustment for attention-less layers.
+"""Small modules that replace pruned sublayers, the in-place weight edits of surgery, and the KV-cache
+adjustment for attention-less layers.
 
 Copied next to saved weights: imports only torch and transformers. Each module keeps the state-dict key
 names of what it replaces (``o_proj.weight`` stays ``o_proj.weight``) so that PEFT target names and the
@@ -72,6 +73,78 @@ class ZeroProjection(nn.Module):
         return hidden_states.new_zeros(*hidden_states.shape[:-1], self.out_features)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# In-place weight edits
+# ---------------------------------------------------------------------------------------------------------
+def head_rows(rows_per_head: int, heads: list[int], device) -> torch.Tensor:
+    """Row indices of whole heads: [len(heads) * rows_per_head]."""
+    idx = torch.tensor(heads, dtype=torch.long, device=device)
+    return (idx[:, None] * rows_per_head + torch.arange(rows_per_head, device=device)[None, :]).reshape(-1)
+
+
+def slice_linear_(linear: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None):
+    """Keep rows ``out_idx`` (outputs) and columns ``in_idx`` (inputs) of a linear, in place."""
+    w = linear.weight  # [out, in]
+    grad = w.requires_grad
+    new_w = w.data
+    if out_idx is not None:
+        new_w = new_w.index_select(0, out_idx.to(new_w.device))
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(
+                linear.bias.data.index_select(0, out_idx.to(new_w.device)), requires_grad=linear.bias.requires_grad
+            )
+    if in_idx is not None:
+        new_w = new_w.index_select(1, in_idx.to(new_w.device))
+    linear.weight = nn.Parameter(new_w.contiguous(), requires_grad=grad)
+    linear.out_features, linear.in_features = new_w.shape
+    return linear
+
+
+def add_output_bias_(linear: nn.Linear, values: torch.Tensor | None) -> None:
+    """Add ``values`` ([out]) to a linear's bias, creating a zero bias first when it has none."""
+    w = linear.weight
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    if values is not None:
+        linear.bias.data += values.to(device=w.device, dtype=torch.float32).to(w.dtype)
+
+
+def scale_linear_(lin: nn.Linear, alpha: float) -> None:
+    """Multiply a linear's output by ``alpha`` (weight and bias), computed in float64."""
+    lin.weight.data = (lin.weight.data.double() * alpha).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (lin.bias.data.double() * alpha).to(lin.bias.dtype)
+
+
+def zero_heads_(q: nn.Linear, o: nn.Linear, rows: torch.Tensor) -> None:
+    """Make heads contribute nothing: zero query rows ``rows`` (and their bias) and the same columns of ``o``."""
+    q.weight.data[rows] = 0
+    if q.bias is not None:
+        q.bias.data[rows] = 0
+    o.weight.data[:, rows] = 0
+
+
+def left_multiply_(lin: nn.Linear, m: torch.Tensor) -> None:
+    """Fold ``y -> m @ y`` into a linear (weight and bias), computed in float64."""
+    m = m.to(device=lin.weight.device, dtype=torch.float64)  # [d, d]
+    lin.weight.data = (m @ lin.weight.data.double()).to(lin.weight.dtype)  # [d, d] @ [d, in]
+    if lin.bias is not None:
+        lin.bias.data = (m @ lin.bias.data.double()).to(lin.bias.dtype)
+
+
+def scale_norm_gain_(norm: nn.Module, alpha: float, offset: float) -> None:
+    """Scale an RMSNorm's output by ``alpha`` through its gain: x * (c + w) -> x * alpha * (c + w)."""
+    norm.weight.data = ((norm.weight.data.double() + offset) * alpha - offset).to(norm.weight.dtype)
+
+
+def own_numel(module: nn.Module) -> int:
+    """Parameters of a module (a norm), not counting an attached compensation."""
+    return sum(p.numel() for n, p in module.named_parameters() if not n.startswith("compensation."))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compensations that cannot fold into a weight
+# ---------------------------------------------------------------------------------------------------------
 class _OutputCompensation:
     """Mixin: apply the attached ``compensation`` linear to the module's output."""
 

@@ -32,7 +32,9 @@ class Op:
     name: ClassVar[str] = ""
     #: True when the op changes parameter shapes or module types (it must be replayed on reload).
     structural: ClassVar[bool] = True
-    #: Tensor values needed to apply the op to real weights; never serialised.
+    #: True when the op works on the whole decoder (``layers``) rather than on one layer (``layer``).
+    whole_model: ClassVar[bool] = False
+    #: Tensor values needed to apply the op to real weights; never serialised (see ``tensor_specs``).
     tensors: dict = field(default_factory=dict, repr=False, compare=False, kw_only=True)
 
     def to_dict(self) -> dict:
@@ -43,10 +45,13 @@ class Op:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def layer_indices(self) -> list[int]:
-        if hasattr(self, "layers"):
-            return list(self.layers)
-        return [self.layer]
+    def tensor_specs(self) -> dict[str, tuple[tuple[str, ...], bool]]:
+        """The tensors this op reads from ``tensors``: name -> (shape in config fields, required).
+
+        Checked before any surgery (a missing required tensor or a wrong shape is a PlanError); ops without
+        tensor values declare none.
+        """
+        return {}
 
     def needs_replay(self) -> bool:
         """Whether a reload must re-run this op to rebuild shapes (folded ops live in the weights)."""
@@ -87,6 +92,7 @@ class RemoveLayers(Op):
     """Delete whole decoder layers; the remaining layers are renumbered."""
 
     name: ClassVar[str] = "remove_layers"
+    whole_model: ClassVar[bool] = True
     layers: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -160,6 +166,9 @@ class ShrinkMLP(Op):
         if not isinstance(self.bias, bool):
             raise PlanError(f"shrink_mlp: 'bias' must be true or false, got {_show(self.bias)}")
 
+    def tensor_specs(self) -> dict[str, tuple[tuple[str, ...], bool]]:
+        return {"bias": (("hidden_size",), False)} if self.bias else {}  # no values: a zero bias
+
 
 @dataclass
 class ScaleOutput(Op):
@@ -199,6 +208,10 @@ class AddLinear(Op):
         self.sublayer = _check_sublayer(self.sublayer, self.name)
         if not isinstance(self.bias, bool):
             raise PlanError(f"add_linear: 'bias' must be true or false, got {_show(self.bias)}")
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[str, ...], bool]]:
+        specs = {"weight": (("hidden_size", "hidden_size"), True)}
+        return {**specs, "bias": (("hidden_size",), True)} if self.bias else specs
 
     def needs_replay(self) -> bool:
         return self.fused is False

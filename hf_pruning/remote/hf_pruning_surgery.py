@@ -9,38 +9,22 @@ import logging
 
 from torch import nn
 
-from .hf_pruning_adapter_base import DecoderAdapter, LayerState
-from .hf_pruning_adapter_gemma2 import Gemma2Adapter
-from .hf_pruning_adapter_llama import LlamaAdapter
-from .hf_pruning_adapter_mistral import MistralAdapter
-from .hf_pruning_adapter_opt import OPTAdapter
-from .hf_pruning_adapter_qwen2 import Qwen2Adapter
+from .hf_pruning_adapters import ADAPTER_CLASSES, PRUNED_PREFIX, DecoderAdapter
 from .hf_pruning_modules import prepare_cache_for_attentionless_layers
-from .hf_pruning_plan import AddLinear, Op, PlanError, PruningPlan
+from .hf_pruning_plan import Op, PlanError, PruningPlan
+from .hf_pruning_state import LayerState, simulate_op
 
 logger = logging.getLogger(__name__)
 
-#: one line per architecture; the registry test checks every adapter file is listed here
-ADAPTER_CLASSES: tuple[type[DecoderAdapter], ...] = (
-    LlamaAdapter,
-    MistralAdapter,
-    Qwen2Adapter,
-    Gemma2Adapter,
-    OPTAdapter,
-)
-PRUNED_PREFIX = "hf_pruning_"
+#: model_type (stock and ``hf_pruning_<arch>``) -> adapter, built from ADAPTER_CLASSES
 ADAPTERS: dict[str, DecoderAdapter] = {}
 for _cls in ADAPTER_CLASSES:
-    for _mt in _cls.model_types:
-        ADAPTERS[_mt] = ADAPTERS[PRUNED_PREFIX + _mt] = _cls()
+    for _mt in (*_cls.model_types, PRUNED_PREFIX + _cls.arch):
+        ADAPTERS[_mt] = _cls()
 
 
 class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no adapter."""
-
-
-def stock_model_type(model_type: str) -> str:
-    return model_type[len(PRUNED_PREFIX):] if model_type.startswith(PRUNED_PREFIX) else model_type
 
 
 def adapter_for(model_or_config) -> DecoderAdapter:
@@ -49,12 +33,19 @@ def adapter_for(model_or_config) -> DecoderAdapter:
     model_type = getattr(config, "model_type", None)
     adapter = ADAPTERS.get(model_type or "")
     if adapter is None:
-        supported = ", ".join(sorted(mt for mt in ADAPTERS if not mt.startswith(PRUNED_PREFIX)))
+        supported = ", ".join(sorted(mt for cls in ADAPTER_CLASSES for mt in cls.model_types))
         raise UnsupportedArchitectureError(
-            f"hf_pruning has no adapter for model_type {model_type!r}; supported: {supported}. "
-            "A new architecture is one adapter file in hf_pruning/remote/ plus one line in ADAPTER_CLASSES."
+            f"hf_pruning has no adapter for model_type {model_type!r}; supported: {supported}. A new architecture "
+            "is one adapter class in hf_pruning/remote/hf_pruning_adapters.py listed in ADAPTER_CLASSES there "
+            "(the recipe: 'Adding an architecture' in the docs)."
         )
     return adapter
+
+
+def stock_model_type(model_type: str) -> str:
+    """The stock model_type of a pruned one (``hf_pruning_gemma3`` -> ``gemma3_text``); others unchanged."""
+    adapter = ADAPTERS.get(model_type)
+    return adapter.model_types[0] if adapter is not None else model_type
 
 
 def inspect_model(model: nn.Module) -> list[LayerState]:
@@ -70,7 +61,7 @@ def simulate_plan(model: nn.Module, plan: PruningPlan, states: list[LayerState] 
     states = inspect_model(model) if states is None else states
     for i, op in enumerate(plan.ops):
         try:
-            states = adapter.simulate(states, op)
+            states = simulate_op(adapter, states, op)
         except PlanError as err:
             raise PlanError(f"op #{i} ({op.name}): {err}") from None
     return states
@@ -86,46 +77,17 @@ def base_fields(config) -> dict:
 
 
 def execute_ops_(model: nn.Module, ops: list[Op], replay: bool = False) -> None:
-    """Run ops in order. ``replay=True`` rebuilds shapes only (weights come from a checkpoint next)."""
+    """Run ops in order, each by its adapter method ``<op name>_``. ``replay=True`` rebuilds shapes only (the
+    weights come from a checkpoint next), so ops get no tensors and folded ops are skipped."""
     adapter = adapter_for(model)
-    hidden = adapter.hidden_size(model.config)
     for op in ops:
         if replay and not op.needs_replay():
             continue
-        if op.name == "remove_layers":
-            adapter.remove_layers_(model, op.layers)
-            continue
-        layer = adapter.decoder_layers(model)[op.layer]
-        if op.name == "remove_heads":
-            adapter.remove_heads_(layer, op.heads)
-        elif op.name == "drop_attention":
-            adapter.drop_attention_(layer)
-        elif op.name == "drop_mlp":
-            adapter.drop_mlp_(layer, hidden)
-        elif op.name == "value_only_attention":
-            adapter.value_only_attention_(layer)
-        elif op.name == "shrink_mlp":
-            adapter.shrink_mlp_(layer, op.keep, op.bias, None if replay else op.tensors.get("bias"))
-        elif op.name == "scale_output":
-            adapter.scale_output_(layer, op.sublayer, op.alpha)
-        elif op.name == "add_linear":
-            fused = adapter.add_linear_(
-                layer,
-                op,
-                None if replay else _required(op, "weight"),
-                None if replay else op.tensors.get("bias"),
-            )
-            if not replay:
-                op.fused = fused
-        else:  # pragma: no cover - the plan parser only builds known ops
-            raise PlanError(f"unknown op {op.name!r}")
-
-
-def _required(op: AddLinear, key: str):
-    value = op.tensors.get(key)
-    if value is None:
-        raise PlanError(f"{op.name}: op.tensors[{key!r}] is missing; pass the tensor when building the op")
-    return value
+        if not replay:
+            for key, (_, required) in op.tensor_specs().items():
+                if required and op.tensors.get(key) is None:
+                    raise PlanError(f"{op.name}: op.tensors[{key!r}] is missing; pass the tensor when building the op")
+        getattr(adapter, op.name + "_")(model, op, {} if replay else op.tensors)
 
 
 def replay_plan_(model: nn.Module, plan: PruningPlan) -> None:

@@ -11,33 +11,17 @@ from __future__ import annotations
 import functools
 import inspect
 
-from transformers import (
-    Gemma2ForCausalLM,
-    LlamaForCausalLM,
-    MistralForCausalLM,
-    OPTForCausalLM,
-    Qwen2ForCausalLM,
-)
+import transformers
 from transformers.cache_utils import DynamicCache
 
-from .configuration_hf_pruning import (
-    PrunedGemma2Config,
-    PrunedLlamaConfig,
-    PrunedMistralConfig,
-    PrunedOPTConfig,
-    PrunedQwen2Config,
-)
+from .configuration_hf_pruning import PRUNED_CONFIG_CLASSES
 
 # transformers < 5 copies only the files this module imports DIRECTLY into its dynamic-module cache, so
 # every sibling is imported here, even those only the surgery module uses (a test checks the list).
-from .hf_pruning_adapter_base import DecoderAdapter, _set_config_fields  # noqa: F401
-from .hf_pruning_adapter_gemma2 import Gemma2Adapter  # noqa: F401
-from .hf_pruning_adapter_llama import LlamaAdapter  # noqa: F401
-from .hf_pruning_adapter_mistral import MistralAdapter  # noqa: F401
-from .hf_pruning_adapter_opt import OPTAdapter  # noqa: F401
-from .hf_pruning_adapter_qwen2 import Qwen2Adapter  # noqa: F401
+from .hf_pruning_adapters import ADAPTER_CLASSES, pruned_class_names
 from .hf_pruning_modules import NoAttention  # noqa: F401
 from .hf_pruning_plan import PruningPlan
+from .hf_pruning_state import set_config_fields
 from .hf_pruning_surgery import base_fields, prepare_cache, replay_plan_
 
 
@@ -48,7 +32,7 @@ class PrunedCausalLMMixin:
         plan = PruningPlan.from_dict(getattr(config, "pruning_plan", None))
         final = base_fields(config)
         if plan.base:
-            _set_config_fields(config, plan.base["num_hidden_layers"], plan.base.get("layer_types"))
+            set_config_fields(config, plan.base["num_hidden_layers"], plan.base.get("layer_types"))
         super().__init__(config, *args, **kwargs)
         replay_plan_(self, plan)
         rebuilt = base_fields(self.config)
@@ -106,33 +90,19 @@ class PrunedCausalLMMixin:
         return stock_forward(self, *args, **kwargs)
 
 
-class PrunedLlamaForCausalLM(PrunedCausalLMMixin, LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
+def _pruned_model_class(adapter_cls) -> type:
+    """``Pruned<Arch>ForCausalLM``: the mixin over the stock class, defined as a real name of this module (saved
+    ``config.json`` files name it in ``auto_map``)."""
+    name = pruned_class_names(adapter_cls)[1]
+    stock = getattr(transformers, adapter_cls.causal_lm)
+    return type(name, (PrunedCausalLMMixin, stock), {
+        "config_class": PRUNED_CONFIG_CLASSES[adapter_cls.arch], "__module__": __name__, "__qualname__": name,
+        "__doc__": f"{stock.__name__} with its pruning plan replayed on construction (hf_pruning).",
+    })
 
 
-class PrunedMistralForCausalLM(PrunedCausalLMMixin, MistralForCausalLM):
-    config_class = PrunedMistralConfig
-
-
-class PrunedQwen2ForCausalLM(PrunedCausalLMMixin, Qwen2ForCausalLM):
-    config_class = PrunedQwen2Config
-
-
-class PrunedGemma2ForCausalLM(PrunedCausalLMMixin, Gemma2ForCausalLM):
-    config_class = PrunedGemma2Config
-
-
-class PrunedOPTForCausalLM(PrunedCausalLMMixin, OPTForCausalLM):
-    config_class = PrunedOPTConfig
-
-
-PRUNED_MODEL_CLASSES = {
-    "llama": PrunedLlamaForCausalLM,
-    "mistral": PrunedMistralForCausalLM,
-    "qwen2": PrunedQwen2ForCausalLM,
-    "gemma2": PrunedGemma2ForCausalLM,
-    "opt": PrunedOPTForCausalLM,
-}
-
-for _cls in PRUNED_MODEL_CLASSES.values():
+#: arch -> ``Pruned<Arch>ForCausalLM``, one per entry of ADAPTER_CLASSES (each also a module-level name)
+PRUNED_MODEL_CLASSES: dict[str, type] = {}
+for _adapter in ADAPTER_CLASSES:
+    _cls = PRUNED_MODEL_CLASSES[_adapter.arch] = globals()[pruned_class_names(_adapter)[1]] = _pruned_model_class(_adapter)
     _cls.register_for_auto_class("AutoModelForCausalLM")

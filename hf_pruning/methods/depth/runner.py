@@ -1,6 +1,6 @@
 """The depth methods' layer runner: the model run layer by layer on calibration rows with candidates removed.
 
-:class:`DepthRunner` uses the very drop operations of the plan (``drop_attention_`` / ``drop_mlp_``) applied for
+:class:`DepthRunner` uses the very drop operations of the plan (``drop_attention_in_`` / ``drop_mlp_in_``) applied for
 the duration of one call, so what a search scores is exactly what the saved model computes. It caches the
 residual stream at the input of every layer for the current removal set; scoring a candidate in layer ``l``
 then re-runs layers ``l..L-1`` only. Work is counted in *layer-forwards*: one decoder layer over the whole
@@ -132,9 +132,9 @@ class DepthRunner:
         saved = dict(layer._modules)
         try:
             if "attention" in parts and state.attention != "none":
-                self.adapter.drop_attention_(layer)
+                self.adapter.drop_attention_in_(layer)
             if "mlp" in parts and state.mlp != "none":
-                self.adapter.drop_mlp_(layer, self.hidden)
+                self.adapter.drop_mlp_in_(layer, self.hidden)
             yield layer
         finally:
             layer._modules.clear()

@@ -47,16 +47,16 @@ def replacement_layer(adapter, layer: nn.Module, alpha: float) -> nn.Module:
     """
     new = _shallow(layer)
     if alpha == 0:
-        adapter.drop_attention_(new)
+        adapter.drop_attention_in_(new)
         return new
     attn = _shallow(adapter.attention(layer))
     attn._modules[adapter.o_name] = copy.deepcopy(attn._modules[adapter.o_name])
     new._modules[adapter.attn_name] = attn
-    adapter.value_only_attention_(new)
+    adapter.value_only_attention_in_(new)
     if alpha != 1:
         if adapter.attn_out_norm:
             new._modules[adapter.attn_out_norm] = copy.deepcopy(new._modules[adapter.attn_out_norm])
-        adapter.scale_output_(new, "attention", alpha)
+        adapter.scale_output_in_(new, "attention", alpha)
     return new
 
 
