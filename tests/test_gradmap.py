@@ -172,6 +172,17 @@ def test_compensation_composes_with_every_depth_method():
     assert "add_linear" not in [op["op"] for op in hf_pruning.get_plan(plain).to_dict()["ops"]]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_compensation_after_an_earlier_step_dropped_every_mlp(arch):
+    """A model pruned before (every MLP dropped) has no MLP output to carry the projection: the attention does."""
+    model = tiny_model(arch)
+    hf_pruning.prune_(model, hf_pruning.PlanConfig(plan={"ops": [{"op": "drop_mlp", "layer": i} for i in range(6)]}))
+    hf_pruning.prune_(model, GradMAPConfig(num_removals=1, ridge=0.1), calibration=CALIB)
+    assert hf_pruning.get_plan(model).to_dict()["ops"][-1]["sublayer"] == "attention"
+    compensation = model.hf_pruning_report["compensation"]
+    assert compensation["sublayer"] == "attention" and compensation["mse_after"] < compensation["mse_before"]
+
+
 def test_layer_is_the_shortlisted_fit_that_generalises_best(monkeypatch):
     """Automatic ridge: the SHORTLIST kept layers with the largest shift are fitted, and the one whose fit has the
     lowest held-out error relative to leaving the layer alone carries the projection; a fixed ridge (or a
