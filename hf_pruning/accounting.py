@@ -56,13 +56,15 @@ def flops_per_token(model: nn.Module, context: int = 2048) -> float:
 
 
 def part_params(states, which: str) -> int:
-    """Decoder parameters in one part of the layers ``states``: ``qk`` (query/key projections and biases), ``vo``
+    """Decoder parameters in one part of the layers ``states``: ``qk`` (query/key projections, their biases and
+    norms), ``vo``
     (value and output projections, the value bias; the fused pair of a value-only layer) or ``mlp``."""
     n = 0
     for s in states:
         d, hd = s.hidden, s.head_dim
         if which == "qk" and s.attention == "full":
             n += d * hd * (s.q_heads + s.kv_heads) + ((s.q_heads + s.kv_heads) * hd if s.qkv_bias else 0)
+            n += s.qk_norm_params  # Qwen3/Gemma3 q_norm and k_norm go with Q and K
         elif which == "vo" and s.attention == "full":
             n += d * hd * (s.kv_heads + s.q_heads) + (s.kv_heads * hd if s.qkv_bias else 0)
         elif which == "vo" and s.attention == "value_only":

@@ -181,3 +181,17 @@ def test_stacked_methods_run_on_oldest_transformers(arch, tmp_path):
     version_gap = (old_dense["logits"] - _logits(dense, x)).abs().max().item()
     assert (old["logits"] - logits).abs().max().item() <= 2 * version_gap + 1e-5
     assert torch.equal(old["generated"], gen) and torch.equal(old["generated_no_cache"], gen)
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_accounting_parts_include_the_qk_norms(arch):
+    from hf_pruning.accounting import accounting
+
+    model = tiny_model(arch)
+    plan = hf_pruning.PruningPlan.from_dict({"ops": [{"op": "value_only_attention", "layer": 4},
+                                                     {"op": "value_only_attention", "layer": 5}]})
+    report = accounting(model, plan)
+    d, hd = model.config.hidden_size, model.config.head_dim
+    nq, nkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert report["removed_by_part"]["qk"] == 2 * (d * hd * (nq + nkv) + 2 * hd)
+    assert sum(report["removed_by_part"].values()) == report["params_removed"]
