@@ -70,7 +70,7 @@ def test_unsupported_architecture_keeps_its_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     for call in both_entry_points(model):
         refused(model, call, hf_pruning.UnsupportedArchitectureError, r"model_type 'gpt2'",
-                r"supported: gemma2, llama, mistral, opt, qwen2")
+                r"supported: gemma2, gemma3_text, llama, mistral, opt, qwen2, qwen3")
 
 
 def test_something_that_is_not_a_model_is_refused():
