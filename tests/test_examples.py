@@ -135,3 +135,16 @@ def test_command_line_values_and_missing_tokenizer():
         4, 0.25, True, None, "2:4", [0, 0.5, 1]]
     with pytest.raises(ValueError, match="without a tokenizer"):
         common.prepare(model=tiny_model("llama"), config=hf_pruning.WandaConfig())
+
+
+def test_scripts_reach_the_smollm2_loader_from_any_folder(tmp_path):
+    """The loader lives in the repository's benchmarks/ (not installed): a script run from another folder, with
+    nothing on PYTHONPATH, still finds it (``make demo`` and the prune_* scripts on a fresh clone)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); import common; "
+            "loader = common.smollm2_loader(); print(loader.__module__, loader.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=env).stdout
+    assert out.split() == ["benchmarks.assets", "load_smollm2"]
