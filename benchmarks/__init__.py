@@ -9,6 +9,6 @@ Run it from the repository root (a clone), in the project's virtualenv::
 
 Modules: ``grid`` (rows and protocol sizes), ``runner`` (one row at a time, resumable), ``searches`` (the
 shared FinerCut search and the search-cost comparisons), ``report`` (markdown and plots), ``counts``
-(non-zero parameters and KV bytes of a model), ``assets`` (the SmolLM2 loader), ``run`` and ``cards``
-(the commands).
+(non-zero parameters and KV bytes of a model), ``assets`` (the SmolLM2 loader), ``run``, ``cards`` and
+``compare`` (the commands; ``compare`` checks rerun rows against the committed numbers).
 """

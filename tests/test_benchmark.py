@@ -241,3 +241,27 @@ def test_the_installed_package_holds_no_benchmark_code(tmp_path):
     assert "hf_pruning/api.py" in names and "hf_pruning/cli.py" in names  # the package itself is there
     assert {n.split("/")[0] for n in names} == {"hf_pruning", wheel.name.split("-py")[0] + ".dist-info"}
     assert not [n for n in names if any(w in n.rsplit("/", 1)[-1] for w in ("bench", "reference_cards", "assets"))]
+
+
+def test_compare_reports_the_same_and_different_numbers():
+    from benchmarks.compare import compare
+
+    old = {"rows": [{"key": "a:{}", "ppl": 10.0, "acc": {"t": 0.5}, "params_removed": 0.5, "prune_s": 1.0}]}
+    same = {"rows": [{"key": "a:{}", "ppl": 10.0000001, "acc": {"t": 0.5}, "params_removed": 0.5, "prune_s": 9.0}]}
+    lines, ok = compare(same, old, rtol=1e-6)
+    assert ok and len(lines) == 3 and all(line.endswith("ok") for line in lines)  # timings are not compared
+    lines, ok = compare({"rows": [{**same["rows"][0], "acc": {"t": 0.6}}]}, old, rtol=1e-6)
+    assert not ok and any("acc.t" in line and "DIFFERS" in line for line in lines)
+
+
+def test_benchmark_modules_keep_the_house_sizes():
+    """The limits tests/test_structure.py sets for the package hold for benchmarks/ too."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path}: {node.name}"
