@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-#: row fields compared (numbers, or a dict of numbers for ``acc``)
-FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained")
+#: row fields compared (numbers, or a dict of numbers for ``acc``; ``params`` and ``decoder_params``: the dense row)
+FIELDS = ("params_removed", "params_removed_total", "kv_removed", "ppl", "ppl_ratio", "acc", "acc_retained", "params",
+          "decoder_params")
 
 
 def _values(row: dict) -> dict[str, float | None]:
