@@ -40,17 +40,19 @@ test: $(STAMP) $(OLD_STAMP)
 	$(PY) -m ruff check hf_pruning tests examples benchmarks
 	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest
 
-## the benchmark grid of docs/BENCHMARKS.md on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
+## the benchmark grid (benchmarks/grid.py) on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
+## the benchmark lives in benchmarks/, beside the package: `pip install .` installs hf_pruning only
+## (rerun some rows only: $(PY) -m benchmarks.run --out DIR --only TEXT ..., see benchmarks/run.py)
 bench: $(STAMP)
-	$(PY) -m hf_pruning.cli bench --out benchmarks/results
+	$(PY) -m benchmarks.run --out benchmarks/results
 
 ## a subset on fewer tokens (under 15 minutes) -> benchmarks/results/smollm2-quick.{json,md}
 bench-quick: $(STAMP)
-	$(PY) -m hf_pruning.cli bench --quick --out benchmarks/results
+	$(PY) -m benchmarks.run --quick --out benchmarks/results
 
 ## the reference model cards (model_cards/<method>/README.md) rebuilt from the benchmark results
 cards: $(STAMP)
-	$(PY) -m hf_pruning.cli cards --results benchmarks/results/smollm2.json --out model_cards
+	$(PY) -m benchmarks.cards --results benchmarks/results/smollm2.json --out model_cards
 
 ## the same suite on the newest releases of every dependency (torch pinned), resolved afresh in .venv-latest
 test-latest: $(OLD_STAMP)

@@ -2,10 +2,10 @@
 
 Usage (from the repository root, in the project's virtualenv)::
 
-    python benchmarks/tune_on_heldout.py '{"method": "wanda", "pattern": "2:4"}' \
+    python -m benchmarks.tune_on_heldout '{"method": "wanda", "pattern": "2:4"}' \
         '{"method": "llm_barber", "init": "wanda", "pattern": "2:4", "threshold": 0.1}'
 
-    python benchmarks/tune_on_heldout.py --depth '{"method": "gradmap", "num_removals": 4}'
+    python -m benchmarks.tune_on_heldout --depth '{"method": "gradmap", "num_removals": 4}'
 
 Each argument is a config dict (``PruningConfig.from_dict``). The model is the real SmolLM2-135M
 (ASSETS.md), calibrated on the benchmark's calibration tokens (16 x 512 from Persuasion and Sense and
@@ -23,8 +23,8 @@ import sys
 import time
 
 import hf_pruning
-from hf_pruning.assets import load_smollm2
-from hf_pruning.benchmark import BenchSettings, _books
+from benchmarks.assets import load_smollm2
+from benchmarks.grid import BenchSettings, books
 from hf_pruning.calibration import evaluation_windows
 from hf_pruning.evaluation import perplexity
 
@@ -38,7 +38,7 @@ def main(configs: list[str]) -> None:
     settings = BenchSettings()
     calib = settings.calibration(tok, depth=depth)
     data = settings.data_dir
-    held_out = evaluation_windows(tok, _books(data, HELD_OUT_BOOKS), 512, 16)
+    held_out = evaluation_windows(tok, books(data, HELD_OUT_BOOKS), 512, 16)
     print("dense", "%.2f" % perplexity(base, held_out), flush=True)
     for text in configs:
         model = copy.deepcopy(base)

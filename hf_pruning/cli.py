@@ -2,18 +2,19 @@
 
     hf-prune prune MODEL OUT --method NAME [method flags] [--calib SOURCE ...]   prune, save into OUT
     hf-prune eval MODEL [--ppl SOURCE] [--tasks ...] [--speed]                  evaluate, print JSON
-    hf-prune bench [--quick]                                                    the benchmark grid
     hf-prune apply MODEL PLAN.json OUT      apply a hand-written plan, save into OUT
     hf-prune inspect MODEL [--json] [--plots DIR]   plan, per-layer shapes, sparsity and savings of a model
     hf-prune push MODEL REPO_ID [--dry-run]  upload a saved folder to the Hub (one commit, card included)
     hf-prune recover MODEL OUT [--data SRC]  LoRA recovery fine-tuning, masks kept, merged and saved
-    hf-prune cards                          regenerate model_cards/ from the benchmark results
     hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning (runs its code)
 
 Saving into OUT writes the model's files (each one whole, via a staging folder inside OUT) and keeps every other
 file there; only out-of-date files of an earlier save (old weight shards, hf_pruning's code, its card) go.
 Method flags come from the method's config dataclass (``hf-prune prune --method NAME --help`` lists them).
 Exit codes: 0 success, 1 a check failed, 2 bad input (the message says what and how to fix it).
+The benchmark and the reference cards are not part of the package: ``make bench`` / ``make cards`` in a clone of
+the repository (``python -m benchmarks.run``, ``python -m benchmarks.cards``); ``hf-prune bench`` and
+``hf-prune cards`` say so.
 """
 
 from __future__ import annotations
@@ -155,14 +156,6 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def cmd_cards(args) -> int:
-    from hf_pruning.reference_cards import write_reference_cards
-
-    written = write_reference_cards(args.results, args.out, only=args.only, data_dir=args.data_dir)
-    sys.stdout.write("".join(f"{p}\n" for p in written))
-    return 0
-
-
 def cmd_verify(args) -> int:
     import torch
 
@@ -298,15 +291,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from hf_pruning.benchmark import run_benchmarks
-
-    results = run_benchmarks(args.out, quick=args.quick, data_dir=args.data_dir)
-    failed = [r["key"] for r in results["rows"] if r.get("error")]
-    sys.stdout.write(f"{len(results['rows'])} row(s) in {args.out}; failed: {failed or 'none'}\n")
-    return 1 if failed else 0
-
-
 def _tokenizer(path: str):
     try:
         from transformers import AutoTokenizer
@@ -319,6 +303,13 @@ def _tokenizer(path: str):
 
 OUT_HELP = ("output folder, created when missing; the model's files are written into it (each one whole) and its other "
             "files are kept")
+#: subcommands that left the package, and where they went (the benchmark lives in the repository, not installed)
+MOVED = {
+    "bench": "the benchmark is not installed with hf_pruning; in a clone of the repository run `make bench` "
+             "(or `python -m benchmarks.run [--quick]`)",
+    "cards": "the reference model cards are built by the repository's benchmark, not the installed package; in a "
+             "clone run `make cards` (or `python -m benchmarks.cards`)",
+}
 VERIFY_HELP = ("reload a saved model in a fresh process without hf_pruning and compare logits and generation. This RUNS "
                "THE PYTHON CODE IN THE FOLDER (transformers' trust_remote_code=True): use it only on folders you trust")
 
@@ -366,11 +357,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=at_least(1), default=300, help="items per task (the first N)")
     p.add_argument("--speed", action="store_true", help="prefill/decode tokens per second and KV bytes per token")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("bench", help="run the benchmark grid on SmolLM2-135M (resumable)")
-    p.add_argument("--quick", action="store_true", help="a small subset on fewer tokens (under 15 minutes)")
-    p.add_argument("--out", default="benchmarks/results", help="results folder")
-    p.add_argument("--data-dir", default=None, help="folder of the Austen novels (default: ../shared/data/austen)")
-    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("apply", help="apply a pruning plan (JSON file) and save the result")
     p.add_argument("model", help="model folder or Hub name")
     p.add_argument("plan", help="pruning plan JSON file")
@@ -409,12 +395,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     add_config_arguments(p, RecoveryConfig)
     p.set_defaults(func=cmd_recover)
-    p = sub.add_parser("cards", help="regenerate the reference model cards (model_cards/) from benchmark results")
-    p.add_argument("--results", default="benchmarks/results/smollm2.json")
-    p.add_argument("--out", default="model_cards")
-    p.add_argument("--only", default=None, help="comma-separated methods (default: every reference row)")
-    p.add_argument("--data-dir", default=None, help="folder of the Austen novels (default: ../shared/data/austen)")
-    p.set_defaults(func=cmd_cards)
     p = sub.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP + ".")
     p.add_argument("model", help="saved model folder (its *.py files are executed)")
     p.set_defaults(func=cmd_verify)
@@ -437,6 +417,10 @@ def _silence_tqdm(cls) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in MOVED:
+        sys.stderr.write(f"hf-prune: error: `hf-prune {command}` moved: {MOVED[command]}\n")
+        return 2
     method = None
     if "--method" in argv and argv.index("--method") + 1 < len(argv):
         method = argv[argv.index("--method") + 1]

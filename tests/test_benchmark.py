@@ -1,4 +1,5 @@
-"""The benchmark runner on a tiny model: results format, failing rows recorded, resumable."""
+"""The benchmark (benchmarks/, beside the package) on a tiny model: results format, failing rows recorded,
+resumable, rows selected by ``only``; the moved ``hf-prune`` subcommands; no benchmark code in the wheel."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 
-import hf_pruning.benchmark as bench
+import benchmarks.grid as grid
+import benchmarks.runner as runner
+from benchmarks.report import _retained, acc_retained_se, markdown_table
 from hf_pruning.calibration import default_text
 
 GOOD = {"plan": {"ops": [{"op": "drop_attention", "layer": 2}, {"op": "remove_layers", "layers": [5]}]}}
@@ -22,27 +25,26 @@ ROW_FIELDS = {"method", "settings", "params_removed", "kv_removed", "ppl", "ppl_
 def data_dir(tmp_path):
     text = default_text()
     quarter = len(text) // 4
-    for i, book in enumerate((*bench.CALIBRATION_BOOKS, *bench.EVALUATION_BOOKS)):
+    for i, book in enumerate((*grid.CALIBRATION_BOOKS, *grid.EVALUATION_BOOKS)):
         (tmp_path / f"{book}.txt").write_text(text[i * quarter : (i + 1) * quarter])
     return tmp_path
 
 
 def settings(data_dir):
-    return bench.BenchSettings(calib_samples=2, calib_seq_len=16, eval_windows=2, eval_seq_len=16,
-                               zero_shot_limit=4, prefill_tokens=16, decode_tokens=2, speed_repeats=1,
-                               data_dir=str(data_dir))
+    return grid.BenchSettings(calib_samples=2, calib_seq_len=16, eval_windows=2, eval_seq_len=16,
+                              zero_shot_limit=4, prefill_tokens=16, decode_tokens=2, speed_repeats=1,
+                              data_dir=str(data_dir))
 
 
 def test_runner_writes_rows_records_errors_and_resumes(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("depth", "plan", GOOD),
-                                        ("depth", "plan", BAD), ("depth", "not_implemented_yet", {})])
+    grid_rows = [("reference", "dense", {}), ("depth", "plan", GOOD),
+                 ("depth", "plan", BAD), ("depth", "not_implemented_yet", {})]
     base, tok = tiny_model("llama"), tiny_tokenizer()
     calls = []
-    real_prune = bench.prune_
-    monkeypatch.setattr(bench, "prune_", lambda *a, **k: (calls.append(a[1]), real_prune(*a, **k))[1])
+    real_prune = runner.prune_
+    monkeypatch.setattr(runner, "prune_", lambda *a, **k: (calls.append(a[1]), real_prune(*a, **k))[1])
     path = tmp_path / "results" / "tiny.json"
-    runner = bench.BenchmarkRunner(path, settings(data_dir))
-    results = runner.run(lambda: copy.deepcopy(base).eval(), tok)
+    results = runner.BenchmarkRunner(path, settings(data_dir), grid=grid_rows).run(lambda: copy.deepcopy(base).eval(), tok)
 
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(results))
@@ -51,7 +53,7 @@ def test_runner_writes_rows_records_errors_and_resumes(tmp_path, data_dir, monke
     assert len(rows) == 3  # the unimplemented method has no row
     for r in rows.values():
         assert ROW_FIELDS <= set(r)
-    dense, good, bad = (rows[bench.row_key(m, s)] for m, s in (("dense", {}), ("plan", GOOD), ("plan", BAD)))
+    dense, good, bad = (rows[grid.row_key(m, s)] for m, s in (("dense", {}), ("plan", GOOD), ("plan", BAD)))
     assert dense["error"] is None and dense["ppl_ratio"] == 1.0 and dense["prefill_speedup"] is None
     assert good["error"] is None and 0 < good["params_removed"] < 1 and good["kv_removed"] == pytest.approx(2 / 6)
     assert good["ppl_ratio"] == pytest.approx(good["ppl"] / dense["ppl"])
@@ -62,35 +64,35 @@ def test_runner_writes_rows_records_errors_and_resumes(tmp_path, data_dir, monke
     assert "| plan |" in table and "PlanError" in table
 
     calls.clear()
-    bench.BenchmarkRunner(path, settings(data_dir)).run(lambda: copy.deepcopy(base).eval(), tok)
+    runner.BenchmarkRunner(path, settings(data_dir), grid=grid_rows).run(lambda: copy.deepcopy(base).eval(), tok)
     assert len(calls) == 1  # only the failed row ran again
     assert len(json.loads(path.read_text())["rows"]) == 3
 
 
 def test_missing_benchmark_texts_name_the_fix(tmp_path):
-    runner = bench.BenchmarkRunner(tmp_path / "r.json", bench.BenchSettings(data_dir=str(tmp_path / "nowhere")))
+    bench = runner.BenchmarkRunner(tmp_path / "r.json", grid.BenchSettings(data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(FileNotFoundError, match="--data-dir"):
-        runner.run(lambda: tiny_model("llama"), tiny_tokenizer())
+        bench.run(lambda: tiny_model("llama"), tiny_tokenizer())
 
 
 def test_quick_grid_is_a_subset_and_skips_unimplemented():
-    quick = bench.BenchmarkRunner("/nonexistent/q.json", quick=True).grid()
-    full = bench.BenchmarkRunner("/nonexistent/f.json").grid()
+    quick = runner.BenchmarkRunner("/nonexistent/q.json", quick=True).grid()
+    full = runner.BenchmarkRunner("/nonexistent/f.json").grid()
     assert set(map(str, quick)) <= set(map(str, full))
     assert ("reference", "dense", {}) in quick
 
 
-def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("depth", "finercut", {"param_ratio": 0.2}),
-                                        ("depth", "finercut", {"sublayer_ratio": 0.25}),
-                                        ("depth", "shortgpt", {"param_ratio": 0.2}),
-                                        ("depth", "gradmap", {"param_ratio": 0.2}),
-                                        ("depth", "shortgpt", {"param_ratio": 0.2, "compensate": True})])
+def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path, data_dir):
+    grid_rows = [("reference", "dense", {}), ("depth", "finercut", {"param_ratio": 0.2}),
+                 ("depth", "finercut", {"sublayer_ratio": 0.25}),
+                 ("depth", "shortgpt", {"param_ratio": 0.2}),
+                 ("depth", "gradmap", {"param_ratio": 0.2}),
+                 ("depth", "shortgpt", {"param_ratio": 0.2, "compensate": True})]
     base, tok = tiny_model("llama"), tiny_tokenizer()
     s = settings(data_dir)
     s.depth_calib_samples, s.depth_calib_seq_len = 2, 32
     path = tmp_path / "depth.json"
-    results = bench.BenchmarkRunner(path, s).run(lambda: copy.deepcopy(base).eval(), tok)
+    results = runner.BenchmarkRunner(path, s, grid=grid_rows).run(lambda: copy.deepcopy(base).eval(), tok)
     rows = {(r["method"], json.dumps(r["settings"])): r for r in results["rows"]}
     assert all(r["error"] is None for r in rows.values())
     by_params = rows[("finercut", json.dumps({"param_ratio": 0.2}))]
@@ -117,16 +119,16 @@ def test_depth_rows_share_one_finercut_search_and_compare_search_modes(tmp_path,
     assert rows[("shortgpt", json.dumps({"param_ratio": 0.2, "compensate": True}))]["compensation_passes"] > 0
 
 
-def test_attention_rows_compare_harp_searches(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}),
-                                        ("attention", "harp", {"num_layers": 2, "grid": [0.0, 0.5, 1.0]}),
-                                        ("attention", "harp", {"num_layers": 2, "grid": [0.0, 1.0], "flap_match": True}),
-                                        ("attention", "heads", {"per_layer": 1})])
+def test_attention_rows_compare_harp_searches(tmp_path, data_dir):
+    grid_rows = [("reference", "dense", {}),
+                 ("attention", "harp", {"num_layers": 2, "grid": [0.0, 0.5, 1.0]}),
+                 ("attention", "harp", {"num_layers": 2, "grid": [0.0, 1.0], "flap_match": True}),
+                 ("attention", "heads", {"per_layer": 1})]
     base, tok = tiny_model("llama"), tiny_tokenizer()
     s = settings(data_dir)
     s.depth_calib_samples, s.depth_calib_seq_len = 2, 32
     path = tmp_path / "attention.json"
-    results = bench.BenchmarkRunner(path, s).run(lambda: copy.deepcopy(base).eval(), tok)
+    results = runner.BenchmarkRunner(path, s, grid=grid_rows).run(lambda: copy.deepcopy(base).eval(), tok)
     rows = [r for r in results["rows"] if r["group"] == "attention"]
     assert len(rows) == 3 and all(r["error"] is None for r in rows)
     harp, matched, heads = rows
@@ -138,13 +140,13 @@ def test_attention_rows_compare_harp_searches(tmp_path, data_dir, monkeypatch):
     assert "HARP alpha search of harp" in path.with_suffix(".md").read_text()
 
 
-def test_recovery_rows_report_perplexity_before_and_after(tmp_path, data_dir, monkeypatch):
+def test_recovery_rows_report_perplexity_before_and_after(tmp_path, data_dir):
     recover = {"steps": 4, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "r": 4, "lora_alpha": 8}
-    monkeypatch.setattr(bench, "GRID", [("reference", "dense", {}), ("unstructured", "wanda", {"pattern": "2:4"}),
-                                        ("recovery", "wanda", {"pattern": "2:4", "recover": recover})])
+    grid_rows = [("reference", "dense", {}), ("unstructured", "wanda", {"pattern": "2:4"}),
+                 ("recovery", "wanda", {"pattern": "2:4", "recover": recover})]
     base, tok = tiny_model("llama"), tiny_tokenizer()
     path = tmp_path / "recovery.json"
-    results = bench.BenchmarkRunner(path, settings(data_dir)).run(lambda: copy.deepcopy(base).eval(), tok)
+    results = runner.BenchmarkRunner(path, settings(data_dir), grid=grid_rows).run(lambda: copy.deepcopy(base).eval(), tok)
     pruned, recovered = results["rows"][1:]
     assert pruned["error"] is None and recovered["error"] is None, recovered["error"]
     # the same pruning before recovery; masks kept through it (non-zero count unchanged)
@@ -181,10 +183,10 @@ def test_retained_accuracy_standard_error_by_hand():
     results = {"evaluation": {"zero_shot_items": 100, "zero_shot_tasks": ["a", "b"]},
                "rows": [{"method": "dense", "acc": {"a": 0.5, "b": 0.5}},
                         {"method": "x", "acc": {"a": 0.4, "b": 0.6}, "acc_retained": 1.0}]}
-    assert bench.acc_retained_se(results, results["rows"][1]) == pytest.approx(0.48 ** 0.5 / 10)
-    assert bench.acc_retained_se(results, {"method": "y", "acc": None}) is None
-    assert bench._retained(results, results["rows"][1]) == "1.000 ± 0.069"
-    assert bench._retained(results, results["rows"][0]) == "–"  # the dense row has no acc_retained here
+    assert acc_retained_se(results, results["rows"][1]) == pytest.approx(0.48 ** 0.5 / 10)
+    assert acc_retained_se(results, {"method": "y", "acc": None}) is None
+    assert _retained(results, results["rows"][1]) == "1.000 ± 0.069"
+    assert _retained(results, results["rows"][0]) == "–"  # the dense row has no acc_retained here
 
 
 def test_committed_results_table_is_generated_from_the_committed_rows():
@@ -192,4 +194,74 @@ def test_committed_results_table_is_generated_from_the_committed_rows():
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
     results = json.loads((folder / "smollm2.json").read_text())
-    assert (folder / "smollm2.md").read_text() == bench.markdown_table(results)
+    assert (folder / "smollm2.md").read_text() == markdown_table(results)
+
+
+def test_only_runs_the_selected_rows_and_keeps_the_others(tmp_path, data_dir, monkeypatch):
+    other = {"plan": {"ops": [{"op": "drop_attention", "layer": 3}]}}
+    grid_rows = [("reference", "dense", {}), ("depth", "plan", GOOD), ("depth", "plan", other)]
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    calls = []
+    real_prune = runner.prune_
+    monkeypatch.setattr(runner, "prune_", lambda *a, **k: (calls.append(a[1]), real_prune(*a, **k))[1])
+    path = tmp_path / "only.json"
+
+    def run(only):
+        return runner.BenchmarkRunner(path, settings(data_dir), grid=grid_rows, only=only).run(
+            lambda: copy.deepcopy(base).eval(), tok)
+
+    assert [r["method"] for r in run(["dense"])["rows"]] == ["dense"] and not calls
+    assert [r["key"] for r in run(['"layer": 3'])["rows"]] == [grid.row_key("dense", {}), grid.row_key("plan", other)]
+    assert len(calls) == 1
+    dense_before = json.loads(path.read_text())["rows"][0]
+    rows = run(None)["rows"]  # without ``only``: the one missing row runs, the others stay as they were
+    assert len(calls) == 2 and len(rows) == 3 and rows[0] == dense_before
+
+
+def test_the_installed_package_holds_no_benchmark_code(tmp_path):
+    """``pip install .`` installs the wheel's files: build it from a copy of the sources (the benchmark folder
+    included) and look inside. The benchmark, its reference cards and the SmolLM2 loader stay in the repository."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
+    for folder in ("hf_pruning", "benchmarks"):
+        shutil.copytree(root / folder, src / folder, ignore=ignore)
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                    "--disable-pip-version-check", "-w", str(tmp_path / "dist")], cwd=src, check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("hf_pruning-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hf_pruning/api.py" in names and "hf_pruning/cli.py" in names  # the package itself is there
+    assert {n.split("/")[0] for n in names} == {"hf_pruning", wheel.name.split("-py")[0] + ".dist-info"}
+    assert not [n for n in names if any(w in n.rsplit("/", 1)[-1] for w in ("bench", "reference_cards", "assets"))]
+
+
+def test_compare_reports_the_same_and_different_numbers():
+    from benchmarks.compare import compare
+
+    old = {"rows": [{"key": "a:{}", "ppl": 10.0, "acc": {"t": 0.5}, "params_removed": 0.5, "prune_s": 1.0}]}
+    same = {"rows": [{"key": "a:{}", "ppl": 10.0000001, "acc": {"t": 0.5}, "params_removed": 0.5, "prune_s": 9.0}]}
+    lines, ok = compare(same, old, rtol=1e-6)
+    assert ok and len(lines) == 3 and all(line.endswith("ok") for line in lines)  # timings are not compared
+    lines, ok = compare({"rows": [{**same["rows"][0], "acc": {"t": 0.6}}]}, old, rtol=1e-6)
+    assert not ok and any("acc.t" in line and "DIFFERS" in line for line in lines)
+
+
+def test_benchmark_modules_keep_the_house_sizes():
+    """The limits tests/test_structure.py sets for the package hold for benchmarks/ too."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path}: {node.name}"

@@ -123,3 +123,12 @@ def test_recover_command_keeps_masks_and_reports_perplexity(tmp_path, capsys):
     assert main(["-q", "recover", str(tmp_path / "sparse"), str(tmp_path / "bad"), "--target-modules",
                  '["nothing_like_this"]']) == 2
     assert "no linear layer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_bench_and_cards_say_where_they_went(capsys):
+    """The benchmark is not installed with the package: the old subcommands exit 2 and name the make targets."""
+    for argv, command in ((["bench", "--quick"], "bench"), (["-q", "cards"], "cards")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"`hf-prune {command}` moved" in err and f"make {command}" in err
+        assert "python -m benchmarks." in err

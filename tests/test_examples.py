@@ -135,3 +135,17 @@ def test_command_line_values_and_missing_tokenizer():
         4, 0.25, True, None, "2:4", [0, 0.5, 1]]
     with pytest.raises(ValueError, match="without a tokenizer"):
         common.prepare(model=tiny_model("llama"), config=hf_pruning.WandaConfig())
+
+
+def test_scripts_reach_the_smollm2_loader_without_the_repository_on_the_path(monkeypatch):
+    """The loader lives in the repository's benchmarks/ (not installed): with the repository root off ``sys.path``
+    (a script run as ``python examples/x.py``), ``common`` still finds it (``make demo`` on a fresh clone)."""
+    import common
+
+    root = EXAMPLES.parent
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != root])
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    loader = common.smollm2_loader()
+    assert (loader.__module__, loader.__name__) == ("benchmarks.assets", "load_smollm2")
+    assert str(root) in sys.path

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, MistralForCausalLM
 
 import hf_pruning
-from hf_pruning.assets import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_dir, smollm2_path
+from benchmarks.assets import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_dir, smollm2_path
 from hf_pruning.calibration import default_text
 from hf_pruning.publish.verify import reload_in_fresh_process
 

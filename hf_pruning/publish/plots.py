@@ -184,7 +184,7 @@ def _load_results(results) -> dict:
     if isinstance(results, (str, os.PathLike)):
         results = json.loads(Path(results).read_text())
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
-        raise ValueError("benchmark results need a 'rows' list (the JSON that `hf-prune bench` writes)")
+        raise ValueError("benchmark results need a 'rows' list (the JSON that `make bench` writes)")
     return results
 
 

