@@ -33,6 +33,7 @@ FLOORS = {
     "hf_pruning.api": 5,
     "hf_pruning.recovery": 6,
     "hf_pruning.publish": 7,
+    "hf_pruning.cli_args": 8,  # the command line's argument types, built from configs
     # the public face: the package's __init__ imports everything; the CLI uses it the way a user does
     "hf_pruning.cli": 9,
     "hf_pruning": 9,
