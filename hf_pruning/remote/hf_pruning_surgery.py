@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 #: model_type (stock and ``hf_pruning_<arch>``) -> adapter, built from ADAPTER_CLASSES
 ADAPTERS: dict[str, DecoderAdapter] = {}
 for _cls in ADAPTER_CLASSES:
+    _adapter = _cls()  # one instance serves the stock and the pruned model_type
     for _mt in (*_cls.model_types, PRUNED_PREFIX + _cls.arch):
-        ADAPTERS[_mt] = _cls()
+        ADAPTERS[_mt] = _adapter
 
 
 class UnsupportedArchitectureError(ValueError):

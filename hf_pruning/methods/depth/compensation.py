@@ -34,7 +34,7 @@ import torch
 from ...calibration import calibration_mode, hooks
 from ...calibration.capture import run_layer
 from ...plan import AddLinear, RemoveLayers
-from ...remote.hf_pruning_surgery import adapter_for, inspect_model
+from ...remote.hf_pruning_surgery import adapter_for
 from .candidates import Candidate, plan_for
 from .runner import DepthRunner
 
@@ -218,13 +218,13 @@ def _streams(model, removed: list[Candidate], calibration: torch.Tensor, relativ
     whole = next((op.layers for op in plan_for(model, removed).ops if isinstance(op, RemoveLayers)), [])
     kept = [i for i in range(len(layers)) if i not in whole]
     # the sublayer that carries the projection: the MLP, or the attention where the MLP was dropped
+    dense = DepthRunner(model, calibration)  # one dense pass
     gone = {(c.layer, part) for c in removed for part in c.parts}
-    # sublayers an earlier pruning step already dropped carry nothing either
-    gone |= {(i, part) for i, state in enumerate(inspect_model(model))
+    # sublayers an earlier pruning step already dropped carry nothing either (the runner's layer states)
+    gone |= {(i, part) for i, state in enumerate(dense.states)
              for part, present in (("attention", state.attention != "none"), ("mlp", state.mlp != "none")) if not present}
     carrier = {i: "mlp" if (i, "mlp") not in gone else "attention" for i in kept if (i, "attention") not in gone
                or (i, "mlp") not in gone}
-    dense = DepthRunner(model, calibration)  # one dense pass
     # the pruned pass runs from the first removal on (the layers below it are the dense pass's) and keeps
     # each carrier's contribution on the way ([b, T, d] chunks in row order), so no layer runs twice
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in carrier}
