@@ -26,6 +26,7 @@ FLOORS = {
     "hf_pruning.model_methods": 1,  # the table of methods bound to models (api and publish fill it)
     "hf_pruning.registry": 2,
     "hf_pruning.accounting": 2,
+    "hf_pruning.engine": 2,  # the sequential, offload-aware engine (calibration reads through it)
     "hf_pruning.calibration": 2,
     "hf_pruning.model_checks": 2,
     "hf_pruning.evaluation": 3,

@@ -1,8 +1,7 @@
 """Calibration data (seeded token batches from text) and the machinery to run a model layer by layer."""
 
-from .capture import capture_layer_inputs, run_layer
+from ..engine import calibration_mode, capture_layer_inputs, hooks, run_layer
 from .check import CalibrationError, check_calibration
-from .context import calibration_mode, hooks
 from .data import (
     HUB_DATASETS,
     NotEnoughTextError,

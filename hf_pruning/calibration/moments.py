@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import calibration_mode, hooks
+from ..engine import calibration_mode, hooks
 
 
 @dataclass

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ...calibration import calibration_mode, hooks
-from ...calibration.capture import run_layer
+from ...engine import run_layer
 from ...plan import AddLinear, RemoveLayers
 from ...remote.hf_pruning_surgery import adapter_for
 from .candidates import Candidate, plan_for

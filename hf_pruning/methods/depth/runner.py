@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from ...calibration.capture import capture_layer_inputs, run_layer
+from ...engine import capture_layer_inputs, head_forward, pass_through, run_layer, substituted
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from ..masks.layerwise import LAYER_BATCH
 from .candidates import Candidate
@@ -23,19 +23,11 @@ from .candidates import Candidate
 @contextlib.contextmanager
 def skipping(model, skip, tuple_out: bool):
     """Layers ``skip`` pass their input through (as ``remove_layers`` would) for the duration; full-model
-    forwards and backwards then see the model with those blocks removed. ``tuple_out``: what layers return."""
+    forwards and backwards then see the model with those blocks removed. ``tuple_out``: what layers return.
+    The layers are stand-in entries of the decoder's list: the real layers (and any hooks on them) are untouched."""
     layers = adapter_for(model).decoder_layers(model)
-
-    def through(hidden_states, *args, **kwargs):
-        return (hidden_states,) if tuple_out else hidden_states
-
-    try:
-        for idx in skip:
-            layers[idx].forward = through
+    with substituted(layers, pass_through(layers, skip, tuple_out)):
         yield model
-    finally:
-        for idx in skip:
-            layers[idx].__dict__.pop("forward", None)
 
 
 def layers_return_tuple(model, ids: torch.Tensor) -> bool:
@@ -47,29 +39,9 @@ def layers_return_tuple(model, ids: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def head_logits(model, layers, ids: torch.Tensor, final_hidden: torch.Tensor, tuple_out: bool) -> torch.Tensor:
-    """The model's logits ``[T, V]`` (float32) for token ids ``[T]`` given the last layer's output ``[1, T, d]``.
-
-    Runs the model's own forward with every decoder layer passing its input through and the last one
-    returning ``final_hidden``, so the final norm, any output projection, the LM head and logit soft-capping
-    are exactly the model's. ``tuple_out``: whether decoder layers return tuples (older transformers).
-    """
-    last = len(layers) - 1
-    wrap = (lambda h: (h,)) if tuple_out else (lambda h: h)
-
-    def through(idx):
-        def forward(hidden_states, *args, **kwargs):
-            return wrap(final_hidden if idx == last else hidden_states)
-
-        return forward
-
-    try:
-        for idx, layer in enumerate(layers):
-            layer.forward = through(idx)
-        out = model(ids[None].to(final_hidden.device), use_cache=False)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-    return out.logits[0].float()
+    """The model's logits ``[T, V]`` (float32) for token ids ``[T]`` given the last layer's output ``[1, T, d]``
+    (the model's own final norm, output projection, LM head and soft-capping; see ``engine.head_forward``)."""
+    return head_forward(model, ids[None], final_hidden, tuple_out)[0]
 
 
 class DepthRunner:

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...calibration.capture import capture_layer_inputs, run_layer
-from ...calibration.context import calibration_mode
+from ...engine import calibration_mode, capture_layer_inputs, run_layer
 from ...remote.hf_pruning_surgery import adapter_for
 from ..depth import head_logits
 

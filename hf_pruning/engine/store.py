@@ -1,0 +1,78 @@
+"""Calibration activations kept off the execution device, one batch on it at a time.
+
+An :class:`ActivationStore` is a list of batches (``[b, T, d]`` tensors) held in CPU memory, or, with a
+``folder``, written to files there and read back memory-mapped, so activations larger than RAM stream from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+
+class ActivationStore:
+    """Batches of activations on CPU (``folder=None``) or on disk (``folder``: a directory of ours, or ``True``
+    for a temporary one, removed by :meth:`close`). ``store[i]`` is batch ``i`` on the CPU (memory-mapped from
+    disk when on disk); :meth:`get` brings it to a device."""
+
+    def __init__(self, folder: str | bool | None = None, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        self._batches: list = []
+        self._own = folder is True
+        self.folder = tempfile.mkdtemp(prefix="hf_pruning_store_") if folder is True else folder
+        if self.folder:
+            os.makedirs(self.folder, exist_ok=True)
+
+    def append(self, batch: torch.Tensor) -> None:
+        """Keep ``batch`` (any device; stored detached on the CPU or on disk, in ``dtype`` when one is set)."""
+        batch = batch.detach().to("cpu", self.dtype or batch.dtype)
+        if self.folder:
+            path = os.path.join(self.folder, f"{id(self)}_{len(self._batches)}.pt")
+            torch.save(batch.contiguous().clone(), path)
+            self._batches.append(path)
+        else:
+            self._batches.append(batch.clone())
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._batches[i]
+        return torch.load(item, mmap=True, weights_only=True) if isinstance(item, str) else item
+
+    def __setitem__(self, i: int, batch: torch.Tensor) -> None:
+        batch = batch.detach().to("cpu", self.dtype or batch.dtype)
+        if self.folder:
+            torch.save(batch.contiguous().clone(), self._batches[i])
+        else:
+            self._batches[i] = batch.clone()
+
+    def get(self, i: int, device) -> torch.Tensor:
+        """Batch ``i`` on ``device``."""
+        return self[i].to(device)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def rows(self) -> int:
+        """Calibration rows held (the sum of the batch sizes)."""
+        return sum(self[i].shape[0] for i in range(len(self)))
+
+    def nbytes(self) -> int:
+        return sum(self[i].numel() * self[i].element_size() for i in range(len(self)))
+
+    def like(self) -> ActivationStore:
+        """An empty store of the same kind (CPU, or disk in the same folder)."""
+        return ActivationStore(self.folder, self.dtype)
+
+    def close(self) -> None:
+        """Drop the batches (and their files)."""
+        for item in self._batches:
+            if isinstance(item, str) and os.path.exists(item):
+                os.remove(item)
+        self._batches = []
+        if self._own and self.folder and os.path.isdir(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)
