@@ -29,7 +29,7 @@ def _disk_map(model) -> dict:
     layer_names = [names[id(layer)] for layer in layers]
     device_map = {name: ("cpu" if i < 2 else "disk") for i, name in enumerate(layer_names)}
     prefix = layer_names[0].rsplit(".", 2)[0]  # the module holding the layer list, e.g. "model"
-    for name, child in model.named_children():
+    for name in dict(model.named_children()):
         if name != prefix.split(".")[0]:
             device_map[name] = "cpu"
     for name, _ in model.get_submodule(prefix).named_children():
