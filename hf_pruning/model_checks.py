@@ -9,6 +9,7 @@ import sys
 
 from torch import nn
 
+from .engine import offload_hook
 from .remote.hf_pruning_surgery import adapter_for
 from .remote.modeling_hf_pruning import PRUNED_MODEL_CLASSES, PrunedCausalLMMixin
 
@@ -49,8 +50,8 @@ class UnsupportedModelError(ValueError):
     """A model object that cannot be pruned as it is given (the message says how to get one that can).
 
     Raised before anything changes for: a ``torch.compile`` wrapper, a PEFT model or a model with adapter layers,
-    a model class other than a supported ``*ForCausalLM`` (sequence classification, the bare base model), weights
-    on the ``meta`` device, and weights offloaded by accelerate (CPU/disk offload, not supported yet).
+    a model class other than a supported ``*ForCausalLM`` (sequence classification, the bare base model), and weights
+    on the ``meta`` device (weights offloaded by accelerate, to the CPU or to disk, are accepted).
     """
 
 
@@ -82,27 +83,26 @@ def _peft_kind(model: nn.Module) -> str | None:
     return None
 
 
-def _offloaded(model: nn.Module) -> list[str]:
-    """Modules whose weights accelerate offloads (to the CPU or to disk) and loads only for their forward."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    names = [f"{name or '(whole model)'} (disk)" for name, where in device_map.items() if where == "disk"]
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one
-            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
-                names.append(name or "(whole model)")
-                break
-    return names
+def _meta_tensor(model: nn.Module) -> str | None:
+    """The first parameter or buffer on ``meta`` that no accelerate offload hook holds a copy of, or None."""
+    for module_name, module in model.named_modules():
+        if offload_hook(module) is not None:
+            continue
+        for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            if t.is_meta:
+                return f"{module_name}.{name}" if module_name else name
+    return None
 
 
-def check_model(model: nn.Module):
+def check_model(model: nn.Module, offload_ok: bool = True):
     """Refuse, before anything changes, a model that hf_pruning cannot prune in place; returns its adapter.
 
     Accepted: a supported architecture's ``*ForCausalLM`` (or our ``Pruned*ForCausalLM``) with float weights
-    in memory. Refused with :class:`UnsupportedModelError` saying the way out: a ``torch.compile`` wrapper
+    in memory or offloaded by accelerate. Refused with :class:`UnsupportedModelError` saying the way out: a ``torch.compile`` wrapper
     (prune ``model._orig_mod``, or prune before compiling), a PEFT model (``merge_and_unload()`` first), another
-    head or the bare base model (load ``AutoModelForCausalLM``), weights on ``meta`` or offloaded by accelerate.
-    An unknown architecture raises ``UnsupportedArchitectureError``, a quantized model ``QuantizedModelError``.
+    head or the bare base model (load ``AutoModelForCausalLM``), weights on ``meta`` (not offloaded).
+    ``offload_ok=False`` also refuses offloaded weights
+    (recovery fine-tuning). An unknown architecture raises ``UnsupportedArchitectureError``, a quantized model ``QuantizedModelError``.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a transformers causal LM (an nn.Module), got {type(model).__name__}; "
@@ -133,16 +133,15 @@ def check_model(model: nn.Module):
             f"{type(model).__name__} is {kind}; hf_pruning prunes causal LMs ({expected.__name__}). Load the "
             f"checkpoint with {_LOAD_HINT}"
         )
-    offloaded = _offloaded(model)
-    if offloaded:
+    offloaded = [name or "(whole model)" for name, m in model.named_modules() if offload_hook(m) is not None]
+    if offloaded and not offload_ok:
         raise UnsupportedModelError(
             f"the model's weights are offloaded by accelerate ({len(offloaded)} module(s), e.g. {offloaded[0]}); "
-            "pruning offloaded models is not supported yet. Load it without offloading, on devices that hold all of "
-            "it: no 'disk' in device_map, no offload_folder, no CPU offload next to a GPU (e.g. device_map='cpu', "
-            "or device_map='cuda' on a GPU large enough)"
+            "recovery fine-tuning trains every layer at once and needs the weights on devices that hold all of it. "
+            "Save the pruned model and reload it without offloading (no 'disk' in device_map, no offload_folder) "
+            "to fine-tune it"
         )
-    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    meta = next((name for name, t in tensors if t.is_meta), None)
+    meta = _meta_tensor(model)  # an offloaded weight is on meta too, with its copy in the hook's weights_map
     if meta is not None:
         raise UnsupportedModelError(
             f"the model has no weights: {meta} is on the meta device (built under torch.device('meta') or "

@@ -162,7 +162,7 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     from peft import LoraConfig
 
 
-    check_model(model)
+    check_model(model, offload_ok=False)
     config = _settings(config, overrides)
     ids = _token_batches(model, data, tokenizer, config.seq_len)
     if eval_ids is not None:

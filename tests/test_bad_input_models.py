@@ -16,7 +16,6 @@ from bad_input import ARCHS5, refused
 from tiny_models import MODEL_CLASSES, tiny_config, tiny_model, tokens
 from transformers import (
     AutoModel,
-    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -139,36 +138,18 @@ def test_meta_model_is_refused(arch):
                 r"hf_pruning\.from_pretrained")
 
 
-@pytest.mark.parametrize("arch", ARCHS5)
-def test_disk_offloaded_model_is_refused(arch, tmp_path):
-    tiny_model(arch).save_pretrained(tmp_path / "dense")
-    layers = "model.decoder.layers" if arch == "opt" else "model.layers"
-    rest = {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "cpu",
-            "model.decoder.final_layer_norm": "cpu"} if arch == "opt" else \
-        {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu"}
-    device_map = {**rest, **{f"{layers}.{i}": "cpu" for i in range(3)}, **{f"{layers}.{i}": "disk" for i in range(3, 6)},
-                  "lm_head": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
-                                                 offload_folder=tmp_path / "offload", dtype=torch.float32)
-    assert any(p.is_meta for p in model.parameters())
-    for call in (*both_entry_points(model), lambda: hf_pruning.prune_(model, hf_pruning.WandaConfig(), CALIB),
-                 lambda: hf_pruning.recover_(model, CALIB, steps=1)):
-        refused(model, call, UnsupportedModelError, r"offloaded by accelerate", r"e\.g\. .*layers\.3",
-                "not supported yet", "without offloading")
-    assert model(tokens()).logits.shape == (2, 12, 96)  # still a working model
-
-
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_cpu_offloaded_model_is_refused(arch):
-    from accelerate import cpu_offload
+def test_recovery_refuses_an_offloaded_model(arch, tmp_path):
+    """Pruning accepts offloaded weights (tests/test_offload_*.py); LoRA recovery trains all layers at once and
+    refuses them, saying how to get a model it can train."""
+    from offload_models import offloaded_model
 
-    model = tiny_model(arch)
-    expected = model(tokens()).logits
-    cpu_offload(model, execution_device="cpu")  # every weight on meta, loaded from a CPU copy per forward
-    refused(model, lambda: hf_pruning.prune_(model, hf_pruning.WandaConfig(), CALIB), UnsupportedModelError,
-            "offloaded by accelerate", "not supported yet")
-    refused(model, lambda: hf_pruning.apply_plan_(model, DROP), UnsupportedModelError, "offloaded by accelerate")
-    assert torch.equal(model(tokens()).logits, expected)
+    for mode in ("cpu", "disk"):
+        model = offloaded_model(arch, mode, str(tmp_path / mode))
+        expected = model(tokens()).logits
+        refused(model, lambda model=model: hf_pruning.recover_(model, CALIB, steps=1), UnsupportedModelError,
+                r"offloaded by accelerate", "reload it without offloading")
+        assert torch.equal(model(tokens()).logits, expected)  # still a working model
 
 
 # ----- the bound methods make no reference cycle ------------------------------------------------------------
