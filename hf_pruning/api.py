@@ -253,14 +253,15 @@ def _check_source(pretrained, gguf_file: str | None = None, subfolder: str | Non
 def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None = None, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` plus ``prune_`` bound to the model.
 
-    With ``gguf_file`` the weights are dequantized by transformers and the quantizer is cleared, so the
-    model can be pruned and saved. Defaults to float32 when no dtype is given.
+    The model keeps the checkpoint's dtype (``dtype="auto"``: a bf16 checkpoint prunes and saves in bf16) unless
+    ``dtype=`` says otherwise. With ``gguf_file`` the weights are dequantized by transformers (to float32 unless
+    ``dtype=`` is given) and the quantizer is cleared, so the model can be pruned and saved.
     """
     from transformers import AutoModelForCausalLM
 
     _check_source(pretrained, gguf_file=gguf_file, subfolder=kwargs.get("subfolder"))
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-        kwargs["dtype"] = torch.float32
+        kwargs["dtype"] = "auto" if gguf_file is None else torch.float32
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     model = AutoModelForCausalLM.from_pretrained(pretrained, *args, **kwargs)
