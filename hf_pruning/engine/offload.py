@@ -163,3 +163,17 @@ def edited(module: nn.Module):
                 if t.device.type == "meta" or (before.get((id(m), name)) is t and _matches_offloaded(hook, name, t)):
                     continue
                 write_param(m, name, t)
+
+
+@contextlib.contextmanager
+def onloaded_except(model: nn.Module, exclude: nn.Module):
+    """Every offloaded module of ``model`` outside ``exclude`` (e.g. the decoder's layer list: the embeddings,
+    final norm and LM head) onloaded once for the duration, as :func:`onloaded` does."""
+    inside = {id(m) for m in exclude.modules()}
+    target = next(n for n, m in model.named_modules() if m is exclude)
+    with contextlib.ExitStack() as stack:
+        for name, m in model.named_modules():
+            holder = name == "" or target.startswith(name + ".")  # an ancestor of ``exclude``: its children only
+            if id(m) not in inside and not holder and offload_hook(m) is not None:
+                stack.enter_context(onloaded(m))
+        yield model
