@@ -91,7 +91,7 @@ def replacement_layer(adapter, layer: nn.Module, alpha: float) -> nn.Module:
 class AlphaSearch:
     """Searches one alpha per layer in ``layers`` over ``grid`` on calibration rows ``[n, T]`` (equal lengths).
 
-    Layer at a time, batch at a time on the engine: hidden states live in :class:`ActivationStore`\\ s (CPU, or
+    Layer at a time, batch at a time on the engine: hidden states live in :class:`ActivationStore` objects (CPU, or
     disk under ``store_folder``), each layer is onloaded once per pass over the rows, the logits come from the
     model's own head one batch at a time.
     """
