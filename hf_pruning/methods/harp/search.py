@@ -120,7 +120,7 @@ class AlphaSearch:
 
     def _prepare(self, calibration: torch.Tensor) -> None:
         inputs, self.kwargs = capture(self.model, calibration, self.batch_size, ActivationStore(self.store_folder))
-        # cache[l]: the dense inputs of layer l, every row (layer 0 always; the searched layers in cached mode)
+        # cache[l]: the dense inputs of layer l, every row (layer 0 in naive mode; the searched layers in cached mode)
         self.cache: dict[int, ActivationStore] = {0: inputs}
         if self.mode == "cached":
             keep = set(self.layers)
@@ -132,6 +132,8 @@ class AlphaSearch:
                 hidden = out
                 if idx + 1 in keep:
                     self.cache[idx + 1] = hidden
+            if 0 not in keep:  # the cached search starts at searched layers only
+                self.cache.pop(0).close()
 
     def close(self) -> None:
         """Drop the cached hidden states (their files, for a store on disk)."""
