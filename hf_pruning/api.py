@@ -122,6 +122,8 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
     The whole plan is validated against the model first, so a bad plan raises and leaves the model unchanged.
     A model that already carries a plan gets the two merged (the new ops run after the old ones). When the
     result cannot be expressed by the stock architecture, the model becomes ``Pruned<Arch>ForCausalLM``.
+    On a model whose weights accelerate offloads (CPU or disk), each touched decoder layer is onloaded once and
+    the edits are written to the offloaded copies; the hooks stay in place.
     """
     check_model(model)
     plan = _as_plan(plan)
