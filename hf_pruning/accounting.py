@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from .engine.offload import onloaded
 from .plan import PruningPlan
 from .remote.hf_pruning_surgery import adapter_for, inspect_model, simulate_plan
 
@@ -129,10 +130,11 @@ def sparsity_report(model) -> dict:
     layers, zeros, total = [], 0, 0
     for layer in adapter.decoder_layers(model):
         entry = {}
-        for name, lin in prunable_linears(layer).items():
-            z = int((lin.weight == 0).sum())
-            entry[name] = z / lin.weight.numel()
-            zeros += z
-            total += lin.weight.numel()
+        with onloaded(layer):  # an offloaded layer's weights are read in once
+            for name, lin in prunable_linears(layer).items():
+                z = int((lin.weight == 0).sum())
+                entry[name] = z / lin.weight.numel()
+                zeros += z
+                total += lin.weight.numel()
         layers.append(entry)
     return {"overall": zeros / total if total else 0.0, "layers": layers}

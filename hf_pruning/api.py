@@ -18,6 +18,7 @@ from torch import nn
 
 from .calibration.check import BUILD_HINT, CalibrationError, check_calibration
 from .config import ConfigError, PruningConfig
+from .engine.offload import edited, is_offloaded
 from .model_checks import check_model, clear_quantizer_
 from .model_methods import bind, model_method
 from .plan import PlanError, PruningPlan, get_plan
@@ -121,6 +122,8 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
     The whole plan is validated against the model first, so a bad plan raises and leaves the model unchanged.
     A model that already carries a plan gets the two merged (the new ops run after the old ones). When the
     result cannot be expressed by the stock architecture, the model becomes ``Pruned<Arch>ForCausalLM``.
+    On a model whose weights accelerate offloads (CPU or disk), each touched decoder layer is onloaded once and
+    the edits are written to the offloaded copies; the hooks stay in place.
     """
     check_model(model)
     plan = _as_plan(plan)
@@ -131,12 +134,35 @@ def apply_plan_(model: nn.Module, plan: PruningPlan | dict | list | str) -> nn.M
     current = get_plan(model)
     base = current.base or base_fields(model.config)
     with torch.no_grad():
-        execute_ops_(model, plan.ops)
+        if is_offloaded(model):
+            _execute_offloaded_(model, plan.ops)
+        else:
+            execute_ops_(model, plan.ops)
     merged = PruningPlan(ops=[*current.ops, *plan.ops], base=base)
     record_pruning(model, merged)
     model.hf_pruning_evaluation = None  # numbers measured before this plan no longer describe the model
     logger.info("applied %d op(s); the model now carries %d op(s)", len(plan.ops), len(merged.ops))
     return bind(model)
+
+
+def _execute_offloaded_(model: nn.Module, ops: list) -> None:
+    """``execute_ops_`` on a model whose weights accelerate offloads: each run of consecutive ops on one decoder
+    layer executes with that layer onloaded once (``engine.edited``), and every tensor they changed is written
+    to its offloaded copy; ops on the model (``remove_layers``) only move modules. Modules an op creates anew
+    (e.g. Gemma2's unfused compensation) stay in memory on the execution device."""
+    layers = adapter_for(model).decoder_layers
+    start = 0
+    while start < len(ops):
+        index = getattr(ops[start], "layer", None)
+        end = start + 1
+        while index is not None and end < len(ops) and getattr(ops[end], "layer", None) == index:
+            end += 1
+        if index is None:
+            execute_ops_(model, ops[start:end])
+        else:
+            with edited(layers(model)[index]):
+                execute_ops_(model, ops[start:end])
+        start = end
 
 
 def record_pruning(model: nn.Module, plan: PruningPlan, pruning_config: dict | None = None) -> None:
@@ -229,14 +255,15 @@ def _check_source(pretrained, gguf_file: str | None = None, subfolder: str | Non
 def from_pretrained(pretrained: str | os.PathLike, *args, gguf_file: str | None = None, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` plus ``prune_`` bound to the model.
 
-    With ``gguf_file`` the weights are dequantized by transformers and the quantizer is cleared, so the
-    model can be pruned and saved. Defaults to float32 when no dtype is given.
+    The model keeps the checkpoint's dtype (``dtype="auto"``: a bf16 checkpoint prunes and saves in bf16) unless
+    ``dtype=`` says otherwise. With ``gguf_file`` the weights are dequantized by transformers (to float32 unless
+    ``dtype=`` is given) and the quantizer is cleared, so the model can be pruned and saved.
     """
     from transformers import AutoModelForCausalLM
 
     _check_source(pretrained, gguf_file=gguf_file, subfolder=kwargs.get("subfolder"))
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-        kwargs["dtype"] = torch.float32
+        kwargs["dtype"] = "auto" if gguf_file is None else torch.float32
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     model = AutoModelForCausalLM.from_pretrained(pretrained, *args, **kwargs)

@@ -1,14 +1,24 @@
-"""Input moments of chosen linears over calibration data, from ordinary full-model forwards with hooks."""
+"""Input moments of chosen linears over calibration data, from one streamed pass on the engine (layer at a time,
+batch at a time)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..engine import calibration_mode, hooks
+from ..engine import (
+    LAYER_BATCH,
+    ActivationStore,
+    calibration_mode,
+    capture,
+    execution_device,
+    hooks,
+    onloaded,
+    run_layer,
+)
+from ..remote.hf_pruning_surgery import adapter_for
 
 
 @dataclass
@@ -34,27 +44,34 @@ class Moments:
         return self.squares.sqrt()
 
 
-@contextlib.contextmanager
-def swapped_layers(layers: nn.ModuleList, replacements: dict[int, nn.Module]):
-    """Decoder layers ``replacements`` (index -> module) stand in for the originals for the duration."""
-    saved = {i: layers[i] for i in replacements}
-    try:
-        for i, module in replacements.items():
-            layers[i] = module
-        yield layers
-    finally:
-        for i, module in saved.items():
-            layers[i] = module
+def _owners(layers: nn.ModuleList, linears: dict) -> dict[int, list]:
+    """Decoder layer index -> the keys of ``linears`` inside it; a module outside every layer raises."""
+    where = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    owners: dict[int, list] = {}
+    for key, module in linears.items():
+        if id(module) not in where:
+            raise ValueError(f"input_moments: {key!r} is not inside a decoder layer; the streamed statistics pass "
+                             "runs the decoder layers only (pass projections of the layers)")
+        owners.setdefault(where[id(module)], []).append(key)
+    return owners
 
 
 @torch.no_grad()
-def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: int = 4,
-                  progress: bool = False) -> dict:
-    """One forward over ``calibration`` ``[n, T]`` collecting the input moments of every module in ``linears``
-    (any key -> module); returns key -> :class:`Moments`."""
+def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: int = LAYER_BATCH,
+                  progress: bool = False, store_folder: str | bool | None = None) -> dict:
+    """The input moments of every module in ``linears`` (any key -> a module inside a decoder layer) over
+    ``calibration`` ``[n, T]``; returns key -> :class:`Moments`.
+
+    One streamed pass on the engine: the layer-0 inputs are captured in an :class:`ActivationStore` (CPU, or disk
+    with ``store_folder``), then layer by layer (each onloaded once) and batch by batch (``batch_size`` rows on
+    the execution device at a time) up to the last layer holding one of ``linears``; no head, no layer above.
+    The decoder's current entries run, so layers substituted for the duration (``engine.substituted``) are
+    measured as they stand in.
+    """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    layers = adapter_for(model).decoder_layers(model)
+    owners = _owners(layers, linears)
     stats: dict = {}
 
     def record(name):
@@ -70,10 +87,25 @@ def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: i
 
         return hook
 
-    with calibration_mode(model), hooks() as handles:
-        for name, lin in linears.items():
-            handles.append(lin.register_forward_pre_hook(record(name)))
-        batches = range(0, calibration.shape[0], batch_size)
-        for i in tqdm(batches, desc="activation statistics", unit="batch", disable=not progress):
-            model(calibration[i : i + batch_size].to(device), use_cache=False)
+    if not owners:
+        return stats
+    last = max(owners)
+    with calibration_mode(model):
+        inputs, kwargs = capture(model, calibration, batch_size, ActivationStore(store_folder))
+        try:
+            for i in tqdm(range(last + 1), desc="activation statistics", unit="layer", disable=not progress):
+                outputs = inputs.like() if i < last else None
+                with onloaded(layers[i]), hooks() as handles:
+                    for key in owners.get(i, ()):
+                        handles.append(linears[key].register_forward_pre_hook(record(key)))
+                    device = execution_device(layers[i])
+                    for b in range(len(inputs)):
+                        hidden = run_layer(layers[i], inputs.get(b, device), kwargs[i])  # [b, T, d]
+                        if outputs is not None:
+                            outputs.append(hidden)
+                inputs.close()
+                inputs = outputs
+        finally:
+            if inputs is not None:
+                inputs.close()
     return stats

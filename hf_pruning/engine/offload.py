@@ -112,3 +112,84 @@ def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
                 current.copy_(value)
             else:
                 current.data = value.to(device=current.device, dtype=current.dtype)
+
+
+def _own_tensors(module: nn.Module, hook) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ``hook`` moves for ``module`` (its own parameters and, when it offloads them, buffers)."""
+    from accelerate.utils import named_module_tensors
+
+    return list(named_module_tensors(module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules,
+                                     remove_non_persistent=True))
+
+
+def _matches_offloaded(hook, name: str, value: torch.Tensor) -> bool:
+    """Whether the offloaded copy of ``name`` already equals ``value``."""
+    try:
+        stored = hook.weights_map[name]
+    except KeyError:
+        return False
+    return tuple(stored.shape) == tuple(value.shape) and torch.equal(stored.to(value.device, value.dtype), value)
+
+
+def _rebind_forward(module: nn.Module) -> None:
+    """An accelerate hook calls the ``forward`` the module had when it was hooked; a surgery that changed the
+    module's class (a compensation attached to a norm) changed that forward: the hook calls the new one."""
+    old = module.__dict__.get("_old_forward")
+    current = type(module).forward
+    if old is not None and getattr(old, "__func__", None) is not current:
+        module._old_forward = current.__get__(module)
+
+
+@contextlib.contextmanager
+def edited(module: nn.Module):
+    """``module`` onloaded (:func:`onloaded`) for in-place surgery that may replace, reshape or change tensors
+    directly; before it is offloaded again, every tensor of its still-hooked submodules that the surgery replaced
+    or changed goes through :func:`write_param` (so the offloaded copies hold the edit), the rest is left as it
+    is. Submodules the surgery created anew carry no hook: they stay where they were created (the execution
+    device). Without offloading this is a plain ``yield``."""
+    with onloaded(module):
+        before = {}
+        for m in module.modules():
+            hook = offload_hook(m)
+            if hook is not None:
+                before.update({(id(m), name): t for name, t in _own_tensors(m, hook)})
+        yield module
+        for m in module.modules():
+            hook = offload_hook(m)
+            if hook is None:
+                continue
+            _rebind_forward(m)
+            for name, t in _own_tensors(m, hook):
+                if t.device.type == "meta" or (before.get((id(m), name)) is t and _matches_offloaded(hook, name, t)):
+                    continue
+                write_param(m, name, t)
+
+
+@contextlib.contextmanager
+def onloaded_except(model: nn.Module, exclude: nn.Module):
+    """Every offloaded module of ``model`` outside ``exclude`` (e.g. the decoder's layer list: the embeddings,
+    final norm and LM head) onloaded once for the duration, as :func:`onloaded` does."""
+    inside = {id(m) for m in exclude.modules()}
+    target = next(n for n, m in model.named_modules() if m is exclude)
+    with contextlib.ExitStack() as stack:
+        for name, m in model.named_modules():
+            holder = name == "" or target.startswith(name + ".")  # an ancestor of ``exclude``: its children only
+            if id(m) not in inside and not holder and offload_hook(m) is not None:
+                stack.enter_context(onloaded(m))
+        yield model
+
+
+def offloaded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every offloaded tensor (``meta`` in the model) read from its offloaded copy,
+    where :func:`write_param` put the edits (a CPU weights map gives its own tensors, a disk one reads them)."""
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        if value.device.type != "meta":
+            continue
+        owner, _, name = key.rpartition(".")
+        hook = offload_hook(modules[owner])
+        if hook is None:
+            raise ValueError(f"{key} is on the meta device but no accelerate hook holds an offloaded copy of it")
+        state[key] = hook.weights_map[name]
+    return state

@@ -9,6 +9,7 @@ import os
 
 from torch import nn
 
+from ..engine.offload import is_offloaded, offloaded_state_dict
 from ..model_methods import model_method
 from ..saving import (
     CARD_NAME,
@@ -22,6 +23,13 @@ from ..saving import (
 from .card import write_card
 
 logger = logging.getLogger(__name__)
+
+
+def _offloaded_unknown_to_transformers(model: nn.Module) -> bool:
+    """Offloaded by accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) without a ``hf_device_map``
+    naming ``"cpu"``/``"disk"``, so transformers' save would not read the offloaded tensors back."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return is_offloaded(model) and not {"cpu", "disk"} & set(device_map.values())
 
 
 @model_method
@@ -68,6 +76,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     evaluation = clean_evaluation(evaluation if evaluation is not None else getattr(model, "hf_pruning_evaluation", None))
     with StagedSave(target) as save:
         stage = save.stage
+        if "state_dict" not in kwargs and _offloaded_unknown_to_transformers(model):
+            kwargs["state_dict"] = offloaded_state_dict(model)  # else its meta tensors would be written
         type(model).save_pretrained(model, stage, *args, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)

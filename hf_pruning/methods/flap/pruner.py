@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from ...calibration.moments import Moments, input_moments, swapped_layers
+from ...calibration.moments import Moments, input_moments
+from ...engine import onloaded, substituted
 from ...plan import PruningPlan, ShrinkMLP
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
@@ -38,11 +39,17 @@ def mlp_channels(model) -> int:
     return sum(lin.in_features for lin in mlp_outputs(model).values())
 
 
+def output_weight(lin: torch.nn.Linear) -> torch.Tensor:
+    """An MLP output projection's weight ``[d, width]`` in float64 (read in from its offloaded copy if need be)."""
+    with onloaded(lin):
+        return lin.weight.data.double()
+
+
 def channel_scores(outputs: dict[int, torch.nn.Linear], moments: dict[int, Moments], metric: str) -> dict[int, torch.Tensor]:
     """Raw FLAP score per MLP channel, per layer: ``[width]`` float64."""
     scores = {}
     for i, lin in outputs.items():
-        w = lin.weight.data.double()  # [d, width]
+        w = output_weight(lin)  # [d, width]
         m = moments[i]
         if metric == "ifv":
             scores[i] = m.variance
@@ -98,7 +105,7 @@ def shrink_ops(outputs: dict[int, torch.nn.Linear], moments: dict[int, Moments],
         if bias:
             gone = torch.ones(width, dtype=torch.bool)
             gone[kept] = False
-            w = outputs[i].weight.data.double()  # [d, width]
+            w = output_weight(outputs[i])  # [d, width]
             op.tensors["bias"] = (w[:, gone] @ moments[i].mean[gone.to(moments[i].mean.device)]).float()  # [d]
         ops.append(op)
     return ops
@@ -114,7 +121,7 @@ def flap_ops(model, calibration: torch.Tensor, remove: int, metric: str = "wifv"
     start = time.perf_counter()
     outputs = mlp_outputs(model)
     layers = adapter_for(model).decoder_layers(model)
-    with swapped_layers(layers, replacements or {}):
+    with substituted(layers, replacements or {}):
         moments = input_moments(model, calibration, outputs)
     keep = choose_channels(channel_scores(outputs, moments, metric), remove)
     ops = shrink_ops(outputs, moments, keep, bias)

@@ -21,20 +21,47 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...engine import calibration_mode, capture_layer_inputs, run_layer
+from ...engine import (
+    LAYER_BATCH,
+    ActivationStore,
+    calibration_mode,
+    capture,
+    execution_device,
+    head_forward,
+    onloaded,
+)
+from ...engine.offload import onloaded_except
 from ...remote.hf_pruning_surgery import adapter_for
-from ..depth import head_logits
 
 logger = logging.getLogger(__name__)
 
 
+_HOOK_ENTRIES = ("forward", "_hf_hook", "_old_forward")  # what accelerate puts in a hooked module's __dict__
+
+
 def _shallow(module: nn.Module) -> nn.Module:
     """A new module object sharing ``module``'s children and parameters; replacing a child in the copy leaves the
-    original untouched."""
+    original untouched. An accelerate hook on ``module`` itself is not carried over (it would call the original's
+    forward); the shared children keep theirs."""
     new = copy.copy(module)
     for name in ("_modules", "_parameters", "_buffers"):
         new.__dict__[name] = dict(module.__dict__[name])
+    for name in _HOOK_ENTRIES:
+        new.__dict__.pop(name, None)
     return new
+
+
+def _detached(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (onloaded) without accelerate hooks (a hook's copy would copy its whole weights
+    map); it lives in memory, where ``module``'s weights are now."""
+    saved = {}
+    for m in module.modules():
+        saved[m] = {k: m.__dict__.pop(k) for k in _HOOK_ENTRIES if k in m.__dict__}
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for m, entries in saved.items():
+            m.__dict__.update(entries)
 
 
 def replacement_layer(adapter, layer: nn.Module, alpha: float) -> nn.Module:
@@ -42,28 +69,35 @@ def replacement_layer(adapter, layer: nn.Module, alpha: float) -> nn.Module:
 
     It shares every weight with ``layer`` except those the ops rewrite (the fused output projection; on Gemma2
     the post-attention norm that carries alpha): exactly ``value_only_attention`` then ``scale_output`` of the
-    plan, or ``drop_attention`` for alpha = 0.
+    plan, or ``drop_attention`` for alpha = 0. On an offloaded model the rewritten modules are copies in memory
+    (on the execution device) and the shared ones keep their offload hooks.
     """
     new = _shallow(layer)
     if alpha == 0:
         adapter.drop_attention_in_(new)
         return new
-    attn = _shallow(adapter.attention(layer))
-    attn._modules[adapter.o_name] = copy.deepcopy(attn._modules[adapter.o_name])
-    new._modules[adapter.attn_name] = attn
-    adapter.value_only_attention_in_(new)
-    if alpha != 1:
-        if adapter.attn_out_norm:
-            new._modules[adapter.attn_out_norm] = copy.deepcopy(new._modules[adapter.attn_out_norm])
-        adapter.scale_output_in_(new, "attention", alpha)
+    with onloaded(layer):  # the copies are made from the real weights
+        attn = _shallow(adapter.attention(layer))
+        attn._modules[adapter.o_name] = _detached(attn._modules[adapter.o_name])
+        new._modules[adapter.attn_name] = attn
+        adapter.value_only_attention_in_(new)
+        if alpha != 1:
+            if adapter.attn_out_norm:
+                new._modules[adapter.attn_out_norm] = _detached(new._modules[adapter.attn_out_norm])
+            adapter.scale_output_in_(new, "attention", alpha)
     return new
 
 
 class AlphaSearch:
-    """Searches one alpha per layer in ``layers`` over ``grid`` on calibration rows ``[n, T]`` (equal lengths)."""
+    """Searches one alpha per layer in ``layers`` over ``grid`` on calibration rows ``[n, T]`` (equal lengths).
+
+    Layer at a time, batch at a time on the engine: hidden states live in :class:`ActivationStore` objects (CPU, or
+    disk under ``store_folder``), each layer is onloaded once per pass over the rows, the logits come from the
+    model's own head one batch at a time.
+    """
 
     def __init__(self, model, calibration: torch.Tensor, layers: list[int], grid: list[float], mode: str = "cached",
-                 abandon: bool | None = None):
+                 abandon: bool | None = None, batch_size: int = LAYER_BATCH, store_folder: str | bool | None = None):
         self.model = model
         self.adapter = adapter_for(model)
         self.decoder = self.adapter.decoder_layers(model)
@@ -72,32 +106,54 @@ class AlphaSearch:
         self.layers = sorted(layers)
         self.grid = list(grid)
         self.mode = mode
+        self.batch_size = batch_size
+        self.store_folder = store_folder
         #: early abandoning of grid points (default: on for the cached search, off for the naive one)
         self.abandon = mode == "cached" if abandon is None else abandon
         self.layer_forwards = 0.0
         self.head_forwards = 0.0
+        self.tuple_out = None
         start = time.perf_counter()
         with calibration_mode(model), torch.no_grad():
             self._prepare(calibration)
         self.prepare_s = time.perf_counter() - start  # the capture and dense pass count as search time
 
     def _prepare(self, calibration: torch.Tensor) -> None:
-        inputs, self.kwargs = capture_layer_inputs(self.model, calibration)
-        self.tuple_out = isinstance(self.decoder[0](inputs[0], **self.kwargs[0]), tuple)
-        # cache[l][s]: dense input of layer l for sample s (layer 0 always; the searched layers in cached mode)
-        self.cache: dict[int, list[torch.Tensor]] = {0: inputs}
+        inputs, self.kwargs = capture(self.model, calibration, self.batch_size, ActivationStore(self.store_folder))
+        # cache[l]: the dense inputs of layer l, every row (layer 0 in naive mode; the searched layers in cached mode)
+        self.cache: dict[int, ActivationStore] = {0: inputs}
         if self.mode == "cached":
             keep = set(self.layers)
-            hidden = list(inputs)
+            hidden = inputs
             for idx in range(max(self.layers)):
-                for s in range(self.n):
-                    hidden[s] = self._run(idx, self.decoder[idx], hidden[s])
+                out = self._propagate(idx, self.decoder[idx], hidden)
+                if hidden not in self.cache.values():
+                    hidden.close()
+                hidden = out
                 if idx + 1 in keep:
-                    self.cache[idx + 1] = list(hidden)
+                    self.cache[idx + 1] = hidden
+            if 0 not in keep:  # the cached search starts at searched layers only
+                self.cache.pop(0).close()
 
-    def _run(self, idx: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        self.layer_forwards += 1 / self.n
-        return run_layer(layer, hidden, self.kwargs[idx])
+    def close(self) -> None:
+        """Drop the cached hidden states (their files, for a store on disk)."""
+        for store in self.cache.values():
+            store.close()
+        self.cache = {}
+
+    def _propagate(self, idx: int, layer: nn.Module, inputs: ActivationStore) -> ActivationStore:
+        """``layer`` (at position ``idx``), onloaded once, over every batch of ``inputs``; its outputs."""
+        outputs = inputs.like()
+        with onloaded(layer):
+            device = execution_device(layer)
+            for b in range(len(inputs)):
+                hidden = inputs.get(b, device)  # [b, T, d]
+                out = layer(hidden, **self.kwargs[idx])
+                if self.tuple_out is None:
+                    self.tuple_out = isinstance(out, tuple)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+                self.layer_forwards += hidden.shape[0] / self.n
+        return outputs
 
     @torch.no_grad()
     def loss(self, start: int, overrides: dict[int, nn.Module], bound: float = math.inf) -> float | None:
@@ -105,19 +161,31 @@ class AlphaSearch:
         for the model's layers) from the cached dense input of layer ``start``.
 
         ``bound``: a total already achieved by another grid point; the rows' NLLs are non-negative, so once the
-        running sum exceeds it this point cannot win and None is returned early.
+        running sum exceeds it this point cannot win and None is returned (the remaining head batches are
+        skipped).
         """
-        total = 0.0
-        for s in range(self.n):
-            hidden = self.cache[start][s]
-            for idx in range(start, len(self.decoder)):
-                hidden = self._run(idx, overrides.get(idx, self.decoder[idx]), hidden)
-            logits = head_logits(self.model, self.decoder, self.ids[s], hidden, self.tuple_out)  # [T, V]
-            self.head_forwards += 1 / self.n
-            target = self.ids[s][1:].to(logits.device)
-            total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
-            if total > bound:
-                return None
+        hidden = self.cache[start]
+        for idx in range(start, len(self.decoder)):
+            out = self._propagate(idx, overrides.get(idx, self.decoder[idx]), hidden)
+            if hidden is not self.cache[start]:
+                hidden.close()
+            hidden = out
+        total, row = 0.0, 0
+        try:
+            with onloaded_except(self.model, self.decoder):  # the embeddings, final norm and head, once
+                for b in range(len(hidden)):
+                    final = hidden[b]  # [b, T, d]
+                    ids = self.ids[row : row + final.shape[0]]  # [b, T]
+                    logits = head_forward(self.model, ids, final, self.tuple_out)  # [b, T, V] float32
+                    self.head_forwards += final.shape[0] / self.n
+                    for r in range(final.shape[0]):  # row by row, summed as a float: the order of today's sums
+                        target = ids[r, 1:].to(logits.device)
+                        total += float(F.cross_entropy(logits[r, :-1], target, reduction="sum"))
+                        if total > bound:
+                            return None
+                    row += final.shape[0]
+        finally:
+            hidden.close()
         return total
 
     def run(self, progress: bool = True) -> tuple[dict[int, float], list[dict], dict[int, nn.Module]]:
@@ -130,33 +198,39 @@ class AlphaSearch:
         start_time = time.perf_counter()
         fixed: dict[int, nn.Module] = {}
         alphas: dict[int, float] = {}
-        trace = []
-        tokens = self.n * (self.ids.shape[1] - 1)
+        trace: list = []
         with calibration_mode(self.model):
-            bar = tqdm(total=len(self.layers) * len(self.grid), desc="HARP alpha search", unit="point",
-                       disable=not progress)
-            previous = len(self.grid) - 1
-            for layer in sorted(self.layers, reverse=True):
-                best, ppl = None, {}
-                order = list(range(len(self.grid)))
-                if self.abandon:
-                    order = [previous] + [k for k in order if k != previous]
-                for k in order:
-                    alpha = self.grid[k]
-                    candidate = replacement_layer(self.adapter, self.decoder[layer], alpha)
-                    bound = best[0] if best is not None and self.abandon else math.inf
-                    value = self.loss(layer if self.mode == "cached" else 0, {**fixed, layer: candidate}, bound)
-                    ppl[alpha] = None if value is None else math.exp(value / tokens)
-                    if value is not None and (best is None or (value, k) < best[:2]):
-                        best = (value, k, candidate)
-                    bar.update()
-                _, previous, fixed[layer] = best
-                alphas[layer] = self.grid[previous]
-                trace.append({"layer": layer, "alpha": alphas[layer], "ppl": {a: ppl[a] for a in self.grid}})
-                logger.info("HARP: layer %d alpha %.2f (calibration ppl %.3f)", layer, alphas[layer], ppl[alphas[layer]])
-            bar.close()
+            try:
+                self._search(fixed, alphas, trace, progress)
+            finally:
+                self.close()
         self.seconds = self.prepare_s + time.perf_counter() - start_time
         return alphas, trace, fixed
+
+    def _search(self, fixed: dict, alphas: dict, trace: list, progress: bool) -> None:
+        tokens = self.n * (self.ids.shape[1] - 1)
+        bar = tqdm(total=len(self.layers) * len(self.grid), desc="HARP alpha search", unit="point",
+                   disable=not progress)
+        previous = len(self.grid) - 1
+        for layer in sorted(self.layers, reverse=True):
+            best, ppl = None, {}
+            order = list(range(len(self.grid)))
+            if self.abandon:
+                order = [previous] + [k for k in order if k != previous]
+            for k in order:
+                alpha = self.grid[k]
+                candidate = replacement_layer(self.adapter, self.decoder[layer], alpha)
+                bound = best[0] if best is not None and self.abandon else math.inf
+                value = self.loss(layer if self.mode == "cached" else 0, {**fixed, layer: candidate}, bound)
+                ppl[alpha] = None if value is None else math.exp(value / tokens)
+                if value is not None and (best is None or (value, k) < best[:2]):
+                    best = (value, k, candidate)
+                bar.update()
+            _, previous, fixed[layer] = best
+            alphas[layer] = self.grid[previous]
+            trace.append({"layer": layer, "alpha": alphas[layer], "ppl": {a: ppl[a] for a in self.grid}})
+            logger.info("HARP: layer %d alpha %.2f (calibration ppl %.3f)", layer, alphas[layer], ppl[alphas[layer]])
+        bar.close()
 
     def cost(self) -> dict:
         return {"search_s": getattr(self, "seconds", None), "search_layer_forwards": self.layer_forwards,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...calibration.moments import input_moments
+from ...engine import onloaded
 from ...plan import PruningPlan, RemoveHeads
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model, simulate_plan
@@ -48,10 +49,11 @@ def head_scores(model, config: HeadsConfig, calibration: torch.Tensor | None) ->
     for i in full:
         s = states[i]
         hd, rep = s.head_dim, s.q_heads // s.kv_heads
-        wq = proj(i, adapter.q_name).weight.data.double()  # [nq*hd, d]
-        wo = proj(i, adapter.o_name).weight.data.double().T  # [nq*hd, d]: row j = o_proj column j
-        wk = proj(i, adapter.k_name).weight.data.double()  # [nkv*hd, d]
-        wv = proj(i, adapter.v_name).weight.data.double()
+        with onloaded(attn[i]):  # an offloaded layer's weights are read in once
+            wq = proj(i, adapter.q_name).weight.data.double()  # [nq*hd, d]
+            wo = proj(i, adapter.o_name).weight.data.double().T  # [nq*hd, d]: row j = o_proj column j
+            wk = proj(i, adapter.k_name).weight.data.double()  # [nkv*hd, d]
+            wv = proj(i, adapter.v_name).weight.data.double()
         if config.score == "magnitude":
             q = [float(_rows(wq, h, hd).pow(2).sum() + _rows(wo, h, hd).pow(2).sum()) for h in range(s.q_heads)]
             kv = [float(_rows(wk, g, hd).pow(2).sum() + _rows(wv, g, hd).pow(2).sum()) for g in range(s.kv_heads)]
