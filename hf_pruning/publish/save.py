@@ -9,6 +9,7 @@ import os
 
 from torch import nn
 
+from ..engine.streaming import needs_streaming, save_streamed
 from ..model_methods import model_method
 from ..saving import (
     CARD_NAME,
@@ -68,7 +69,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     evaluation = clean_evaluation(evaluation if evaluation is not None else getattr(model, "hf_pruning_evaluation", None))
     with StagedSave(target) as save:
         stage = save.stage
-        type(model).save_pretrained(model, stage, *args, **kwargs)
+        if needs_streaming(model):  # offloaded weights: written one tensor at a time, never the whole model
+            save_streamed(model, stage, *args, **kwargs)
+        else:
+            type(model).save_pretrained(model, stage, *args, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
             portable_tokenizer_config(stage)
