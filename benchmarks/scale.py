@@ -93,7 +93,7 @@ def run_8b(args) -> dict:
         row["error"] = f"{type(err).__name__}: {err}"[:500]
         logger.exception("run failed")
     row.update(phases=phases.rows, peak_rss_gib=phases.peak(), note=row.get("error", "")[:80])
-    record(args.key or f"8b-{args.method}", row)
+    record(args.key or f"8b-{args.method}", row, args.results)
     if not args.keep:
         shutil.rmtree(offload, ignore_errors=True)
     return row
@@ -103,13 +103,13 @@ def qwen_side(args) -> dict:
     """One side of the Qwen comparison, in this process: in memory (``--cpu-memory`` unset) or offloaded."""
     from transformers import AutoTokenizer
 
-    from hf_pruning.calibration import build_calibration
+    from hf_pruning.calibration import build_calibration, default_text
 
     from .qwen_asset import qwen_path
 
     path, phases = qwen_path(), Phases()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    calibration = build_calibration(tokenizer, n_samples=args.rows, seq_len=args.tokens, seed=0)
+    calibration = build_calibration(tokenizer, default_text("calibration"), args.rows, args.tokens, seed=0)
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-qwen-"))
     with phases("load"):
         model = load(path, args.cpu_memory, work / "offload", torch.float32)
@@ -117,12 +117,16 @@ def qwen_side(args) -> dict:
     row = {"model": "Qwen2.5-Coder-1.5B-Instruct (fp32)", "parameters": n, "model_gib": 4 * n / GIB,
            "method": args.method, "rows": args.rows, "tokens": args.tokens, "max_memory": args.cpu_memory or "all"}
     out = None if args.no_save else work / "pruned"
-    row.update(prune_and_save(model, args.method, calibration, out, phases))
-    x = calibration[:1, :16]
-    with phases("logits"), torch.no_grad():
-        row["logits"] = model(x).logits[0, -1, :64].tolist()
-    row["digests"] = digests(model)
-    row["plan"] = getattr(model.config, "pruning_plan", None)
+    try:
+        row.update(prune_and_save(model, args.method, calibration, out, phases))
+        x = calibration[:1, :16]
+        with phases("logits"), torch.no_grad():
+            row["logits"] = model(x).logits[0, -1, :64].tolist()
+        row["digests"] = digests(model)
+        row["plan"] = getattr(model.config, "pruning_plan", None)
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {err}"[:500]
+        logger.exception("run failed")
     row.update(phases=phases.rows, peak_rss_gib=phases.peak())
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -136,19 +140,24 @@ def qwen(args) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result = Path(f.name)
         cmd = [sys.executable, "-m", "benchmarks.scale", "--qwen-side", str(result), "--method", args.method,
-               "--rows", str(args.rows), "--tokens", str(args.tokens)] + (["--cpu-memory", memory] if memory else [])
+               "--rows", str(args.rows), "--tokens", str(args.tokens), "--results", args.results] + (["--cpu-memory", memory] if memory else [])
         cmd += ["--no-save"] if args.no_save else []
         subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent)
         sides[side] = json.loads(result.read_text())
         result.unlink()
     a, b = sides["memory"], sides["offloaded"]
-    same = a["digests"] == b["digests"] and a["plan"] == b["plan"]
-    diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"], strict=True))
+    errors = [f"{side}: {row['error']}" for side, row in sides.items() if "error" in row]
+    if not errors:
+        same = a["digests"] == b["digests"] and a["plan"] == b["plan"]
+        diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"], strict=True))
     for side, row in sides.items():
-        row.pop("digests"), row.pop("logits")
-        row.update(same_weights_as_memory=same, max_logit_diff=diff,
-                   note=f"identical weights and plan: {same}; logits differ by {diff:.2g}")
-        record(f"qwen-{args.method}-{side}", row)
+        row.pop("digests", None), row.pop("logits", None)
+        if errors:
+            row["note"] = "; ".join(errors)[:120]
+        else:
+            row.update(same_weights_as_memory=same, max_logit_diff=diff,
+                       note=f"identical weights and plan: {same}; logits differ by {diff:.2g}")
+        record(f"qwen-{args.method}-{side}", row, args.results)
     return sides
 
 
@@ -165,8 +174,9 @@ def main(argv=None) -> None:
     p.add_argument("--source-dtype", default="bfloat16", choices=DTYPES, help="--make-8b: dtype on disk")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="--run-8b: dtype the model is loaded in")
     p.add_argument("--method", default="wanda", help="wanda, sparsegpt, magnitude, any method name, or none")
-    p.add_argument("--rows", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--rows", type=int, default=4, help="calibration rows (default 4)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per row (default 256 for --run-8b, 128 for Qwen)")
+    p.add_argument("--results", default="scale", help="results/<name>.{json,md} (default scale)")
     p.add_argument("--cpu-memory", default=None, help="max_memory for weights in RAM, e.g. 8GiB (unset: all in RAM)")
     p.add_argument("--work", help="folder for the offload folder and the pruned model (default: a temporary one)")
     p.add_argument("--out", help="--run-8b: where to save the pruned model (default: WORK/pruned)")
@@ -176,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the offload folder")
     p.add_argument("--key", help="name of the row in results/scale.json")
     args = p.parse_args(argv)
+    args.tokens = args.tokens or (128 if args.qwen or args.qwen_side else 256)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.make_8b:
         info = make_checkpoint(Path(args.make_8b), llama_config(args.layers, args.scale_down), DTYPES[args.source_dtype])
@@ -199,6 +210,7 @@ def smoke(args) -> None:
         make_checkpoint(src, llama_config(args.layers or 2, 8), torch.bfloat16)
         ns = argparse.Namespace(**{**vars(args), "run_8b": str(src), "work": tmp, "out": None,
                                    "cpu_memory": args.cpu_memory or "30MB", "key": args.key or f"smoke-{args.method}",
+                                   "results": args.results if args.results != "scale" else f"{tmp}/scale-smoke",
                                    "rows": 2, "tokens": 32})
         row = run_8b(ns)
         if "error" not in row and not args.no_save:

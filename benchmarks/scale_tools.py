@@ -119,9 +119,11 @@ def zero_fraction(model) -> float:
 
 
 def record(key: str, row: dict, name: str = "scale") -> None:
-    """Merge ``row`` into results/<name>.json under ``key`` and rewrite results/<name>.md from it."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Merge ``row`` into results/<name>.json under ``key`` and rewrite results/<name>.md from it (``name`` may
+    be a path without suffix instead)."""
+    stem = Path(name) if "/" in name else RESULTS / name
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    path = stem.with_suffix(".json")
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[key] = row
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -135,4 +137,4 @@ def record(key: str, row: dict, name: str = "scale") -> None:
         lines.append(f"| {run} | {r.get('model', '')} | {r.get('max_memory', 'all')} | {r.get('method', '')} | "
                      f"{r.get('rows', '-')} x {r.get('tokens', '-')} | {' | '.join(secs)} | "
                      f"{r.get('peak_rss_gib', 0):.2f} | {r.get('model_gib', 0):.2f} | {r.get('note', '')} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -138,3 +138,23 @@ def test_offload_settings(tmp_path):
     assert settings == {"device_map": "auto", "max_memory": {0: "20GiB", "cpu": "1GiB"},
                         "offload_folder": str(tmp_path / "off")}
     assert (tmp_path / "off").is_dir()
+
+
+def test_release_offload_moves_edits_into_the_save(tmp_path):
+    """release_offload=True deletes the edited weights' offload files once saved and reads them from the saved
+    shards afterwards: the model still computes the same, and saves the same again."""
+    ref = offloaded_model("llama", "memory", str(tmp_path))
+    mask_(ref)
+    ref.save_pretrained(tmp_path / "want", max_shard_size=SHARD)
+    model = offloaded_model("llama", "disk", str(tmp_path / "offload"))
+    mask_(model)
+    dat = sorted((tmp_path / "offload" / "offload").glob("*.dat"))
+    assert len(dat) >= 7 * 4  # the four offloaded layers' edited linear weights
+    streaming.save_streamed(model, tmp_path / "got", max_shard_size=SHARD, release_offload=True)
+    assert not any(p.exists() for p in dat)
+    assert_same_save(tmp_path / "got", tmp_path / "want")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-6)
+    streaming.save_streamed(model, tmp_path / "again", max_shard_size=SHARD)
+    assert_same_save(tmp_path / "again", tmp_path / "want")

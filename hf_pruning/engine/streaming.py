@@ -122,10 +122,10 @@ def read_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def write_safetensors(path: str | os.PathLike, specs: dict[str, torch.Tensor], fetch: Callable[[str], torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> int:
+                      metadata: dict[str, str] | None = None, written: Callable[[str], None] | None = None) -> int:
     """Write a safetensors file of the tensors named in ``specs`` (any tensors, ``meta`` included, giving dtype and
-    shape) whose data ``fetch(name)`` returns one at a time; each is written and dropped before the next is fetched.
-    Returns the largest number of bytes held at once (one tensor's)."""
+    shape) whose data ``fetch(name)`` returns one at a time; each is written and dropped before the next is fetched
+    (and ``written(name)`` called). Returns the largest number of bytes held at once (one tensor's)."""
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("safetensors files are little-endian; writing them on a big-endian machine is not supported")
     header, offset = {}, 0
@@ -153,7 +153,48 @@ def write_safetensors(path: str | os.PathLike, specs: dict[str, torch.Tensor], f
             largest = max(largest, data.numel())
             out.write(data.numpy().data)
             del tensor, data
+            if written is not None:
+                written(name)
     return largest
+
+
+def _offload_file(model: nn.Module, name: str):
+    """``(loader, key, path)`` when tensor ``name`` is offloaded into a ``.dat`` file of an offload folder (an edit
+    written there by :func:`~hf_pruning.engine.write_param`, or a weight transformers copied there at load), else
+    ``None`` (in memory, in a CPU ``weights_map`` or read from a checkpoint's safetensors file)."""
+    module_name, _, leaf = name.rpartition(".")
+    if getattr(model.get_submodule(module_name), leaf).device.type != "meta":
+        return None
+    parts = module_name.split(".") if module_name else []
+    for depth in range(len(parts), -1, -1):
+        hook = offload_hook(model.get_submodule(".".join(parts[:depth])))
+        weights_map = getattr(hook, "weights_map", None)
+        dataset = getattr(weights_map, "dataset", weights_map)
+        key = getattr(weights_map, "prefix", "") + ".".join([*parts[depth:], leaf])
+        index = getattr(dataset, "index", None)
+        if index is not None and key in index and key not in dataset.state_dict:
+            entry = index[key]
+            if entry.get("safetensors_file") is None and getattr(dataset, "save_folder", None):
+                return dataset, key, Path(dataset.save_folder, f"{key}.dat")
+            return None
+    return None
+
+
+def _released(model: nn.Module, shard: Path) -> Callable[[str], None]:
+    """A ``written`` callback that deletes each tensor's offload-folder file once it is in ``shard`` and points the
+    offload index at the tensor in ``shard`` instead (read from there from now on, converted to the live dtype)."""
+
+    def written(name: str) -> None:
+        found = _offload_file(model, name)
+        if found is None:
+            return
+        dataset, key, path = found
+        module_name, _, leaf = name.rpartition(".")
+        dtype = str(getattr(model.get_submodule(module_name), leaf).dtype).removeprefix("torch.")
+        dataset.index[key] = {"safetensors_file": str(shard), "weight_name": name, "dtype": dtype}
+        path.unlink(missing_ok=True)
+
+    return written
 
 
 def _check_plain_names(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -174,7 +215,7 @@ def _check_plain_names(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def save_streamed(model: nn.Module, save_directory: str | os.PathLike, *args, max_shard_size: int | str = "50GB",
-                  variant: str | None = None, **kwargs) -> StreamStats:
+                  variant: str | None = None, release_offload: bool = False, **kwargs) -> StreamStats:
     """Save ``model`` into ``save_directory`` like ``type(model).save_pretrained`` would, holding one tensor at a time.
 
     The files are those transformers writes (config, generation config, remote code, ``model.safetensors`` or
@@ -182,6 +223,11 @@ def save_streamed(model: nn.Module, save_directory: str | os.PathLike, *args, ma
     same keys); offloaded weights are read from their accelerate hook (so edits made with
     :func:`~hf_pruning.engine.write_param` are saved). Other arguments go to transformers' ``save_pretrained``,
     which writes everything but the weights.
+
+    ``release_offload=True`` is for disks with no room for a second copy of the edited weights: each weight held in
+    an offload folder's ``.dat`` file is deleted once written, and the model reads it from the saved shard from then
+    on (so ``save_directory`` must stay where it is while the model is used; an interrupted save leaves the model
+    without those weights). Disk use then grows by the weights that were in memory, not by the whole model.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -200,7 +246,9 @@ def save_streamed(model: nn.Module, save_directory: str | os.PathLike, *args, ma
     stats = StreamStats(files=tuple(split.filename_to_tensors))
     for shard, names in split.filename_to_tensors.items():
         specs = {name: state[name] for name in names}
-        largest = write_safetensors(folder / shard, specs, lambda name: read_tensor(model, name), {"format": "pt"})
+        written = _released(model, (folder / shard).resolve()) if release_offload else None
+        largest = write_safetensors(folder / shard, specs, lambda name: read_tensor(model, name), {"format": "pt"},
+                                    written)
         stats.largest = max(stats.largest, largest)
         stats.tensors += len(names)
         stats.bytes += sum(t.numel() * t.element_size() for t in specs.values())
