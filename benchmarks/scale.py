@@ -67,6 +67,10 @@ def prune_and_save(model, method: str, calibration: torch.Tensor, out: Path | No
         with phases("save"):
             if saver == "transformers":  # for comparison: transformers' own save (one whole shard in memory)
                 type(model).save_pretrained(model, out)
+            elif saver == "release":  # no room on disk for a second copy of the edits: move them into the save
+                from hf_pruning.engine.streaming import save_streamed
+
+                row["save_stats"] = vars(save_streamed(model, out, max_shard_size="5GB", release_offload=True))
             else:
                 hf_pruning.save_pretrained(model, out, card=False)
     return row
@@ -181,8 +185,9 @@ def main(argv=None) -> None:
     p.add_argument("--work", help="folder for the offload folder and the pruned model (default: a temporary one)")
     p.add_argument("--out", help="--run-8b: where to save the pruned model (default: WORK/pruned)")
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--saver", default="hf_pruning", choices=("hf_pruning", "transformers"),
-                   help="--run-8b: save with hf_pruning (streamed when offloaded) or transformers' save_pretrained")
+    p.add_argument("--saver", default="hf_pruning", choices=("hf_pruning", "release", "transformers"),
+                   help="--run-8b: hf_pruning.save_pretrained (streamed when offloaded), release (streamed, moving the "
+                   "edited offloaded weights into the save: no second copy on disk) or transformers' save_pretrained")
     p.add_argument("--keep", action="store_true", help="keep the offload folder")
     p.add_argument("--key", help="name of the row in results/scale.json")
     args = p.parse_args(argv)

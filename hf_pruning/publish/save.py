@@ -45,6 +45,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     behind; the next save into the same folder removes the staging folders of processes that no longer run on
     this machine.
 
+    A model whose weights accelerate offloads (``device_map`` with ``"cpu"``/``"disk"``, ``cpu_offload``) is saved
+    one tensor at a time into the same files (:func:`hf_pruning.engine.streaming.save_streamed`), never whole.
+
     Extra arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``); use
     :func:`hf_pruning.push_to_hub` instead of ``push_to_hub=True``. ``tokenizer=`` saves a tokenizer alongside,
     with a ``tokenizer_config.json`` that names its class, so loading it never needs the model's custom code.
