@@ -16,7 +16,7 @@ from tiny_models import ARCHS, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_pruning
-from hf_pruning.engine import onloaded, streaming, write_param
+from hf_pruning.engine import offload_hook, onloaded, streaming, write_param
 from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
 SHARD = "20KB"  # many shards, so the split and the index are checked too
@@ -138,6 +138,23 @@ def test_offload_settings(tmp_path):
     assert settings == {"device_map": "auto", "max_memory": {0: "20GiB", "cpu": "1GiB"},
                         "offload_folder": str(tmp_path / "off")}
     assert (tmp_path / "off").is_dir()
+
+
+def test_from_pretrained_reads_disk_offloaded_weights_from_the_checkpoint(tmp_path):
+    """hf_pruning.from_pretrained passes device_map/max_memory/offload_folder to transformers: with 20 kB of RAM
+    for weights the layers go to disk, read from the checkpoint's own safetensors file (nothing copied into the
+    offload folder), and the model computes what it computed in memory."""
+    ref = offloaded_model("qwen2", "memory", str(tmp_path))
+    ref.save_pretrained(tmp_path / "ckpt")
+    model = hf_pruning.from_pretrained(tmp_path / "ckpt", **streaming.offload_settings("20kB", tmp_path / "off"))
+    assert "disk" in model.hf_device_map.values() and streaming.needs_streaming(model)
+    assert list((tmp_path / "off").iterdir()) == []
+    hook = next(h for m in model.modules() if (h := offload_hook(m)) is not None)
+    entry = hook.weights_map.dataset.index[hook.weights_map.prefix + "weight"]
+    assert Path(entry["safetensors_file"]).parent == tmp_path / "ckpt"
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-6)
 
 
 def test_release_offload_moves_edits_into_the_save(tmp_path):
