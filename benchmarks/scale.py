@@ -96,7 +96,8 @@ def run_8b(args) -> dict:
     except Exception as err:  # recorded: the run is long, its numbers so far are still worth keeping
         row["error"] = f"{type(err).__name__}: {err}"[:500]
         logger.exception("run failed")
-    row.update(phases=phases.rows, peak_rss_gib=phases.peak(), note=row.get("error", "")[:80])
+    row.update(phases=phases.rows, peak_rss_gib=phases.peak(), peak_anon_gib=phases.peak("peak_anon_gib"),
+               note=row.get("error", "")[:80])
     record(args.key or f"8b-{args.method}", row, args.results)
     if not args.keep:
         shutil.rmtree(offload, ignore_errors=True)
@@ -131,7 +132,7 @@ def qwen_side(args) -> dict:
     except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"[:500]
         logger.exception("run failed")
-    row.update(phases=phases.rows, peak_rss_gib=phases.peak())
+    row.update(phases=phases.rows, peak_rss_gib=phases.peak(), peak_anon_gib=phases.peak("peak_anon_gib"))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return row

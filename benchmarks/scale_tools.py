@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -79,7 +80,10 @@ def _status(field: str) -> int:
 
 
 class Phases:
-    """Wall time and peak RSS of each phase of a run (the kernel's peak is reset at each phase's start)."""
+    """Wall time and peak RSS of each phase of a run: the kernel's peak (VmHWM, reset at each phase's start; it
+    counts pages of memory-mapped checkpoint files too) and, sampled every 20 ms, the peak of anonymous memory
+    (RssAnon: what the process allocated itself) and of file-backed pages (RssFile: mapped safetensors files,
+    which the kernel can drop under pressure)."""
 
     def __init__(self):
         self.rows: dict[str, dict] = {}
@@ -89,12 +93,28 @@ class Phases:
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         start, rss0 = time.perf_counter(), _status("VmRSS")
-        yield
-        self.rows[name] = {"seconds": round(time.perf_counter() - start, 2), "rss_start_gib": rss0 / GIB,
-                           "peak_rss_gib": _status("VmHWM") / GIB}
+        peaks, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
 
-    def peak(self) -> float:
-        return max((r["peak_rss_gib"] for r in self.rows.values()), default=0.0)
+        def sample():
+            while True:
+                for field in peaks:
+                    peaks[field] = max(peaks[field], _status(field))
+                if done.wait(0.02):
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
+            self.rows[name] = {"seconds": round(time.perf_counter() - start, 2), "rss_start_gib": rss0 / GIB,
+                               "peak_rss_gib": _status("VmHWM") / GIB, "peak_anon_gib": peaks["RssAnon"] / GIB,
+                               "peak_file_gib": peaks["RssFile"] / GIB}
+
+    def peak(self, field: str = "peak_rss_gib") -> float:
+        return max((r.get(field, 0.0) for r in self.rows.values()), default=0.0)
 
 
 def digests(model) -> dict[str, str]:
@@ -128,13 +148,16 @@ def record(key: str, row: dict, name: str = "scale") -> None:
     data[key] = row
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     lines = ["# Scale runs (benchmarks/scale.py)", "",
-             "Peak RSS is the process's VmHWM per phase (reset at each phase's start). GiB = 2^30 bytes.", "",
+             "Peak RSS: the process's VmHWM over all phases (it counts pages of memory-mapped checkpoint files); "
+             "peak anon: the largest RssAnon sampled every 20 ms (memory the process allocated). GiB = 2^30 bytes.",
+             "",
              "| run | model | weights in memory | method | rows x tokens | load s | prune s | save s | peak RSS GiB "
-             "| model GiB (run dtype) | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak anon GiB | model GiB (run dtype) | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, r in sorted(data.items()):
         ph = r.get("phases", {})
         secs = [str(ph.get(p, {}).get("seconds", "-")) for p in ("load", "prune", "save")]
         lines.append(f"| {run} | {r.get('model', '')} | {r.get('max_memory', 'all')} | {r.get('method', '')} | "
                      f"{r.get('rows', '-')} x {r.get('tokens', '-')} | {' | '.join(secs)} | "
-                     f"{r.get('peak_rss_gib', 0):.2f} | {r.get('model_gib', 0):.2f} | {r.get('note', '')} |")
+                     f"{r.get('peak_rss_gib', 0):.2f} | {r.get('peak_anon_gib', 0):.2f} | {r.get('model_gib', 0):.2f} | "
+                     f"{r.get('note', '')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
