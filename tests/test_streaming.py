@@ -109,6 +109,16 @@ def test_hf_pruning_save_streams_offloaded_models(mode, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_streamed_save_of_a_pruned_class_in_memory(arch, tmp_path):
+    """The writer on a Pruned* model (config.pruning_plan, remote code) writes what transformers writes."""
+    ref = hf_pruning.apply_plan_(offloaded_model(arch, "memory", str(tmp_path)), STRUCTURAL)
+    streaming.save_streamed(ref, tmp_path / "got", max_shard_size=SHARD)
+    type(ref).save_pretrained(ref, tmp_path / "want", max_shard_size=SHARD)
+    assert_same_save(tmp_path / "got", tmp_path / "want")
+    assert any(p.suffix == ".py" for p in (tmp_path / "got").iterdir())  # the remote code
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_streamed_save_of_a_pruned_class(arch, tmp_path):
     """A plan applied to an offloaded model (Pruned* class, config.pruning_plan) saves and reloads with its remote
     code; skipped while apply_plan_ cannot edit offloaded models."""
