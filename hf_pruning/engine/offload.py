@@ -177,19 +177,3 @@ def onloaded_except(model: nn.Module, exclude: nn.Module):
             if id(m) not in inside and not holder and offload_hook(m) is not None:
                 stack.enter_context(onloaded(m))
         yield model
-
-
-def offloaded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every offloaded tensor (``meta`` in the model) read from its offloaded copy,
-    where :func:`write_param` put the edits (a CPU weights map gives its own tensors, a disk one reads them)."""
-    state = model.state_dict()
-    modules = dict(model.named_modules())
-    for key, value in state.items():
-        if value.device.type != "meta":
-            continue
-        owner, _, name = key.rpartition(".")
-        hook = offload_hook(modules[owner])
-        if hook is None:
-            raise ValueError(f"{key} is on the meta device but no accelerate hook holds an offloaded copy of it")
-        state[key] = hook.weights_map[name]
-    return state

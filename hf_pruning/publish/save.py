@@ -9,7 +9,7 @@ import os
 
 from torch import nn
 
-from ..engine.offload import is_offloaded, offloaded_state_dict
+from ..engine.streaming import needs_streaming, save_streamed
 from ..model_methods import model_method
 from ..saving import (
     CARD_NAME,
@@ -23,13 +23,6 @@ from ..saving import (
 from .card import write_card
 
 logger = logging.getLogger(__name__)
-
-
-def _offloaded_unknown_to_transformers(model: nn.Module) -> bool:
-    """Offloaded by accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) without a ``hf_device_map``
-    naming ``"cpu"``/``"disk"``, so transformers' save would not read the offloaded tensors back."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    return is_offloaded(model) and not {"cpu", "disk"} & set(device_map.values())
 
 
 @model_method
@@ -51,6 +44,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     it was (and no staging folder). A save killed outright (SIGKILL, power loss) leaves its staging folder
     behind; the next save into the same folder removes the staging folders of processes that no longer run on
     this machine.
+
+    A model whose weights accelerate offloads (``device_map`` with ``"cpu"``/``"disk"``, ``cpu_offload``) is saved
+    one tensor at a time into the same files (:func:`hf_pruning.engine.streaming.save_streamed`), never whole.
 
     Extra arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``); use
     :func:`hf_pruning.push_to_hub` instead of ``push_to_hub=True``. ``tokenizer=`` saves a tokenizer alongside,
@@ -76,9 +72,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     evaluation = clean_evaluation(evaluation if evaluation is not None else getattr(model, "hf_pruning_evaluation", None))
     with StagedSave(target) as save:
         stage = save.stage
-        if "state_dict" not in kwargs and _offloaded_unknown_to_transformers(model):
-            kwargs["state_dict"] = offloaded_state_dict(model)  # else its meta tensors would be written
-        type(model).save_pretrained(model, stage, *args, **kwargs)
+        if needs_streaming(model):  # offloaded weights: written one tensor at a time, never the whole model
+            save_streamed(model, stage, *args, **kwargs)
+        else:
+            type(model).save_pretrained(model, stage, *args, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
             portable_tokenizer_config(stage)
