@@ -7,8 +7,8 @@ onloaded once and recomputed with gradients on its stored input, batch by batch:
 ``dL/d(output)`` is pulled back to ``dL/d(input)`` (the next layer's incoming gradient, kept in a store) and to
 the layer's weights, and a visitor reduces what it needs to scalars in that step, so no weight gradient outlives
 its layer. Peak memory: one layer's weights and fp32 weight gradients, one batch on the execution device, the
-stores (each the size of the calibration hidden states). The sum over batches of ``loss_batch * rows / n`` is
-the mean of the rows' losses, exactly the loss of the whole-model backward it replaces.
+stores (each the size of the calibration hidden states) and one row's logits. The sum of ``loss_row / n`` is the
+mean of the rows' losses, exactly the loss of the whole-model backward it replaces.
 """
 
 from __future__ import annotations
@@ -78,17 +78,22 @@ def _forward(model, layers, kept: list[int], calibration: torch.Tensor, batch_si
 
 def _head_gradients(model, calibration: torch.Tensor, final: ActivationStore, batch_size: int,
                     tuple_out: bool) -> ActivationStore:
-    """``dL/dh`` ``[b, T, d]`` at the last layer's output per batch, with ``L`` the mean of the rows' losses."""
+    """``dL/dh`` ``[b, T, d]`` at the last layer's output per batch, with ``L`` the mean of the rows' losses.
+    The head runs one row at a time, so one row's logits ``[1, T, V]`` (and their gradient) are alive at most."""
     n = calibration.shape[0]
     grads = final.like()
     device = execution_device(model.get_input_embeddings())
     for b in range(len(final)):
-        ids = calibration[b * batch_size : (b + 1) * batch_size]  # [b, T]
-        hidden = final.get(b, device).requires_grad_(True)  # [b, T, d]
-        with torch.enable_grad():
-            loss = head_loss(model, ids, hidden, tuple_out) * (ids.shape[0] / n)
-            (grad,) = torch.autograd.grad(loss, hidden)
-        grads.append(grad)
+        rows = final.get(b, device)  # [b, T, d]
+        per_row = []
+        for r in range(rows.shape[0]):
+            ids = calibration[b * batch_size + r][None]  # [1, T]
+            hidden = rows[r : r + 1].clone().requires_grad_(True)  # [1, T, d]
+            with torch.enable_grad():
+                loss = head_loss(model, ids, hidden, tuple_out) / n
+                (grad,) = torch.autograd.grad(loss, hidden)
+            per_row.append(grad)
+        grads.append(torch.cat(per_row))
     return grads
 
 
@@ -103,6 +108,7 @@ def blockwise_backward(model, calibration: torch.Tensor, skip: set[int], tuple_o
     layers = adapter_for(model).decoder_layers(model)
     kept = [i for i in range(len(layers)) if i not in skip]
     inputs, final, kwargs = _forward(model, layers, kept, calibration, batch_size, store_folder)
+    grads = None
     try:
         grads = _head_gradients(model, calibration, final, batch_size, tuple_out)
         final.close()
@@ -111,10 +117,9 @@ def blockwise_backward(model, calibration: torch.Tensor, skip: set[int], tuple_o
                                     need_input_grad=i != kept[0])
             inputs.pop(i).close()
     finally:
-        for store in inputs.values():
-            store.close()
-        final.close()
-    grads.close()
+        for store in [*inputs.values(), final, grads]:
+            if store is not None:
+                store.close()
     return kept
 
 
@@ -140,8 +145,11 @@ def _layer_backward(i: int, layer, inputs: ActivationStore, kwargs: dict, grads:
                 visit(LayerGrad(i, b, h_in.detach(), h_out.detach(), g_out,
                                 tuple(got[1:] if need_input_grad else got) if param_grads else None))
                 del h_out, got
+        except BaseException:
+            out_grads.close()
+            raise
         finally:
             for p in params:
                 p.requires_grad_(False)
-    grads.close()
+            grads.close()
     return out_grads
