@@ -387,8 +387,9 @@ def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch, score):
 
 
 def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):
-    """Rows go through in batches of LAYER_BATCH: the whole model runs only to capture the layer-0 inputs (after
-    one row that records the layers' kwargs) and for the head, once per batch; every layer call sees one batch."""
+    """Rows go through the layers in batches of LAYER_BATCH: the whole model runs only to capture the layer-0
+    inputs (after one row that records the layers' kwargs) and for the head, one row at a time (one row's
+    logits); every layer call sees one batch."""
     from hf_pruning.engine import LAYER_BATCH
 
     model = tiny_model("llama")
@@ -405,7 +406,7 @@ def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):
     gradmap.gradient_scores(model, tokens(6, 16), set(), "grad", False)
     for h in handles:
         h.remove()
-    assert LAYER_BATCH == 4 and widths == [1, 4, 2, 4, 2]  # kwargs row, capture x 2 batches, head x 2 batches
+    assert LAYER_BATCH == 4 and widths == [1, 4, 2] + [1] * 6  # kwargs row, capture x 2 batches, head x 6 rows
     assert max(layer_widths) == LAYER_BATCH and len(layer_widths) == 6 * 2 * 2  # forward + recompute per batch
 
 
