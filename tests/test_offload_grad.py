@@ -84,8 +84,11 @@ def _prune(arch, mode, make, folder, monkeypatch):
             "weights": _layer_weights(model), "hooks": (offload_hooks_in_place(model), expected_hooks)}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("arch", PRE_NORM)
+CASES = [(arch, method) for arch in PRE_NORM for method in METHODS] + [
+    ("opt_postln", "gradmap_plain"), ("opt_postln", "taylor")]  # post-LN OPT: the searches, no compensation
+
+
+@pytest.mark.parametrize("arch, method", CASES)
 def test_same_result_in_memory_with_cpu_and_disk_offload(arch, method, tmp_path, monkeypatch, offloaded_edits_applied):
     runs = {mode: _prune(arch, mode, METHODS[method], tmp_path / mode, monkeypatch)
             for mode in ("memory", "cpu", "disk")}
