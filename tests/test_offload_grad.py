@@ -191,3 +191,23 @@ def test_gradient_stores_can_live_on_disk(tmp_path):
     on_disk = gradmap.gradient_scores(model, CALIB, {4}, "fisher", tuple_out=False, store_folder=str(tmp_path))
     assert on_disk == pytest.approx(in_memory, rel=1e-12)
     assert not list(tmp_path.iterdir())
+
+
+def test_compensation_statistics_are_streamed_one_row_at_a_time(monkeypatch):
+    """The fit never sees more than one calibration row's tokens at once (no [tokens x d] matrix over all rows),
+    and more than 8 rows are validated on 8 folds."""
+    from hf_pruning.methods.depth.compensation_fit import FitStats
+
+    seen = []
+    real = FitStats.add
+
+    def spy(self, fold, a, b, drift=None):
+        seen.append((fold, a.shape[0]))
+        return real(self, fold, a, b, drift)
+
+    monkeypatch.setattr(FitStats, "add", spy)
+    model = tiny_model("llama")
+    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block"], compensate=True), calibration=tokens(10, 24, seed=3))
+    comp = model.hf_pruning_report["compensation"]
+    assert comp["folds"] == 8 and {t for _, t in seen} == {24}
+    assert sorted({f for f, _ in seen}) == list(range(8))
