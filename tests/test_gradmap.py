@@ -387,9 +387,13 @@ def test_contribution_score_is_the_taylor_sum_of_each_block_update(arch, score):
 
 
 def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):
-    """Rows are accumulated one at a time: the forward never sees more than one row."""
+    """Rows go through the layers in batches of LAYER_BATCH: the whole model runs only to capture the layer-0
+    inputs (after one row that records the layers' kwargs) and for the head, one row at a time (one row's
+    logits); every layer call sees one batch."""
+    from hf_pruning.engine import LAYER_BATCH
+
     model = tiny_model("llama")
-    widths = []
+    widths, layer_widths = [], []
     original = type(model).forward
 
     def spy(self, input_ids=None, **kw):
@@ -397,8 +401,13 @@ def test_gradient_pass_memory_stays_flat_with_more_rows(monkeypatch):
         return original(self, input_ids=input_ids, **kw)
 
     monkeypatch.setattr(type(model), "forward", spy)
+    handles = [layer.register_forward_pre_hook(lambda m, args: layer_widths.append(args[0].shape[0]))
+               for layer in adapter_for(model).decoder_layers(model)]
     gradmap.gradient_scores(model, tokens(6, 16), set(), "grad", False)
-    assert widths == [1] * 6
+    for h in handles:
+        h.remove()
+    assert LAYER_BATCH == 4 and widths == [1, 4, 2] + [1] * 6  # kwargs row, capture x 2 batches, head x 6 rows
+    assert max(layer_widths) == LAYER_BATCH and len(layer_widths) == 6 * 2 * 2  # forward + recompute per batch
 
 
 # ----- bad input -------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class DepthConfig(PruningConfig):
                 "its MLP down projection"})
     ridge: float | None = field(default=None, metadata={
         "help": "compensation: ridge strength (relative to the contribution's energy per dimension), > 0; "
-                "default: chosen by leave-one-sample-out error"})
+                "default: chosen by K-fold held-out error (K = min(rows, 8) folds of calibration rows)"})
     solver: str = field(default="closed_form", metadata={"help": "compensation: closed_form (one solve) or adam"})
 
     def uses_calibration(self) -> bool:

@@ -1,7 +1,9 @@
 """GradMAP's stage 1: a global importance score per decoder block from gradients of the language-model loss.
 
-One backward pass over the calibration rows (accumulated row by row, so memory does not grow with the
-calibration size) gives every remaining block's score at once:
+The loss (the mean of the calibration rows' losses) is backpropagated one layer at a time
+(:func:`.backward.blockwise_backward`: a forward keeping each layer's input, the head once per batch, then each
+layer recomputed with gradients from the top down) and each block's score is reduced to a float64 scalar in its
+own backward step, so weight gradients never outlive their layer (fp32 accumulators, also for bf16 models):
 
 - ``grad`` (GradMAP's default): mean |dL/dθ| over the block's parameters (normalised per parameter, so blocks
   compare globally);
@@ -14,17 +16,17 @@ calibration size) gives every remaining block's score at once:
   estimate of the loss increase from removing the block's update: at a trained model the first-order terms
   average out, and the squared terms weight the large, consistent effects that make a removal costly.
 
-Only the parameters of the remaining decoder blocks hold gradients; embeddings, final norm and LM head do not.
-Removed blocks pass their input through, so the loss is that of the pruned model.
+Only the parameters of the remaining decoder blocks get gradients (``grad``/``taylor`` only); embeddings, final
+norm and LM head do not. Removed blocks pass their input through, so the loss is that of the pruned model.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...calibration import calibration_mode, hooks
+from ...engine import LAYER_BATCH, calibration_mode
 from ...remote.hf_pruning_surgery import adapter_for
-from ..depth import skipping
+from .backward import LayerGrad, blockwise_backward
 
 SCORES = ("grad", "taylor", "output", "contribution", "fisher")
 
@@ -37,61 +39,47 @@ def check_token_ids(calibration) -> None:
         raise ValueError("calibration rows need at least 2 tokens for a next-token loss")
 
 
-def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str, tuple_out: bool) -> dict[int, float]:
-    """Score of every decoder block not in ``skip`` from one accumulated backward pass (lower = less important)."""
+def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str, tuple_out: bool,
+                    store_folder: str | bool | None = None) -> dict[int, float]:
+    """Score of every decoder block not in ``skip`` from one blockwise backward pass (lower = less important).
+    ``store_folder``: keep the layer inputs and gradients on disk there (``True``: a temporary folder)."""
+    on_params = score in ("grad", "taylor")
+    acc: dict[int, object] = {}  # layer -> float64 sum (activation scores) or fp32 gradient sums (parameter ones)
+    scores: dict[int, float] = {}
+
+    def visit(step: LayerGrad) -> None:
+        i = step.layer
+        if on_params:  # sum dL/dθ over the batches in fp32; reduced to a scalar after the layer's last batch
+            if i not in acc:
+                acc[i] = [torch.zeros_like(g, dtype=torch.float32) for g in step.param_grads]
+            for total, g in zip(acc[i], step.param_grads):
+                total += g.float()
+            if step.batch == n_batches - 1:
+                scores[i] = _parameter_score(layers[i], acc.pop(i), score)
+            return
+        g = step.g_out.double()  # [b, T, d] dL/dh_out
+        if score == "output":
+            term = float(g.pow(2).sum())
+        else:
+            term = g * (step.h_out.double() - step.h_in.double())  # [b, T, d]: first-order effect per element
+            term = float(term.pow(2).sum() if score == "fisher" else term.abs().sum())
+        acc[i] = acc.get(i, 0.0) + term
+
     layers = adapter_for(model).decoder_layers(model)
-    kept = [i for i in range(len(layers)) if i not in skip]
-    device = next(model.parameters()).device
-    # "output": sum of squared output gradients; "contribution" / "fisher": sum of |g ⊙ delta| / (g ⊙ delta)^2
-    acc = dict.fromkeys(kept, 0.0)
-    with calibration_mode(model), skipping(model, skip, tuple_out), hooks() as handles, torch.enable_grad():
-        on_hidden = score in ("output", "contribution", "fisher")  # activation scores: no parameter gradients
-        params = {i: [] if on_hidden else list(layers[i].parameters()) for i in kept}
-        for i in kept:  # calibration_mode froze everything: only the scored blocks get gradients
-            for p in params[i]:
-                p.requires_grad_(True)
-                p.grad = None
-        if on_hidden:
-            def keep_grad(i):
-                def hook(module, args, kwargs, out):
-                    hidden = out[0] if isinstance(out, tuple) else out  # [1, T, d]
-                    if score == "output":
-                        def add(g):  # g: dL/dh_out [1, T, d]
-                            acc[i] += float(g.double().pow(2).sum())
-                    else:
-                        h_in = args[0] if args else kwargs["hidden_states"]  # [1, T, d]
-                        delta = (hidden - h_in).detach()  # [1, T, d]: what removing the block takes away
+    n_batches = -(-calibration.shape[0] // LAYER_BATCH)
+    with calibration_mode(model):
+        kept = blockwise_backward(model, calibration, skip, tuple_out, visit, on_params,
+                                  LAYER_BATCH, store_folder)
+    if not on_params:
+        scores = {i: acc.get(i, 0.0) ** 0.5 if score == "output" else acc.get(i, 0.0) for i in kept}
+    return {i: scores[i] for i in kept}
 
-                        def add(g):
-                            term = g.double() * delta.double()  # [1, T, d]: first-order effect per element
-                            acc[i] += float(term.pow(2).sum() if score == "fisher" else term.abs().sum())
-                    hidden.register_hook(add)
 
-                return hook
-
-            for i in kept:
-                handles.append(layers[i].register_forward_hook(keep_grad(i), with_kwargs=True))
-        n = calibration.shape[0]
-        embed = model.get_input_embeddings()
-        for row in calibration:  # accumulate: one row's activations at a time
-            ids = row[None].to(device)  # [1, T]
-            if on_hidden:  # the graph starts at the embeddings, so backward computes activation gradients only
-                embeds = embed(ids).detach().requires_grad_(True)  # [1, T, d]
-                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
-            else:
-                loss = model(ids, labels=ids, use_cache=False).loss
-            (loss / n).backward()
-        scores = {}
-        for i in kept:
-            if score == "output":
-                scores[i] = acc[i] ** 0.5
-            elif score in ("contribution", "fisher"):
-                scores[i] = acc[i]
-            elif score == "taylor":
-                scores[i] = float(sum((p.detach() * p.grad).abs().sum() for p in params[i] if p.grad is not None))
-            else:
-                total = sum(p.numel() for p in params[i])
-                scores[i] = float(sum(p.grad.abs().sum() for p in params[i] if p.grad is not None)) / max(total, 1)
-            for p in params[i]:
-                p.grad = None
-    return scores
+def _parameter_score(layer, grads: list[torch.Tensor], score: str) -> float:
+    """``taylor``: sum |θ · g|; ``grad``: mean |g| over the layer's parameters (``grads``: fp32, the onloaded
+    parameters' order)."""
+    params = list(layer.parameters())
+    if score == "taylor":
+        return float(sum(float((p.detach().float() * g).abs().double().sum()) for p, g in zip(params, grads)))
+    total = sum(p.numel() for p in params)
+    return float(sum(float(g.abs().double().sum()) for g in grads)) / max(total, 1)
