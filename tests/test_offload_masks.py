@@ -192,3 +192,21 @@ def test_groups_follow_the_forward():
         model = tiny_model(arch)
         store, kwargs = capture(model, CALIB[:2])
         assert input_groups(adapter_for(model).decoder_layers(model)[0], store[0], kwargs[0]) == groups, arch
+
+
+def test_activations_on_disk_give_the_same_model(tmp_path):
+    """With the activation stores on disk (Barber's block inputs/outputs too) the pruned model is the same,
+    and every store file is gone afterwards."""
+    from hf_pruning.methods.llm_barber import pruner
+    from hf_pruning.methods.masks.layerwise import sequential
+    from hf_pruning.remote.hf_pruning_surgery import adapter_for
+
+    config = BARBER_FULL
+    expected = hf_pruning.prune_(tiny_model("llama"), config, calibration=CALIB)
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    sequential(model, CALIB, lambda i, layer, inputs, kw: pruner.barber_layer_(adapter, layer, inputs, kw, config),
+               "llm_barber", store_folder=str(tmp_path / "store"))
+    for (name, a), b in zip(_linears(model).items(), _linears(expected).values()):
+        assert torch.equal(a.weight, b.weight), name
+    assert not list((tmp_path / "store").iterdir())
