@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from .engine import onloaded
+from .engine.offload import onloaded
 from .plan import PruningPlan
 from .remote.hf_pruning_surgery import adapter_for, inspect_model, simulate_plan
 
@@ -125,18 +125,16 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def sparsity_report(model) -> dict:
-    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them (an offloaded layer
-    is onloaded for it)."""
+    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them."""
     adapter = adapter_for(model)
     layers, zeros, total = [], 0, 0
     for layer in adapter.decoder_layers(model):
         entry = {}
-        with onloaded(layer):
-            counts = {name: int((lin.weight == 0).sum()) for name, lin in prunable_linears(layer).items()}
-        for name, lin in prunable_linears(layer).items():
-            z = counts[name]
-            entry[name] = z / lin.weight.numel()
-            zeros += z
-            total += lin.weight.numel()
+        with onloaded(layer):  # an offloaded layer's weights are read in once
+            for name, lin in prunable_linears(layer).items():
+                z = int((lin.weight == 0).sum())
+                entry[name] = z / lin.weight.numel()
+                zeros += z
+                total += lin.weight.numel()
         layers.append(entry)
     return {"overall": zeros / total if total else 0.0, "layers": layers}
