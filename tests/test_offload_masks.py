@@ -210,3 +210,27 @@ def test_activations_on_disk_give_the_same_model(tmp_path):
     for (name, a), b in zip(_linears(model).items(), _linears(expected).values()):
         assert torch.equal(a.weight, b.weight), name
     assert not list((tmp_path / "store").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
+def test_finished_attention_is_replayed_not_recomputed(arch, monkeypatch):
+    """Once q/k/v and o are pruned, the stage that reaches the MLP records the attention's outputs and the
+    later passes replay them: the attention block runs in full once per batch after the one-row call that
+    finds the groups, and the pruned model is the one that recomputing it gives."""
+    from hf_pruning.methods.masks import replay
+
+    model, calls = tiny_model(arch), []
+    for layer in _layers(model):
+        layer.self_attn.register_forward_hook(lambda mod, args, out: calls.append(1))
+    hf_pruning.prune_(model, WandaConfig(), calibration=CALIB)  # two batches
+    assert len(calls) == len(_layers(model)) * (1 + 2)
+    monkeypatch.setattr(replay.Recorder, "complete", lambda self: False)
+    recomputed = hf_pruning.prune_(tiny_model(arch), WandaConfig(), calibration=CALIB)
+    for (name, a), b in zip(_linears(model).items(), _linears(recomputed).values()):
+        assert torch.equal(a.weight, b.weight), name
+
+
+def _layers(model):
+    from hf_pruning.remote.hf_pruning_surgery import adapter_for
+
+    return adapter_for(model).decoder_layers(model)

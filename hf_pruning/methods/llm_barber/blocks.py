@@ -2,12 +2,11 @@
 
 A block's inputs and outputs are captured into :class:`~hf_pruning.engine.ActivationStore`\\ s (one batch on
 the device at a time), blocks whose outputs are already known are replayed by stand-in modules put in the
-layer for the duration (never by assigning ``forward``), and every weight edit goes through ``write_param``.
+layer for the duration (``masks/replay.py``, never by assigning ``forward``), and every weight edit goes through ``write_param``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -84,37 +83,6 @@ def outputs_of(forward, xs: ActivationStore, device) -> ActivationStore:
     for i in range(len(xs)):
         out.append(forward(xs.get(i, device)))
     return out
-
-
-class _Replay(nn.Module):
-    """Stand-in for a block module whose outputs for the successive layer calls are known (one batch each):
-    returns the next one instead of running (as a tuple of ``arity`` with Nones, like attention, if set)."""
-
-    def __init__(self, outputs: ActivationStore, arity: int | None):
-        super().__init__()
-        self._outputs, self._arity, self._calls = outputs, arity, 0
-
-    def forward(self, *args, **kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        y = self._outputs.get(self._calls % len(self._outputs), x.device)
-        self._calls += 1
-        return y if self._arity is None else (y, *([None] * (self._arity - 1)))
-
-
-@contextlib.contextmanager
-def replayed(replays: dict):
-    """Inside the context, each block ``(parent, attribute) -> (outputs, arity)`` of ``replays`` is a stand-in
-    in ``parent`` that returns its next known output batch instead of running: a layer pass whose blocks'
-    outputs are already known costs only the glue around them (norms, residual adds)."""
-    saved = {}
-    try:
-        for (parent, attr), (outputs, arity) in replays.items():
-            saved[(parent, attr)] = parent._modules[attr]
-            parent._modules[attr] = _Replay(outputs, arity)
-        yield
-    finally:
-        for (parent, attr), module in saved.items():
-            parent._modules[attr] = module
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
 from ..magnitude.pruner import magnitude_prune_layer_
 from ..masks.layerwise import check_widths, sequential
+from ..masks.replay import replayed
 from ..masks.selection import rebuild_masks
 from ..sparsegpt.pruner import sparsegpt_prune_layer_
 from ..wanda.pruner import wanda_prune_layer_
@@ -33,7 +34,6 @@ from .blocks import (
     out_linear_name,
     pairs,
     reconstruct_block_,
-    replayed,
     verify_block_,
 )
 from .config import LLMBarberConfig

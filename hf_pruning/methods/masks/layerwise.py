@@ -29,6 +29,7 @@ from ...engine import (
 )
 from ...engine import sequential as engine_sequential
 from ...remote.hf_pruning_surgery import adapter_for
+from .replay import Recorder, replayed
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,39 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[l
     return groups
 
 
+def _children_linears(layer: nn.Module) -> dict[str, set[str]]:
+    """Per direct child of ``layer`` holding prunable linears: the names (inside the layer) of its linears."""
+    names = list(prunable_linears(layer))
+    out = {}
+    for child in dict(layer.named_children()):
+        inside = {n for n in names if n == child or n.startswith(child + ".")}
+        if inside:
+            out[child] = inside
+    return out
+
+
+def _stage_pass(layer, inputs: ActivationStore, kwargs: dict, first: nn.Linear, name: str, stat, update,
+                replays: dict, recorders: dict) -> None:
+    """Every batch through ``layer`` (blocks in ``replays`` replayed, blocks in ``recorders`` recorded) until
+    the forward reaches ``first``, whose input goes to ``update(stat, x)``; there the forward stops."""
+    device = execution_device(layer)
+
+    def stop(mod, args):
+        update(stat, _flat(args[0]))
+        raise StopForward
+
+    with replayed(replays), hooks() as handles:
+        handles.append(first.register_forward_pre_hook(stop))
+        for child, recorder in recorders.items():
+            handles.append(layer.get_submodule(child).register_forward_hook(recorder.hook))
+        for i in range(len(inputs)):
+            try:
+                run_layer(layer, inputs.get(i, device), kwargs)
+            except StopForward:
+                continue
+            raise RuntimeError(f"the layer's forward did not reach {name} on batch {i}; prune with one_pass=False")
+
+
 @torch.no_grad()
 def prune_staged(layer: nn.Module, inputs: ActivationStore, kwargs: dict, make_stat: Callable[[nn.Linear], object],
                  update: Callable[[object, torch.Tensor], None],
@@ -131,31 +165,40 @@ def prune_staged(layer: nn.Module, inputs: ActivationStore, kwargs: dict, make_s
     (:class:`~hf_pruning.engine.StopForward`); then ``prune_group(linears, stat)`` (name -> linear, in call
     order) edits the group's weights (through ``write_param``). The statistic of a group is thus accumulated
     over every calibration token, one batch on the device at a time, and equals the one a single forward over
-    all rows would give (up to float summation order). With ``outputs``, one more pass returns the pruned
-    layer's outputs (a store like ``inputs``); else None.
+    all rows would give (up to float summation order). A block of the layer (a direct child: the attention
+    module) whose linears are all pruned is recorded by the next pass that runs it and replayed in the later
+    ones (``replay.py``; the same tensors, so nothing changes numerically). With ``outputs``, one more pass
+    returns the pruned layer's outputs (a store like ``inputs``); else None.
     """
-    device = execution_device(layer)
     linears = prunable_linears(layer)
-    groups = input_groups(layer, inputs.get(0, device)[:1], kwargs)
-    for group in groups:
-        stat = make_stat(linears[group[0]])
-
-        def stop(mod, args, stat=stat):
-            update(stat, _flat(args[0]))
-            raise StopForward
-
-        with hooks() as handles:
-            handles.append(linears[group[0]].register_forward_pre_hook(stop))
-            for i in range(len(inputs)):
-                try:
-                    run_layer(layer, inputs.get(i, device), kwargs)
-                except StopForward:
-                    continue
-                raise RuntimeError(f"the layer's forward did not reach {group[0]} on batch {i}; "
-                                   "prune with one_pass=False")
-        prune_group({name: linears[name] for name in group}, stat)
-        del stat
-    return propagate(layer, inputs, kwargs) if outputs else None
+    groups = input_groups(layer, inputs.get(0, execution_device(layer))[:1], kwargs)
+    children, pruned = _children_linears(layer), set()
+    replays: dict = {}  # (layer, child) -> (outputs, arity)
+    recorders: dict = {}  # child -> Recorder, for the pass in progress
+    try:
+        for group in groups:
+            stat = make_stat(linears[group[0]])
+            _stage_pass(layer, inputs, kwargs, linears[group[0]], group[0], stat, update, replays, recorders)
+            for child, recorder in recorders.items():
+                if recorder.complete():
+                    replays[(layer, child)] = (recorder.outputs, recorder.arity)
+                else:
+                    recorder.outputs.close()
+            prune_group({name: linears[name] for name in group}, stat)
+            del stat
+            pruned.update(group)
+            recorders = {child: Recorder(inputs) for child, names in children.items()
+                         if names <= pruned and (layer, child) not in replays}
+            children = {c: n for c, n in children.items() if c not in recorders}
+        if not outputs:
+            return None
+        with replayed(replays):
+            return propagate(layer, inputs, kwargs)
+    finally:
+        for store, _ in replays.values():
+            store.close()
+        for recorder in recorders.values():
+            recorder.outputs.close()
 
 
 @torch.no_grad()
