@@ -3,7 +3,10 @@
 - ``config.py``: :class:`SparsityConfig` (``sparsity`` and ``pattern``), the base of their configs;
 - ``selection.py``: the mask math (exact counts by stable sorting, N:M groups, LLM-Barber's swap);
 - ``layerwise.py``: the layer-by-layer runner on the engine (each layer sees the already-pruned layers'
-  outputs), the staged in-layer schedule (:func:`prune_staged`) and the hooks that collect a linear's inputs (``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``).
+  outputs), the staged in-layer schedule (:func:`prune_staged`) and the hooks that collect a linear's inputs;
+- ``replay.py``: stand-ins that replay a finished block's recorded outputs (the staged schedule, LLM-Barber).
+
+``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``.
 
 A mask method's folder holds its config (a ``SparsityConfig`` subclass), its scoring and its run function.
 """

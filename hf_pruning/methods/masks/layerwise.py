@@ -5,7 +5,8 @@ layers before it, each layer is onloaded once, and one batch of calibration rows
 Inside a layer, :func:`prune_staged` prunes the linears group by group in the order the forward reaches them
 (q/k/v, then o, then gate/up, then down on LLaMA-like layers; q/k/v, out, fc1, fc2 on OPT): each group's
 statistics are accumulated batch by batch over a forward that stops at the group, then the group is pruned, so
-the linears later in the layer see inputs from the already-pruned ones (SparseGPT's "true sequential").
+the linears later in the layer see inputs from the already-pruned ones (SparseGPT's "true sequential"). A
+block whose linears are all pruned (the attention) is replayed from its recorded outputs in the later passes.
 """
 
 from __future__ import annotations
