@@ -2,47 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 
 def block_gradient_sq(dense_forward: Callable[[torch.Tensor], torch.Tensor], weights: dict[str, nn.Parameter],
-                      inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                      dense_outputs: list | None = None) -> dict[str, torch.Tensor]:
-    """Mean over samples of G_n^2, with G_n = d MSE(target_n, dense_forward(input_n)) / dW at the dense W.
+                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      dense_outputs=None) -> dict[str, torch.Tensor]:
+    """Mean over samples (calibration rows) of G_n^2, with G_n = d MSE(target_n, dense_forward(input_n)) / dW
+    at the dense W, accumulated in float32.
 
-    ``inputs`` are the block's sparse-path inputs ``[1, T, d]``, ``targets`` the sparse block's outputs.
-    Only ``weights`` get gradients. ``dense_outputs``: a list that receives each ``dense_forward(input_n)``
-    (detached, ``[1, T, d]``) for a later error comparison.
+    ``batches`` yields the block's sparse-path inputs and the sparse block's outputs, ``([b, T, d], [b, T, d])``
+    one batch at a time; the gradient is taken row by row. Only ``weights`` get gradients. ``dense_outputs``:
+    anything with ``append`` (an ActivationStore) that receives ``dense_forward`` of each batch (detached,
+    ``[b, T, d]``) for a later error comparison.
     """
     acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    rows = 0
     with torch.enable_grad():
         for p in weights.values():
             p.requires_grad_(True)
         try:
-            for x, y in zip(inputs, targets):
-                out = dense_forward(x.float())  # [1, T, d]
+            for xb, yb in batches:
+                outs = []
+                for x, y in zip(xb.split(1), yb.split(1)):  # [1, T, d] each
+                    out = dense_forward(x.float())  # [1, T, d]
+                    outs.append(out.detach())
+                    loss = nn.functional.mse_loss(out, y.float())
+                    grads = torch.autograd.grad(loss, list(weights.values()))
+                    for (name, _), g in zip(weights.items(), grads):
+                        acc[name] += g.float().pow(2)
+                    rows += 1
                 if dense_outputs is not None:
-                    dense_outputs.append(out.detach())
-                loss = nn.functional.mse_loss(out, y.float())
-                grads = torch.autograd.grad(loss, list(weights.values()))
-                for (name, _), g in zip(weights.items(), grads):
-                    acc[name] += g.float().pow(2)
+                    dense_outputs.append(torch.cat(outs))
         finally:
             for p in weights.values():
                 p.requires_grad_(False)
-    return {name: a / max(len(inputs), 1) for name, a in acc.items()}
+    return {name: a / max(rows, 1) for name, a in acc.items()}
 
 
 @torch.no_grad()
-def block_error(forward: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor],
-                targets: list[torch.Tensor]) -> float:
-    """Mean squared error between ``forward(input_n)`` and ``target_n`` over all samples (``[1, T, d]`` each,
-    equal lengths, so the mean of the per-sample means is the overall mean)."""
-    total = sum(float(nn.functional.mse_loss(forward(x).float(), y.float())) for x, y in zip(inputs, targets))
-    return total / max(len(inputs), 1)
+def block_error(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean squared error between outputs and targets over all samples: ``batches`` yields ``([b, T, d],
+    [b, T, d])`` pairs; rows have equal lengths, so the mean of the per-row means is the overall mean."""
+    total, rows = 0.0, 0
+    for yb, tb in batches:
+        for y, t in zip(yb.split(1), tb.split(1)):
+            total += float(nn.functional.mse_loss(y.float(), t.float()))
+            rows += 1
+    return total / max(rows, 1)
 
 
 def barber_scores(dense_weight: torch.Tensor, grad_sq: torch.Tensor, metric: str) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 - ``config.py``: :class:`SparsityConfig` (``sparsity`` and ``pattern``), the base of their configs;
 - ``selection.py``: the mask math (exact counts by stable sorting, N:M groups, LLM-Barber's swap);
-- ``layerwise.py``: the layer-by-layer runner (each layer sees the already-pruned layers' outputs) and the
-  hooks that collect a linear's inputs (``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``).
+- ``layerwise.py``: the layer-by-layer runner on the engine (each layer sees the already-pruned layers'
+  outputs), the staged in-layer schedule (:func:`prune_staged`) and the hooks that collect a linear's inputs;
+- ``replay.py``: stand-ins that replay a finished block's recorded outputs (the staged schedule, LLM-Barber).
+
+``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``.
 
 A mask method's folder holds its config (a ``SparsityConfig`` subclass), its scoring and its run function.
 """
@@ -14,12 +17,13 @@ from .layerwise import (
     LAYER_BATCH,
     check_widths,
     collect_input_stats,
+    input_groups,
     input_stat_hooks,
-    prune_in_flight,
+    prune_staged,
     sequential,
 )
 from .selection import GRANULARITIES, NM_RULES, parse_pattern, rebuild_masks, select_mask
 
 __all__ = ["GRANULARITIES", "LAYER_BATCH", "NM_RULES", "ONE_PASS_HELP", "SparsityConfig", "check_widths",
-           "collect_input_stats", "input_stat_hooks", "parse_pattern", "prunable_linears", "prune_in_flight",
+           "collect_input_stats", "input_groups", "input_stat_hooks", "parse_pattern", "prunable_linears", "prune_staged",
            "rebuild_masks", "select_mask", "sequential", "sparsity_report"]

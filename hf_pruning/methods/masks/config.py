@@ -8,9 +8,10 @@ from typing import ClassVar
 from ...config import ConfigError, PruningConfig, check_fraction
 from .selection import parse_pattern
 
-ONE_PASS_HELP = ("prune each linear as the layer's single forward over all calibration rows reaches it (o/down "
-                 "projections then see the pruned q/k/v and gate/up; one layer pass); False: the official two "
-                 "passes (statistics from the unpruned layer, then a pass through the pruned one)")
+ONE_PASS_HELP = ("prune each linear on the statistics of its own input in the layer as pruned so far, group by "
+                 "group as the forward reaches them (q/k/v, o, gate/up, down; o/down projections see the pruned "
+                 "q/k/v and gate/up), batch by batch; False: the official two passes (statistics from the "
+                 "unpruned layer, then a pass through the pruned one)")
 
 
 @dataclass

@@ -1,15 +1,16 @@
-"""Orchestration of SparseGPT: one forward per layer accumulates each linear's input Hessian X^T X."""
+"""Orchestration of SparseGPT: each linear's input Hessian X^T X accumulated batch by batch, group by group."""
 
 from __future__ import annotations
 
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
+from ...engine import write_param
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
     collect_input_stats,
-    prune_in_flight,
+    prune_staged,
     sequential,
 )
 from .config import SparseGPTConfig
@@ -20,34 +21,44 @@ def new_hessian(lin):
     return {"h": torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device), "n": 0}
 
 
-def add_to_hessian(stat, x):  # x: [tokens, in]
+def add_to_hessian(stat, x):  # x: [tokens, in], float32
     n = x.shape[0]
     total = stat["n"] + n
     stat["h"].mul_(stat["n"] / total).add_(x.T @ x, alpha=2.0 / total)  # running 2/N * sum x x^T
     stat["n"] = total
 
 
+@torch.no_grad()
+def solve_linear_(lin, hessian: torch.Tensor, sparsity: float, nm, blocksize: int, percdamp: float,
+                  fixed_mask: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sparsegpt_solve_` on ``lin``'s weight (or on ``start``, values ``[out, in]`` to begin from),
+    written back through ``write_param``; returns the pruned mask."""
+    w = (lin.weight if start is None else start).detach().to(lin.weight.dtype, copy=True)
+    mask = sparsegpt_solve_(w, hessian.to(w.device), sparsity, nm, blocksize, percdamp, fixed_mask=fixed_mask,
+                            factor=factor)
+    write_param(lin, "weight", w)
+    return mask
+
+
 def _solve_(lin, hessian: torch.Tensor, config, factor: torch.Tensor | None = None) -> None:
-    sparsegpt_solve_(lin.weight.data, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp,
-                     factor=factor)
+    solve_linear_(lin, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor)
 
 
-def sparsegpt_prune_layer_(layer, inputs, kwargs, config):
-    """Prune every linear of ``layer`` with SparseGPT, in place.
+def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
+    """Prune every linear of ``layer`` with SparseGPT, in place; ``inputs`` is an
+    :class:`~hf_pruning.engine.ActivationStore` of batches ``[b, T, d]``.
 
-    ``config.one_pass``: solved in flight (q/k/v read the same input: they share one Hessian and its
-    factorisation), returns ``({}, outputs)``; otherwise Hessians from the unpruned layer first (returns ``{}``)."""
+    ``config.one_pass``: staged (:func:`~hf_pruning.methods.masks.layerwise.prune_staged`; q/k/v read the
+    same input: they share one Hessian and its factorisation), returns ``({}, outputs)`` (None with
+    ``outputs=False``); otherwise Hessians from the unpruned layer first (returns ``{}``)."""
     if config.one_pass:
-        last: dict = {}
+        def prune_group(linears, stat):
+            factor = inverse_hessian_factor(stat["h"], config.percdamp)
+            for lin in linears.values():
+                _solve_(lin, stat["h"], config, factor)
 
-        def prune(name, lin, x):  # x: [tokens, in]
-            if last.get("x") is not x:
-                stat = new_hessian(lin)
-                add_to_hessian(stat, x)
-                last.update(x=x, h=stat["h"], u=inverse_hessian_factor(stat["h"], config.percdamp))
-            _solve_(lin, last["h"], config, last["u"])
-
-        return {}, prune_in_flight(layer, inputs, kwargs, prune)
+        return {}, prune_staged(layer, inputs, kwargs, new_hessian, add_to_hessian, prune_group, outputs=outputs)
     stats = collect_input_stats(layer, inputs, kwargs, new_hessian, add_to_hessian)
     for name, lin in prunable_linears(layer).items():
         _solve_(lin, stats.pop(name)["h"], config)

@@ -1,15 +1,16 @@
-"""Orchestration of Wanda: one forward per layer collects input norms, then every linear is masked."""
+"""Orchestration of Wanda: input norms accumulated batch by batch, group by group, then every linear is masked."""
 
 from __future__ import annotations
 
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
+from ...engine import write_param
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
     collect_input_stats,
-    prune_in_flight,
+    prune_staged,
     sequential,
 )
 from ..masks.selection import select_mask
@@ -20,25 +21,32 @@ def _new_stat(lin):
     return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)  # sum of x_j^2
 
 
-def _update(stat, x):  # x: [tokens, in]
+def _update(stat, x):  # x: [tokens, in], float32
     stat += x.pow(2).sum(0)
 
 
+@torch.no_grad()
 def _mask_(lin, sum_sq: torch.Tensor, config) -> None:
     """Zero ``lin``'s lowest |W| * ||X_j||_2 per output row; ``sum_sq`` ``[in]`` = sum of x_j^2 over tokens."""
-    w = lin.weight.data
-    score = w.abs().float() * sum_sq.sqrt()[None, :]  # [out, in]
-    w[select_mask(score, config.sparsity, config.nm, per_row=True, already_zero=w == 0)] = 0
+    w = lin.weight
+    score = w.abs().float() * sum_sq.to(w.device).sqrt()[None, :]  # [out, in]
+    mask = select_mask(score, config.sparsity, config.nm, per_row=True, already_zero=w == 0)
+    write_param(lin, "weight", w.masked_fill(mask, 0))
 
 
-def wanda_prune_layer_(layer, inputs, kwargs, config):
-    """Mask every linear of ``layer`` by |W| * ||X_j||_2 (per output row), in place.
+def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
+    """Mask every linear of ``layer`` by |W| * ||X_j||_2 (per output row), in place; ``inputs`` is an
+    :class:`~hf_pruning.engine.ActivationStore` of batches ``[b, T, d]``.
 
-    ``config.one_pass``: pruned in flight, returns ``({}, outputs)``; otherwise statistics from the unpruned
-    layer first (returns ``{}``; the caller runs the pruned layer)."""
+    ``config.one_pass``: staged (:func:`~hf_pruning.methods.masks.layerwise.prune_staged`), returns
+    ``({}, outputs)`` (``outputs``: the pruned layer's outputs, or None when ``outputs=False``); otherwise
+    statistics from the unpruned layer first (returns ``{}``; the caller runs the pruned layer)."""
     if config.one_pass:
-        outputs = prune_in_flight(layer, inputs, kwargs, lambda name, lin, x: _mask_(lin, x.pow(2).sum(0), config))
-        return {}, outputs
+        def prune_group(linears, sum_sq):
+            for lin in linears.values():
+                _mask_(lin, sum_sq, config)
+
+        return {}, prune_staged(layer, inputs, kwargs, _new_stat, _update, prune_group, outputs=outputs)
     stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
     for name, lin in prunable_linears(layer).items():
         _mask_(lin, stats[name], config)
