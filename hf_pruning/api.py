@@ -18,6 +18,7 @@ from torch import nn
 
 from .calibration.check import BUILD_HINT, CalibrationError, check_calibration
 from .config import ConfigError, PruningConfig
+from .engine import activations_on_disk, resumable
 from .engine.offload import edited, is_offloaded
 from .model_checks import check_model, clear_quantizer_
 from .model_methods import bind, model_method
@@ -189,7 +190,8 @@ def _to_pruned_class_(model: nn.Module) -> None:
 
 
 def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
-           compensation_calibration: torch.Tensor | None = None) -> nn.Module:
+           compensation_calibration: torch.Tensor | None = None, *, activations_dir: str | os.PathLike | None = None,
+           checkpoint_dir: str | os.PathLike | None = None) -> nn.Module:
     """Prune ``model`` in place with the method that ``config``'s class names; returns the model.
 
     ``config`` is a method config (e.g. ``hf_pruning.WandaConfig()``) or its JSON form, a dict with a ``"method"``
@@ -198,6 +200,11 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     input: data a method's config declares (``config.inputs``), here the depth methods' with ``compensate=True``,
     which fit the compensation projection on it instead of ``calibration`` (a d x d fit wants thousands of
     tokens, a greedy search is cheaper on few). A method input the settings do not use is refused.
+
+    ``activations_dir``: keep calibration activations in files there (memory-mapped) instead of CPU memory, for
+    calibration sets larger than RAM. ``checkpoint_dir``: the layer-by-layer mask methods (Wanda, SparseGPT,
+    LLM-Barber) record every finished layer there; after a crash, the same call resumes from the first unfinished
+    layer (a folder of another run is refused); it is removed when the run completes.
 
     The model (:func:`check_model`), the config and the ids (:func:`hf_pruning.calibration.check_calibration`)
     are checked before anything changes: bad input raises and leaves the model as it was.
@@ -213,7 +220,8 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     inputs = {name: check_calibration(model, ids, name=name) for name, ids in inputs.items()}
     if spec.needs_calibration and calibration is None and config.calibration_required(inputs):
         raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; {BUILD_HINT}")
-    result: PruningResult = spec.run(model, config, calibration, **inputs)
+    with activations_on_disk(activations_dir), resumable(checkpoint_dir):
+        result: PruningResult = spec.run(model, config, calibration, **inputs)
     if result.plan is not None and result.plan.ops:
         apply_plan_(model, result.plan)
     record_pruning(model, get_plan(model), pruning_config=result.record or config.to_dict())

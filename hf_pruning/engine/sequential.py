@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from ..remote.hf_pruning_surgery import adapter_for
 from .capture import LAYER_BATCH, capture, run_layer
+from .capture import layer_kwargs as layer_kwargs_of
+from .checkpoint import LayerCheckpoint
 from .context import calibration_mode
 from .offload import execution_device, onloaded
 from .store import ActivationStore
@@ -37,22 +39,34 @@ def sequential(model, calibration: torch.Tensor, process_layer: Callable, desc: 
     :class:`ActivationStore` of hidden-state batches ``[b, T, d]`` (the kwargs captured on one row broadcast
     over a batch). A ``process_layer`` that already ran the changed layer returns ``(report, outputs)``
     (a store) and the propagation pass is skipped. ``store_folder``: keep activations on disk there
-    (``True``: a temporary folder). Returns the per-layer reports."""
+    (``True``: a temporary folder). Inside ``engine.resumable(folder)`` every finished layer is checkpointed and
+    a rerun resumes after the last one (:mod:`.checkpoint`). Returns the per-layer reports."""
     layers = adapter_for(model).decoder_layers(model)
-    reports = []
+    batch_size = batch_size or LAYER_BATCH
     with calibration_mode(model):
-        inputs, layer_kwargs = capture(model, calibration, batch_size or LAYER_BATCH,
-                                       ActivationStore(store_folder))
+        checkpoint = LayerCheckpoint.active(model, calibration, desc, batch_size)
+        inputs = checkpoint.restore(layers, store_folder) if checkpoint else None
+        reports, start = (list(checkpoint.reports), checkpoint.done) if inputs is not None else ([], 0)
+        if inputs is None:
+            inputs, layer_kwargs = capture(model, calibration, batch_size, ActivationStore(store_folder))
+        else:
+            layer_kwargs = layer_kwargs_of(model, calibration[0])
         try:
-            for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
+            bar = tqdm(range(start, len(layers)), desc=desc, unit="layer", initial=start, total=len(layers))
+            for i in bar:
+                layer = layers[i]
                 with onloaded(layer):
                     result = process_layer(i, layer, inputs, layer_kwargs[i])
                     report, outputs = result if isinstance(result, tuple) else (result, None)
                     if outputs is None:
                         outputs = propagate(layer, inputs, layer_kwargs[i])
-                reports.append(report or {})
+                    reports.append(report or {})
+                    if checkpoint:
+                        checkpoint.save(i, layer, outputs, reports)
                 inputs.close()
                 inputs = outputs
         finally:
             inputs.close()
+        if checkpoint:
+            checkpoint.finish()
     return reports

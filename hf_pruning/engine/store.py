@@ -6,11 +6,33 @@ An :class:`ActivationStore` is a list of batches (``[b, T, d]`` tensors) held in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
+import uuid
 
 import torch
+
+#: where stores created without a folder keep their batches (None: CPU memory); set by :func:`activations_on_disk`
+_DEFAULT_FOLDER: contextvars.ContextVar[str | None] = contextvars.ContextVar("hf_pruning_activations", default=None)
+
+
+@contextlib.contextmanager
+def activations_on_disk(folder: str | os.PathLike | None):
+    """Every :class:`ActivationStore` created without a folder during the block writes its batches under
+    ``folder`` (memory-mapped when read back); ``None`` changes nothing. ``prune_(..., activations_dir=...)``."""
+    token = _DEFAULT_FOLDER.set(os.fspath(folder) if folder is not None else _DEFAULT_FOLDER.get())
+    try:
+        yield
+    finally:
+        _DEFAULT_FOLDER.reset(token)
+
+
+def _mkdirs(folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 class ActivationStore:
@@ -19,9 +41,14 @@ class ActivationStore:
     disk when on disk); :meth:`get` brings it to a device."""
 
     def __init__(self, folder: str | bool | None = None, dtype: torch.dtype | None = None):
+        if folder is None and _DEFAULT_FOLDER.get() is not None:  # inside activations_on_disk(...)
+            folder, owned = tempfile.mkdtemp(prefix="store_", dir=_mkdirs(_DEFAULT_FOLDER.get())), True
+        else:
+            owned = folder is True
         self.dtype = dtype
         self._batches: list = []
-        self._own = folder is True
+        self._name = uuid.uuid4().hex[:12]
+        self._own = owned
         self.folder = tempfile.mkdtemp(prefix="hf_pruning_store_") if folder is True else folder
         if self.folder:
             os.makedirs(self.folder, exist_ok=True)
@@ -30,7 +57,7 @@ class ActivationStore:
         """Keep ``batch`` (any device; stored detached on the CPU or on disk, in ``dtype`` when one is set)."""
         batch = batch.detach().to("cpu", self.dtype or batch.dtype)
         if self.folder:
-            path = os.path.join(self.folder, f"{id(self)}_{len(self._batches)}.pt")
+            path = os.path.join(self.folder, f"{self._name}_{len(self._batches)}.pt")
             torch.save(batch.contiguous().clone(), path)
             self._batches.append(path)
         else:
@@ -65,8 +92,14 @@ class ActivationStore:
         return sum(self[i].numel() * self[i].element_size() for i in range(len(self)))
 
     def like(self) -> ActivationStore:
-        """An empty store of the same kind (CPU, or disk in the same folder)."""
-        return ActivationStore(self.folder, self.dtype)
+        """An empty store of the same kind: CPU; or disk, in the same folder when it is the caller's (file names
+        are unique per store), else in a temporary folder of its own beside this one's (each removed by its
+        own :meth:`close`)."""
+        if not self.folder or not self._own:
+            return ActivationStore(self.folder or None, self.dtype)
+        other = ActivationStore(tempfile.mkdtemp(prefix="store_", dir=os.path.dirname(self.folder)), self.dtype)
+        other._own = True
+        return other
 
     def close(self) -> None:
         """Drop the batches (and their files)."""
