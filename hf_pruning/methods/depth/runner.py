@@ -114,6 +114,7 @@ class DepthRunner:
         self.layer_forwards = 0.0
         self.head_forwards = 0.0
         self._tuple_out = None
+        self._stale: int | None = None  # the lowest layer changed since the stores were refreshed
         self.batch = LAYER_BATCH
         if prefix_from is not None:
             if prefix_from.removed or prefix_from.ids is not calibration:
@@ -139,11 +140,17 @@ class DepthRunner:
 
     # ----- removal ---------------------------------------------------------------------------------------
     def remove(self, candidate: Candidate, refresh: bool = True) -> None:
-        """Make ``candidate``'s removal permanent for this runner; ``refresh`` updates the stored residual stream
-        (a naive search, which always runs from layer 0, skips it: only the layer-0 inputs are used then)."""
+        """Make ``candidate``'s removal permanent for this runner. ``refresh``: the stored residual stream is
+        brought up to date when it is next read (so a search's last removal costs no pass); a naive search,
+        which always runs from layer 0, passes False: only the layer-0 inputs are used then."""
         self.removed.setdefault(candidate.layer, set()).add(candidate.kind)
         if refresh:
-            self.refresh(candidate.layer)
+            self._stale = candidate.layer if self._stale is None else min(self._stale, candidate.layer)
+
+    def _sync(self) -> None:
+        """Refresh the stores after the removals made since the last read."""
+        if self._stale is not None:
+            self.refresh(self._stale)
 
     @contextlib.contextmanager
     def dropped(self, idx: int, parts: set[str]):
@@ -229,6 +236,8 @@ class DepthRunner:
         """Recompute the stored inputs of layers ``start+1..L`` (after a change in layer ``start``), from the
         closest stored layer at or below ``start``; the stores replaced are new ones (never written into, so a
         runner sharing them with ``prefix_from`` keeps its own)."""
+        if self._stale is not None:
+            start, self._stale = min(start, self._stale), None
         if start >= len(self.layers):
             return
         stale = [self.stores.pop(i) for i in [i for i in self.stores if i > start]]
@@ -240,6 +249,7 @@ class DepthRunner:
         """The inputs of layer ``idx`` (``L``: the final hidden states) for every row, batches of ``batch`` rows:
         the runner's store, or (between kept layers) one recomputed from the closest kept layer below (freed
         with the runner)."""
+        self._sync()
         if idx in self.stores:
             return self.stores[idx]
         return self._propagate(self._checkpoint(idx), idx, keep=False)
@@ -264,6 +274,7 @@ class DepthRunner:
 
     def chunk_input(self, chunk: Chunk, idx: int) -> torch.Tensor:
         """The stored input of layer ``idx`` (a kept layer, or ``L``) for ``chunk``'s rows, ``[b, T, d]``."""
+        self._sync()
         return chunk.of(self.stores[idx][chunk.batch]).to(self._device(idx))
 
     def to_device(self, final_hidden: torch.Tensor) -> torch.Tensor:
@@ -276,6 +287,7 @@ class DepthRunner:
         (candidate -> tensor). Layer-major: each layer is onloaded once and runs every candidate that needs it;
         a candidate in layer ``l`` starts from the stream at ``l`` (``from_layer0``: the naive search, every
         candidate from layer 0)."""
+        self._sync()
         start_of = {c: 0 if from_layer0 else c.layer for c in cands}
         last_start = max(start_of.values())
         first = self._checkpoint(min(start_of.values()))
@@ -312,6 +324,7 @@ class DepthRunner:
 
     def final_copy(self) -> ActivationStore:
         """A copy of the final hidden states under the current removals (e.g. the dense reference of a search)."""
+        self._sync()
         return copy_store(self.stores[len(self.layers)])
 
     def close(self) -> None:

@@ -116,12 +116,14 @@ class GreedySearch:
 
     def _score(self, runner: DepthRunner, metric: Metric, cands: list[Candidate], keep: int, prune: bool,
                hint: dict[Candidate, float]) -> list[tuple[float, Candidate]]:
-        """The ``keep`` (sum, candidate) pairs of lowest key (``_key``), exact; ``hint`` (updated) orders the tries.
+        """The ``keep`` (sum, candidate) pairs of lowest key (``_key``), exact; ``hint`` (the previous step's keys,
+        updated) picks pilots.
 
-        Layer-major per chunk of rows (:meth:`DepthRunner.candidate_finals`). With ``prune``: every candidate is
-        scored on the first chunk, the ``keep`` lowest estimates (``hint``, else that chunk) are completed first,
-        then the others go on chunk by chunk, each abandoned once its partial sum passes the ``keep``-th best
-        complete key (exact: the per-row values are non-negative)."""
+        Layer-major per chunk of rows (:meth:`DepthRunner.candidate_finals`: each layer onloaded once per chunk
+        for all candidates). With ``prune``: every candidate is scored on the first chunk; the pilots (the
+        ``keep`` lowest by ``hint`` and the ``keep`` lowest on that chunk) are completed; then the others go on
+        chunk by chunk, each abandoned once its partial sum passes the ``keep``-th best complete key (exact:
+        the per-row values are non-negative, so an abandoned candidate cannot be among the ``keep`` best)."""
         best: list[tuple[float, float, Candidate]] = []  # sorted by (key, sum, candidate): ties go to the lower one
         base = self.base.get(id(runner), 0.0)
         tally = {c: [0.0, 0] for c in cands}  # candidate -> [partial sum, rows scored]
@@ -148,10 +150,12 @@ class GreedySearch:
         if prune and len(chunks) > 1 and len(order) > keep:
             for chunk in chunks[:1]:
                 self._chunk(runner, metric, chunk, order, tally)
-            estimate = {c: self._key(runner, tally[c][0] * runner.n / tally[c][1], c) for c in order}
-            order = sorted(order, key=lambda c: (estimate[c], c))
-            run(order[:keep], chunks[1:])
-            run(order[keep:], chunks[1:])
+            estimate = {c: tally[c][0] / tally[c][1] for c in order}  # the mean per row on the first chunk
+            pilots = order[:keep] if hint else []
+            pilots += [c for c in sorted(order, key=lambda c: (self._key(runner, estimate[c] * runner.n, c), c))
+                       if c not in pilots][: keep]
+            run(pilots, chunks[1:])
+            run([c for c in order if c not in pilots], chunks[1:])
         else:
             run(order, chunks)
         for c in cands:  # an estimate when abandoned
