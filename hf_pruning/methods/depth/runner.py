@@ -32,7 +32,6 @@ from ...engine import (
     is_offloaded,
     onloaded,
     pass_through,
-    run_layer,
     substituted,
 )
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
@@ -314,13 +313,6 @@ class DepthRunner:
             self._tuple_out = layers_return_tuple(self.model, self.ids)
         ids = self.ids[chunk.first_row : chunk.first_row + final_hidden.shape[0]]
         return head_forward(self.model, ids, final_hidden, self._tuple_out)
-
-    def logits(self, sample: int, final_hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits ``[T, V]`` (float32) for one row ``sample`` given the last layer's output ``[1, T, d]``."""
-        self.head_forwards += self.token_weight / self.n
-        if self._tuple_out is None:
-            self._tuple_out = layers_return_tuple(self.model, self.ids)
-        return head_logits(self.model, self.layers, self.ids[sample], final_hidden, self._tuple_out)
 
     def final_copy(self) -> ActivationStore:
         """A copy of the final hidden states under the current removals (e.g. the dense reference of a search)."""
