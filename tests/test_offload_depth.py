@@ -104,3 +104,19 @@ def test_removal_score_on_a_disk_offloaded_model_equals_memory(tmp_path):
     disk = offloaded_model("qwen2", "disk", str(tmp_path / "d"))
     removed = ["4.mlp", "2.block"]
     assert removal_score(disk, CALIB, removed) == removal_score(memory, CALIB, removed)
+
+
+def test_runner_rows_with_checkpoints_on_disk_equal_every_layer_in_memory(tmp_path):
+    """``cache[l][s]`` (the per-row view the compensation reads) is the same stream whether every layer's inputs
+    are kept in memory or every other layer's on disk (the others recomputed once, then kept until a refresh)."""
+    model = tiny_model("mistral")
+    removed = [depth_runner.Candidate(2, "attention"), depth_runner.Candidate(3, "block")]
+    full = depth_runner.DepthRunner(model, CALIB, removed=removed)
+    sparse = depth_runner.DepthRunner(model, CALIB, removed=removed, store_folder=str(tmp_path), keep_every=2)
+    assert sorted(sparse.stores) == [0, 2, 4, 6] and os.listdir(tmp_path)
+    for mine, ref in zip(sparse.cache, full.cache):
+        assert len(mine) == len(ref) == CALIB.shape[0]
+        for a, b in zip(mine, ref):
+            assert torch.equal(a, b)
+    sparse.close()
+    assert not os.listdir(tmp_path)

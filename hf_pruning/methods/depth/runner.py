@@ -114,6 +114,7 @@ class DepthRunner:
         self.head_forwards = 0.0
         self._tuple_out = None
         self._stale: int | None = None  # the lowest layer changed since the stores were refreshed
+        self._recomputed: dict[int, ActivationStore] = {}  # inputs of layers between kept ones, once asked for
         self.batch = LAYER_BATCH
         if prefix_from is not None:
             if prefix_from.removed or prefix_from.ids is not calibration:
@@ -239,6 +240,9 @@ class DepthRunner:
             start, self._stale = min(start, self._stale), None
         if start >= len(self.layers):
             return
+        for store in self._recomputed.values():
+            self._drop(store)
+        self._recomputed = {}
         stale = [self.stores.pop(i) for i in [i for i in self.stores if i > start]]
         for store in stale:
             self._drop(store)
@@ -251,7 +255,9 @@ class DepthRunner:
         self._sync()
         if idx in self.stores:
             return self.stores[idx]
-        return self._propagate(self._checkpoint(idx), idx, keep=False)
+        if idx not in self._recomputed:  # kept until the next refresh
+            self._recomputed[idx] = self._propagate(self._checkpoint(idx), idx, keep=False)
+        return self._recomputed[idx]
 
     @property
     def cache(self) -> list[RowsView]:
