@@ -68,32 +68,50 @@ def perplexity(z_q: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 class Metric:
-    """Holds the dense reference of each sample and scores a pruned model's logits against it."""
+    """Scores a pruned model's logits against the dense model's, one calibration row at a time.
+
+    The dense reference is kept as the dense final hidden states (an ``ActivationStore``, :meth:`set_reference`),
+    never as ``[n, T, V]`` log-probabilities: :meth:`reference` recomputes one chunk's log-probabilities (one
+    head forward) when that chunk is scored."""
 
     def __init__(self, name: str):
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
         self.name = name
-        self.reference: list[torch.Tensor] = []
+        self.hidden = None  # ActivationStore of the dense final hidden states, batches as the runner's
 
     @property
     def needs_reference(self) -> bool:
         return self.name != "ppl"
 
-    def set_reference(self, dense_logits: list[torch.Tensor]) -> None:
-        """Dense logits ``[T, V]`` per sample; stored as log-probabilities for the divergences."""
-        if not self.needs_reference:
-            return
-        keep_logits = self.name in ("angular", "norm")
-        self.reference = [z if keep_logits else torch.log_softmax(z, dim=-1) for z in dense_logits]
+    def set_reference(self, final_hidden) -> None:
+        """The dense final hidden states (an ``ActivationStore`` of ``[B, T, d]`` batches; the metric owns it)."""
+        if self.needs_reference:
+            self.hidden = final_hidden
 
-    def score(self, sample: int, logits: torch.Tensor, ids: torch.Tensor) -> float:
-        """Per-sample value (>= 0) of ``logits`` ``[T, V]`` for calibration row ``ids`` ``[T]``."""
+    def reference(self, runner, chunk) -> torch.Tensor | None:
+        """The dense reference of ``chunk``'s rows, ``[b, T, V]``: log-probabilities for the divergences, logits
+        for ``angular``/``norm``, from one head forward of ``runner`` on the stored dense final hidden states;
+        ``None`` for ``ppl``."""
+        if not self.needs_reference:
+            return None
+        logits = runner.chunk_logits(chunk, runner.to_device(chunk.of(self.hidden[chunk.batch])))
+        return logits if self.name in ("angular", "norm") else torch.log_softmax(logits, dim=-1)
+
+    def score(self, reference: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> float:
+        """Per-row value (>= 0) of ``logits`` ``[T, V]`` for calibration row ``ids`` ``[T]`` against that row's
+        ``reference`` ``[T, V]`` (from :meth:`reference`; ``None`` for ``ppl``)."""
         if self.name == "ppl":
             value = perplexity(logits, ids)
         elif self.name in ("angular", "norm"):
-            value = (angular if self.name == "angular" else norm)(self.reference[sample], logits)
+            value = (angular if self.name == "angular" else norm)(reference, logits)
         else:
             fn = {"js_code": js_code, "js": js, "kl": kl}[self.name]
-            value = fn(self.reference[sample], torch.log_softmax(logits, dim=-1))
+            value = fn(reference, torch.log_softmax(logits, dim=-1))
         return max(value, 0.0)  # rounding can leave -1e-9 for identical distributions
+
+    def close(self) -> None:
+        """Free the stored dense hidden states."""
+        if self.hidden is not None:
+            self.hidden.close()
+            self.hidden = None

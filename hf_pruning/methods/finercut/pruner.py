@@ -34,13 +34,18 @@ def _exclusion(model, config: FinerCutConfig, n_candidates: int) -> tuple[set[in
 
 
 def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, progress: bool = True,
-                    stop: Callable[[list[Candidate]], bool] | None = None) -> dict:
+                    stop: Callable[[list[Candidate]], bool] | None = None, store_folder: str | bool | None = None,
+                    keep_every: int | str = 1, chunk_rows: int | None = None) -> dict:
     """Run FinerCut's search on ``model`` (left unchanged) and return the removal steps and their cost.
 
     The result has ``steps`` (a :class:`Step` per removal, with cumulative ``layer_forwards`` and ``seconds``),
     ``candidates`` and the resolved budget. Removing any prefix of ``steps`` is the method's answer for that
     ratio, so one search to the largest budget serves every smaller one: ``stop(removed)`` replaces the config's
     budget as the end of the search (e.g. "every budget of a list is reached").
+
+    ``store_folder`` (residual streams on disk there; ``True``: a temporary folder), ``keep_every`` (keep every
+    k-th layer's inputs, ``"sqrt"``) and ``chunk_rows`` (rows scored together) are the layer runner's
+    (:class:`DepthRunner`); they change the memory and the work, never the result.
     """
     check_search_rows(calibration)
     candidates = candidates_for(model, config.granularity)
@@ -52,9 +57,12 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
         weights = {c: float(freed[(c.layer, c.kind)]) for c in candidates}
     with calibration_mode(model):
         search = GreedySearch(model, calibration, config.metric, config.search, config.screen_fraction, config.rescore,
-                              weights)
-        steps = search.run(candidates, stop or budget.stop, len(candidates) - 1 if stop else budget.steps, exclude,
-                           readmit, config.one_shot, progress)
+                              weights, store_folder=store_folder, keep_every=keep_every, chunk_rows=chunk_rows)
+        try:
+            steps = search.run(candidates, stop or budget.stop, len(candidates) - 1 if stop else budget.steps,
+                               exclude, readmit, config.one_shot, progress)
+        finally:
+            search.close()
     removed = [s.candidate for s in steps]
     if not (stop or budget.stop)(removed):
         raise ValueError(f"the search stopped after {len(removed)} removals without reaching param_ratio="
@@ -76,12 +84,17 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
                                      "name each once as '<layer>.<attention|mlp|block>' of a layer still in the model"))
     with calibration_mode(model):
         dense = DepthRunner(model, calibration)
-        score = Metric(metric)
-        if score.needs_reference:
-            score.set_reference(dense.dense_logits())
         runner = DepthRunner(model, calibration, removed=removed, prefix_from=dense) if removed else dense
-        final = runner.cache[len(runner.layers)]
-        return sum(score.score(s, runner.logits(s, final[s]), runner.ids[s]) for s in range(runner.n)) / runner.n
+        score, total = Metric(metric), 0.0
+        score.set_reference(dense.stores[len(dense.layers)])  # read only: the dense runner's own store
+        for chunk in runner.chunks():  # [b, T, V] logits of one chunk at a time
+            reference = score.reference(dense, chunk)
+            logits = runner.chunk_logits(chunk, runner.chunk_input(chunk, len(runner.layers)))
+            for i, s in enumerate(chunk.rows):
+                total += score.score(None if reference is None else reference[i], logits[i], runner.ids[s])
+        for r in {id(dense): dense, id(runner): runner}.values():
+            r.close()
+        return total / runner.n
 
 
 def search_report(config: FinerCutConfig, found: dict) -> tuple[list[Candidate], dict]:

@@ -59,7 +59,10 @@ class GreedySearch:
     """Greedy removal search of ``model`` on ``calibration`` ``[n, T]`` (the model is never changed)."""
 
     def __init__(self, model, calibration: torch.Tensor, metric: str = "js_code", mode: str = "exact",
-                 screen_fraction: float = 0.125, rescore: int = 3, weights: dict[Candidate, float] | None = None):
+                 screen_fraction: float = 0.125, rescore: int = 3, weights: dict[Candidate, float] | None = None,
+                 store_folder: str | bool | None = None, keep_every: int | str = 1, chunk_rows: int | None = None):
+        """``store_folder``, ``keep_every``, ``chunk_rows``: where the runners keep their residual streams, which
+        layers' inputs they keep, how many rows are scored together (see :class:`DepthRunner`)."""
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
         if weights is not None and min(weights.values()) <= 0:
@@ -69,22 +72,31 @@ class GreedySearch:
         self.weights = weights
         self.base: dict[int, float] = {}  # id(runner) -> summed score of the current removal set on it
         self.start_time = time.perf_counter()
-        self.runner = DepthRunner(model, calibration)
+        options = {"store_folder": store_folder, "keep_every": keep_every, "chunk_rows": chunk_rows}
+        self.runner = DepthRunner(model, calibration, **options)
         self.metric = self._metric(metric, self.runner)
         self.screen = None
         if mode == "fast":
             t = calibration.shape[1]
             ts = max(8, int(round(t * screen_fraction)))
             if ts < t:
-                self.screen = DepthRunner(model, calibration[:, :ts], token_weight=ts / t)
+                self.screen = DepthRunner(model, calibration[:, :ts], token_weight=ts / t, **options)
                 self.screen_metric = self._metric(metric, self.screen)
 
     @staticmethod
     def _metric(name: str, runner: DepthRunner) -> Metric:
+        """The metric scoring on ``runner``'s rows, its dense reference the runner's final hidden states now."""
         metric = Metric(name)
         if metric.needs_reference:
-            metric.set_reference(runner.dense_logits())
+            metric.set_reference(runner.final_copy())
         return metric
+
+    def close(self) -> None:
+        """Free the runners' stores and the dense references (their files, on disk)."""
+        for runner, metric in ((self.runner, self.metric), (self.screen, getattr(self, "screen_metric", None))):
+            if runner is not None:
+                runner.close()
+                metric.close()
 
     # ----- accounting ------------------------------------------------------------------------------------
     @property
@@ -104,26 +116,63 @@ class GreedySearch:
 
     def _score(self, runner: DepthRunner, metric: Metric, cands: list[Candidate], keep: int, prune: bool,
                hint: dict[Candidate, float]) -> list[tuple[float, Candidate]]:
-        """The ``keep`` (sum, candidate) pairs of lowest key (``_key``), exact; ``hint`` (updated) orders the tries."""
+        """The ``keep`` (sum, candidate) pairs of lowest key (``_key``), exact; ``hint`` (the previous step's keys,
+        updated) picks pilots.
+
+        Layer-major per chunk of rows (:meth:`DepthRunner.candidate_finals`: each layer onloaded once per chunk
+        for all candidates). With ``prune``: every candidate is scored on the first chunk; the pilots (the
+        ``keep`` lowest by ``hint`` and the ``keep`` lowest on that chunk) are completed; then the others go on
+        chunk by chunk, each abandoned once its partial sum passes the ``keep``-th best complete key (exact:
+        the per-row values are non-negative, so an abandoned candidate cannot be among the ``keep`` best)."""
         best: list[tuple[float, float, Candidate]] = []  # sorted by (key, sum, candidate): ties go to the lower one
-        from_layer0 = self.mode == "naive"
         base = self.base.get(id(runner), 0.0)
-        for c in sorted(cands, key=lambda c: (hint.get(c, math.inf), c)):
-            bound = math.inf
-            if prune and len(best) >= keep:  # the sum at which c's key passes the keep-th best key
-                bound = best[keep - 1][0] if self.weights is None else base + best[keep - 1][0] * self.weights[c]
-            total, done = 0.0, 0
-            for s in range(runner.n):
-                hidden = runner.run(s, 0 if from_layer0 else c.layer, extra=c)
-                total += metric.score(s, runner.logits(s, hidden), runner.ids[s])
-                done += 1
-                if total > bound:
+        tally = {c: [0.0, 0] for c in cands}  # candidate -> [partial sum, rows scored]
+
+        def bound(c: Candidate) -> float:  # the sum at which c's key passes the keep-th best key
+            if not prune or len(best) < keep:
+                return math.inf
+            return best[keep - 1][0] if self.weights is None else base + best[keep - 1][0] * self.weights[c]
+
+        def run(group: list[Candidate], chunks) -> None:
+            alive = [c for c in group if tally[c][0] <= bound(c)]
+            for chunk in chunks:
+                if not alive:
                     break
-            hint[c] = self._key(runner, total * runner.n / done, c)  # an estimate when abandoned
-            if done == runner.n and total <= bound:
-                bisect.insort(best, (self._key(runner, total, c), total, c))
-                del best[keep:]
+                self._chunk(runner, metric, chunk, alive, tally)
+                alive = [c for c in alive if tally[c][0] <= bound(c)]
+            for c in alive:
+                if tally[c][1] == runner.n:
+                    bisect.insort(best, (self._key(runner, tally[c][0], c), tally[c][0], c))
+                    del best[keep:]
+
+        chunks = runner.chunks()
+        order = sorted(cands, key=lambda c: (hint.get(c, math.inf), c))
+        if prune and len(chunks) > 1 and len(order) > keep:
+            for chunk in chunks[:1]:
+                self._chunk(runner, metric, chunk, order, tally)
+            estimate = {c: tally[c][0] / tally[c][1] for c in order}  # the mean per row on the first chunk
+            pilots = order[:keep] if hint else []
+            pilots += [c for c in sorted(order, key=lambda c: (self._key(runner, estimate[c] * runner.n, c), c))
+                       if c not in pilots][: keep]
+            run(pilots, chunks[1:])
+            run([c for c in order if c not in pilots], chunks[1:])
+        else:
+            run(order, chunks)
+        for c in cands:  # an estimate when abandoned
+            hint[c] = self._key(runner, tally[c][0] * runner.n / tally[c][1], c)
         return [(total, c) for _, total, c in best]
+
+    def _chunk(self, runner: DepthRunner, metric: Metric, chunk, cands: list[Candidate], tally: dict) -> None:
+        """Add each candidate's per-row values on ``chunk``'s rows to ``tally`` (one reference head forward for
+        the chunk, then one head forward per candidate: one ``[b, T, V]`` batch of logits at a time)."""
+        finals = runner.candidate_finals(chunk, cands, from_layer0=self.mode == "naive")
+        reference = metric.reference(runner, chunk)  # [b, T, V] or None
+        for c in cands:
+            logits = runner.chunk_logits(chunk, finals.pop(c))  # [b, T, V]
+            for i, s in enumerate(chunk.rows):
+                ref = None if reference is None else reference[i]
+                tally[c][0] += metric.score(ref, logits[i], runner.ids[s])
+                tally[c][1] += 1
 
     def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
         screened = {}
