@@ -28,14 +28,24 @@ class StopForward(Exception):
     """Raised by a stand-in to end a model forward early (never escapes this package)."""
 
 
+def returns_tuple(layer: nn.Module) -> bool:
+    """Whether ``layer``'s class declares a tuple return (older transformers' Gemma2 and OPT layers do; the model
+    then reads ``outputs[0]``), from the annotation of its ``forward``."""
+    import inspect
+
+    annotation = inspect.signature(type(layer).forward).return_annotation
+    return "tuple" in str(annotation).lower()
+
+
 class Standin(nn.Module):
     """A decoder-layer stand-in: looks like ``layer`` to the model (its attributes, e.g. ``attention_type``,
-    are read through) and calls ``fn(hidden, kwargs)`` instead of computing. ``tuple_out``: return ``(h,)``."""
+    are read through) and calls ``fn(hidden, kwargs)`` instead of computing. ``tuple_out``: return ``(h,)``
+    (default: as ``layer``'s class declares, :func:`returns_tuple`)."""
 
-    def __init__(self, layer: nn.Module, fn, tuple_out: bool = False):
+    def __init__(self, layer: nn.Module, fn, tuple_out: bool | None = None):
         super().__init__()
         object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not this module's
-        self._fn, self._tuple_out = fn, tuple_out
+        self._fn, self._tuple_out = fn, returns_tuple(layer) if tuple_out is None else tuple_out
 
     def __getattr__(self, name):
         try:

@@ -15,19 +15,38 @@ import uuid
 
 import torch
 
-#: where stores created without a folder keep their batches (None: CPU memory); set by :func:`activations_on_disk`
-_DEFAULT_FOLDER: contextvars.ContextVar[str | None] = contextvars.ContextVar("hf_pruning_activations", default=None)
+#: where stores created without a folder keep their batches (None: CPU memory), and the folders made there so
+#: far; set by :func:`activations_on_disk`
+_DEFAULT_FOLDER: contextvars.ContextVar[tuple[str, list] | None] = contextvars.ContextVar("hf_pruning_activations",
+                                                                                          default=None)
 
 
 @contextlib.contextmanager
 def activations_on_disk(folder: str | os.PathLike | None):
     """Every :class:`ActivationStore` created without a folder during the block writes its batches under
-    ``folder`` (memory-mapped when read back); ``None`` changes nothing. ``prune_(..., activations_dir=...)``."""
-    token = _DEFAULT_FOLDER.set(os.fspath(folder) if folder is not None else _DEFAULT_FOLDER.get())
+    ``folder`` (memory-mapped when read back); ``None`` changes nothing. ``prune_(..., activations_dir=...)``.
+    What the stores wrote is removed when the block ends, also after an error."""
+    if folder is None:
+        yield
+        return
+    made: list[str] = []
+    token = _DEFAULT_FOLDER.set((os.fspath(folder), made))
     try:
         yield
     finally:
         _DEFAULT_FOLDER.reset(token)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _store_folder() -> tuple[str, bool] | None:
+    """A new folder for a store inside :func:`activations_on_disk` (recorded for removal), else None."""
+    default = _DEFAULT_FOLDER.get()
+    if default is None:
+        return None
+    path = tempfile.mkdtemp(prefix="store_", dir=_mkdirs(default[0]))
+    default[1].append(path)
+    return path, True
 
 
 def _mkdirs(folder: str) -> str:
@@ -41,10 +60,8 @@ class ActivationStore:
     disk when on disk); :meth:`get` brings it to a device."""
 
     def __init__(self, folder: str | bool | None = None, dtype: torch.dtype | None = None):
-        if folder is None and _DEFAULT_FOLDER.get() is not None:  # inside activations_on_disk(...)
-            folder, owned = tempfile.mkdtemp(prefix="store_", dir=_mkdirs(_DEFAULT_FOLDER.get())), True
-        else:
-            owned = folder is True
+        default = _store_folder() if folder is None else None  # inside activations_on_disk(...)
+        folder, owned = default if default else (folder, folder is True)
         self.dtype = dtype
         self._batches: list = []
         self._name = uuid.uuid4().hex[:12]
