@@ -171,8 +171,10 @@ def accounting(calib: CalibrationShape | None = None) -> dict:
     calib = calib or CalibrationShape(128, 2048, 4)
     out = {"calibration": vars(calib), "models": {}}
     for name, shape in (("Llama-3-8B", LLAMA3_8B), ("Llama-3-70B", LLAMA3_70B)):
-        out["models"][name] = {"shape": vars(shape), "weights_bytes": shape.weight_bytes(),
-                               "methods": {m: e.to_dict() for m, e in memory_table(shape, calib).items()}}
+        one_row = memory_table(shape, CalibrationShape(calib.rows, calib.tokens, calib.batch_rows, chunk_rows=1))
+        methods = {m: {**e.to_dict(), "device_one_row_chunks": one_row[m].device}
+                   for m, e in memory_table(shape, calib).items()}
+        out["models"][name] = {"shape": vars(shape), "weights_bytes": shape.weight_bytes(), "methods": methods}
     out["peers"] = [{"what": w, "figure": f, "source": u} for w, f, u in PEERS]
     return out
 
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=None, help="comma-separated keys, e.g. wanda,sleb (others kept)")
     parser.add_argument("--sizes", default=",".join(SIZES), help="base, layers (doubled), rows (doubled)")
     parser.add_argument("--table", action="store_true", help="only rewrite the accounting table (no measurement)")
-    parser.add_argument("--jobs", type=int, default=1, help="measurements run at once (each one process)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="measurements run at once (each its own process, one thread)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)

@@ -71,9 +71,12 @@ def accounting_table(acc: dict) -> list[str]:
     ]
     for name, model in acc["models"].items():
         lines += [f"**{name}** (weights {model['weights_bytes'] / GIB:.1f} GiB)", "",
-                  "| method | GPU GiB | CPU RAM GiB | store GiB (CPU RAM or disk) |", "|---|---|---|---|"]
+                  "| method | GPU GiB | GPU GiB, searches scoring 1 row | CPU RAM GiB | store GiB (CPU RAM or disk) |",
+                  "|---|---|---|---|---|"]
         for method, est in model["methods"].items():
-            lines.append(f"| {method} | {est['device'] / GIB:.2f} | {est['host'] / GIB:.2f} | "
+            one = est.get("device_one_row_chunks", est["device"])
+            lines.append(f"| {method} | {est['device'] / GIB:.2f} | "
+                         f"{'=' if one == est['device'] else f'{one / GIB:.2f}'} | {est['host'] / GIB:.2f} | "
                          f"{est['store'] / GIB:.1f} |")
         lines.append("")
     lines += ["llm-compressor's documented figures (quantization/sparsification on its sequential pipeline):", "",

@@ -101,11 +101,14 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class CalibrationShape:
-    """``rows`` x ``tokens`` calibration ids, run ``batch_rows`` rows at a time (the engine's ``LAYER_BATCH``)."""
+    """``rows`` x ``tokens`` calibration ids, run ``batch_rows`` rows at a time (the engine's ``LAYER_BATCH``).
+    ``chunk_rows``: rows a depth search scores together (default ``batch_rows``, what an offloaded model uses;
+    a model in memory scores one row at a time, which divides the candidate streams and logits terms)."""
 
     rows: int = 128
     tokens: int = 2048
     batch_rows: int = 4
+    chunk_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def _head_terms(model: ModelShape, calib: CalibrationShape, batches: float, rows
 # the methods
 # --------------------------------------------------------------------------------------------------------------
 def _magnitude(model, calib):
-    return [Term("decoder layer weights", "device", model.layer_bytes(), "onloaded once; data-free"),
+    return [_layer_terms(model, calib)[0],  # data-free: no batch, no store
             _selection(model, *_largest(model))]
 
 
@@ -280,11 +283,11 @@ def _search_store(model: ModelShape, calib: CalibrationShape, keep_every: int) -
 
 
 def _search(model, calib, candidates: int, logit_batches: float, keep_every: int, extra_store: float = 0):
-    chunk = calib.batch_rows
+    chunk = calib.chunk_rows or calib.batch_rows
     terms = [*_layer_terms(model, calib), _search_store(model, calib, keep_every),
              Term("candidate streams", "device", candidates * chunk * calib.tokens * model.hidden * model.dtype_bytes,
                   "layer-major per chunk of rows: every candidate's stream of one chunk advances layer by layer"),
-             *_head_terms(model, calib, logit_batches)]
+             *_head_terms(model, calib, logit_batches, chunk)]
     if extra_store:
         terms.append(_store(model, calib, extra_store, "the dense model's final hidden states (reference)"))
     return terms
