@@ -46,6 +46,11 @@ QUICK = {"model": {"hidden": 256, "layers": 4, "inter": 704, "vocab": 8000, "hea
 #: rows a batch holds (engine.LAYER_BATCH): the logits term of the bound is one batch
 BATCH_ROWS = 4
 GROWTH_TARGET = 0.10
+#: the probes' environment. glibc's mmap threshold is fixed: by default it adapts to the sizes freed, and
+#: whether a freed 1-30 MB tensor goes back to the system then depends on the order of frees (which varies
+#: with Python's hash seed): peaks moved by 10 MiB between otherwise identical runs. With every block over
+#: 64 KiB mapped on its own, the peak follows the live tensors (runs agree to 0.2 MiB). The hash seed is fixed too.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}
 
 #: (key, method, settings, accounting key, calibration rows: "rows" or "search_rows"). magnitude is data-free.
 CASES = [
@@ -89,7 +94,7 @@ def spec_for(case: tuple, size: str, protocol: dict, workdir: str) -> dict:
 
 
 def _run_probe(args: list[str], timeout: float) -> tuple[dict | None, str | None]:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1",
+    env = {**os.environ, **PROBE_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", *args], cwd=ROOT, env=env,
@@ -162,7 +167,7 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "ram_bytes": ram, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "accelerate": accelerate.__version__, "hf_pruning": hf_pruning.__version__, "commit": commit,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"), "probe_env": PROBE_ENV,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

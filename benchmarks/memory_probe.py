@@ -11,7 +11,8 @@ just before it, when the model, the calibration ids, torch and the package are l
 has initialised the kernels. The peak is the kernel's ``VmHWM``, reset just before the run by writing ``5``
 to ``/proc/self/clear_refs``; where that cannot be written, ``ru_maxrss`` stands in (then the baseline's own
 earlier peak, e.g. from building the model, may hide a smaller run's peak: ``hwm_reset`` in the output says
-which was used).
+which was used). :mod:`benchmarks.memory` runs it with glibc's mmap threshold fixed (``PROBE_ENV``), so the
+peak follows the live tensors rather than the order in which the allocator happened to keep freed blocks.
 """
 
 from __future__ import annotations

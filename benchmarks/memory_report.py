@@ -22,7 +22,7 @@ def _f(value, fmt: str = "{:.1f}") -> str:
 
 
 def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:+.0f}%"
+    return "-" if value is None else ("0%" if round(100 * value) == 0 else f"{100 * value:+.0f}%")
 
 
 def measured_table(results: dict) -> list[str]:
@@ -100,7 +100,7 @@ def markdown(results: dict) -> str:
     if mach:
         lines += [f"Measured {mach.get('date')} on {mach.get('processor')} ({mach.get('cpus')} CPUs, "
                   f"{mach.get('ram_bytes', 0) / GIB:.0f} GiB RAM, {mach.get('platform')}), OMP_NUM_THREADS="
-                  f"{mach.get('omp_num_threads')}; torch {mach.get('torch')}, transformers "
+                  f"{mach.get('omp_num_threads')}, {' '.join(f'{k}={v}' for k, v in mach.get('probe_env', {}).items())}; torch {mach.get('torch')}, transformers "
                   f"{mach.get('transformers')}, accelerate {mach.get('accelerate')}, hf_pruning "
                   f"{mach.get('hf_pruning')} at {str(mach.get('commit'))[:10]}.", ""]
     lines += ["## Measured", ""]
