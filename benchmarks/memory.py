@@ -32,8 +32,10 @@ from hf_pruning.engine.accounting import (
     LLAMA3_8B,
     LLAMA3_70B,
     CalibrationShape,
+    MemoryEstimate,
     ModelShape,
     memory_table,
+    method_memory,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +152,21 @@ def summarize(case: tuple, sizes: dict, protocol: dict) -> dict:
     return row
 
 
+def predict(row: dict, protocol: dict) -> None:
+    """The engine's accounting for the measured run (everything on the CPU: device + host + store), beside the
+    measurement: what the methods should hold once they run on the engine."""
+    case = next((c for c in CASES if c[0] == row["key"]), None)
+    base = row.get("sizes", {}).get("base", {})
+    if case is None or "rows" not in base:
+        return
+    m = protocol["model"]
+    shape = ModelShape(m["hidden"], m["layers"], m["inter"], m["vocab"], 4, m["heads"], m["kv_heads"])
+    est = method_memory(case[3], shape, CalibrationShape(base["rows"], protocol["tokens"], BATCH_ROWS))
+    est = MemoryEstimate(est.method, {k: [t for t in terms if not t.why.startswith("CUDA only")]
+                                      for k, terms in est.stages.items()})  # the run is on the CPU
+    row["accounting_bytes"] = est.device + est.host + est.store
+
+
 def machine() -> dict:
     import accelerate
     import torch
@@ -228,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                               for old in [next((r for r in results["methods"] if r["key"] == c[0]), None)]
                               if fresh.get(c[0]) or old]
         results["machine"] = machine()
+    for row in results["methods"]:
+        predict(row, protocol)
     results["accounting"] = accounting()
     write(path, results)
     print(f"wrote {path} and {path.with_suffix('.md')}")

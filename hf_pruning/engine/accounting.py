@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 FP32, FP64, INT64, BOOL = 4, 8, 8, 1
 #: SparseGPT's batched block solve on CUDA works on chunks of at most this many bytes of triangular systems
 SOLVE_CHUNK = 2**28
+#: SparseGPT's columns per block (its config's default ``blocksize``)
+BLOCK = 128
 #: the compensation's shortlisted layers and its most folds (K-fold ridge selection)
 SHORTLIST, MAX_FOLDS = 8, 8
 #: rows per backward step of the gradient methods (one row at a time, as the layer-wise backward runs)
@@ -255,7 +257,8 @@ def _sparsegpt(model, calib, two_pass=False):
                  + ("the whole layer's" if two_pass else "the stage's group only"), "forward"),
             Term("SparseGPT solve", "device", _sparsegpt_solve(model),
                  "largest group: Hessian fp32 + 3 fp64 [in, in] + the weight in fp64", "solve"),
-            Term("batched block solve chunk", "device", SOLVE_CHUNK,
+            Term("batched block solve chunk", "device", min(SOLVE_CHUNK, max(o for o, _ in model.linears().values())
+                                                            * BLOCK * BLOCK * FP64),
                  "CUDA only: triangular systems of one block, chunked (sparsegpt.scoring._block_errors)", "solve")]
 
 
