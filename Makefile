@@ -50,6 +50,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick --out benchmarks/results
 
+## peak memory of every calibration method on a random LLaMA (a fresh process each) and the engine's accounting
+## for Llama-3-8B/70B -> benchmarks/results/memory.{json,md} (--quick, --only, --table: see benchmarks/memory.py)
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.memory
+
 ## the reference model cards (model_cards/<method>/README.md) rebuilt from the benchmark results
 cards: $(STAMP)
 	$(PY) -m benchmarks.cards --results benchmarks/results/smollm2.json --out model_cards
