@@ -29,6 +29,19 @@ class Crash(RuntimeError):
     pass
 
 
+def crashing_at(layer_fn, n: int):
+    """``layer_fn`` that raises :class:`Crash` on its ``n``-th call (a power cut while that layer is pruned)."""
+    calls = []
+
+    def crashing(layer, *args, **kwargs):
+        calls.append(layer)
+        if len(calls) == n:
+            raise Crash(f"power cut in call {n}")
+        return layer_fn(layer, *args, **kwargs)
+
+    return crashing
+
+
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_a_crashed_run_resumes_to_the_same_model(method, mode, tmp_path, monkeypatch):
@@ -39,16 +52,8 @@ def test_a_crashed_run_resumes_to_the_same_model(method, mode, tmp_path, monkeyp
     hooks = offload_hooks_in_place(model)
     pruner = __import__(f"hf_pruning.methods.{method}.pruner", fromlist=["x"])
     layer_fn = getattr(pruner, f"{method}_prune_layer_")
-    calls = []
-
-    def crashing(layer, *args, **kwargs):
-        calls.append(layer)
-        if len(calls) == 4:
-            raise Crash("power cut in layer 3")
-        return layer_fn(layer, *args, **kwargs)
-
     folder = tmp_path / "checkpoint"
-    monkeypatch.setattr(pruner, f"{method}_prune_layer_", crashing)
+    monkeypatch.setattr(pruner, f"{method}_prune_layer_", crashing_at(layer_fn, 4))  # in layer 3
     with pytest.raises(Crash):
         hf_pruning.prune_(model, config, CALIB, checkpoint_dir=folder)
     progress = json.loads((folder / method / "progress.json").read_text())
@@ -72,15 +77,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
     model = offloaded_model("llama", "memory", "")
     config = hf_pruning.WandaConfig(sparsity=0.5)
     original = wanda_pruner.wanda_prune_layer_
-    calls = []
-
-    def crashing(layer, *args, **kwargs):
-        calls.append(layer)
-        if len(calls) == 2:
-            raise Crash("crash")
-        return original(layer, *args, **kwargs)
-
-    monkeypatch.setattr(wanda_pruner, "wanda_prune_layer_", crashing)
+    monkeypatch.setattr(wanda_pruner, "wanda_prune_layer_", crashing_at(original, 2))
     with pytest.raises(Crash):
         hf_pruning.prune_(model, config, CALIB, checkpoint_dir=tmp_path)
     monkeypatch.setattr(wanda_pruner, "wanda_prune_layer_", original)

@@ -19,6 +19,7 @@ import torch
 from ...engine import LAYER_BATCH, ActivationStore, capture, execution_device, hooks, onloaded, run_layer
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .compensation_fit import FitStats
+from .runner import dropped_sublayers
 
 #: most folds of the ridge validation (rows in fold ``row % K``; fewer rows: one row per fold)
 MAX_FOLDS = 8
@@ -55,20 +56,10 @@ class Lockstep:
         self.resume: tuple[int, ActivationStore] | None = None  # pass 1's shared stream where pass 2 starts
 
     # ----- one layer on one stream -----------------------------------------------------------------------
-    @contextlib.contextmanager
     def dropped(self, idx: int):
         """Layer ``idx`` with its removed sublayers dropped (the adapter's drop ops), restored afterwards."""
-        layer, parts, state = self.layers[idx], self.parts.get(idx, set()), self.states[idx]
-        saved = dict(layer._modules)
-        try:
-            if "attention" in parts and state.attention != "none":
-                self.adapter.drop_attention_in_(layer)
-            if "mlp" in parts and state.mlp != "none":
-                self.adapter.drop_mlp_in_(layer, self.hidden)
-            yield layer
-        finally:
-            layer._modules.clear()
-            layer._modules.update(saved)
+        return dropped_sublayers(self.adapter, self.layers[idx], self.states[idx], self.parts.get(idx, set()),
+                                 self.hidden)
 
     @torch.no_grad()
     def _run(self, layer, inputs: ActivationStore, idx: int, moments: _Moments | None) -> ActivationStore:

@@ -83,6 +83,25 @@ class Chunk:
         return batch[self.start : self.stop]
 
 
+@contextlib.contextmanager
+def dropped_sublayers(adapter, layer, state, parts: set[str], hidden: int):
+    """``layer`` with ``parts`` ("attention", "mlp") dropped by the adapter's own drop ops for the duration (a
+    sublayer its ``state`` says the model no longer has is not dropped again); its modules restored afterwards."""
+    if not parts:
+        yield layer
+        return
+    saved = dict(layer._modules)
+    try:
+        if "attention" in parts and state.attention != "none":
+            adapter.drop_attention_in_(layer)
+        if "mlp" in parts and state.mlp != "none":
+            adapter.drop_mlp_in_(layer, hidden)
+        yield layer
+    finally:
+        layer._modules.clear()
+        layer._modules.update(saved)
+
+
 class DepthRunner:
     """Runs decoder layers on calibration rows with candidates removed; keeps the residual stream in stores.
 
@@ -152,25 +171,10 @@ class DepthRunner:
         if self._stale is not None:
             self.refresh(self._stale)
 
-    @contextlib.contextmanager
     def dropped(self, idx: int, parts: set[str]):
         """Layer ``idx`` with ``parts`` ("attention", "mlp") dropped through the adapter's own drop ops; restored
         afterwards. (A removed "block" never gets here: the layer is skipped, as ``remove_layers`` does.)"""
-        layer = self.layers[idx]
-        if not parts:
-            yield layer
-            return
-        state = self.states[idx]  # the layer as the model has it: a sublayer it no longer has is not dropped again
-        saved = dict(layer._modules)
-        try:
-            if "attention" in parts and state.attention != "none":
-                self.adapter.drop_attention_in_(layer)
-            if "mlp" in parts and state.mlp != "none":
-                self.adapter.drop_mlp_in_(layer, self.hidden)
-            yield layer
-        finally:
-            layer._modules.clear()
-            layer._modules.update(saved)
+        return dropped_sublayers(self.adapter, self.layers[idx], self.states[idx], parts, self.hidden)
 
     def parts(self, idx: int, extra: Candidate | None = None) -> set[str]:
         """What layer ``idx`` runs without: the current removals there, plus ``extra`` when it is in that layer."""
