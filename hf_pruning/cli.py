@@ -35,10 +35,20 @@ def _check_out(out: str) -> None:
     check_save_directory(out)
 
 
-def _load(path: str):
+def _load(path: str, args=None):
+    """``path`` loaded with ``prune_`` bound; ``args.max_memory``/``args.offload_folder`` (prune): offloaded by
+    accelerate (``device_map="auto"``), for models bigger than memory."""
     import hf_pruning
 
-    return hf_pruning.from_pretrained(path)
+    max_memory = getattr(args, "max_memory", None)
+    if not max_memory:
+        return hf_pruning.from_pretrained(path)
+    from .engine.streaming import offload_settings
+
+    limits = dict(item.split("=", 1) for item in max_memory.split(","))
+    gpus = {int(k): v for k, v in limits.items() if k != "cpu"}
+    folder = args.offload_folder or args.out + ".offload"
+    return hf_pruning.from_pretrained(path, **offload_settings(limits.get("cpu", "8GiB"), folder, gpus))
 
 
 def cmd_apply(args) -> int:
@@ -137,7 +147,7 @@ def cmd_recover(args) -> int:
 
     config = config_from_args(RecoveryConfig, args)
     _check_out(args.out)  # a bad output path fails now, not after the work
-    model = _load(args.model)
+    model = _load(args.model, args)
     tokenizer = _tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; recovery trains on text and needs one")
@@ -186,7 +196,7 @@ def cmd_prune(args) -> int:
     spec = hf_pruning.get_method(args.method)
     config = config_from_args(spec.config_class, args)
     _check_out(args.out)  # a bad output path fails now, not after the work
-    model = _load(args.model)
+    model = _load(args.model, args)
     tokenizer = _tokenizer(args.model)
 
     def windows(n_samples: int, seq_len: int):
@@ -200,7 +210,8 @@ def cmd_prune(args) -> int:
     calibration = None
     if spec.needs_calibration and config.calibration_required(inputs):  # e.g. HARP with given alphas needs none
         calibration = windows(args.n_samples, args.seq_len)
-    hf_pruning.prune_(model, config, calibration=calibration, **inputs)
+    hf_pruning.prune_(model, config, calibration=calibration, **inputs, activations_dir=args.activations_dir,
+                      checkpoint_dir=args.checkpoint_dir)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
     return 0
@@ -211,7 +222,7 @@ def cmd_eval(args) -> int:
     from hf_pruning.calibration import evaluation_windows, load_text
     from hf_pruning.evaluation import measure_speed, perplexity, zero_shot
 
-    model = _load(args.model)
+    model = _load(args.model, args)
     tokenizer = _tokenizer(args.model)
     out = {"model": args.model, "parameters": hf_pruning.parameter_count(model)}
     if args.ppl:
@@ -267,6 +278,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=at_least(1), default=16, help="calibration windows")
     p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-memory", help="load offloaded: memory for weights per device, e.g. 'cpu=8GiB,0=20GiB' "
+                   "(the rest on disk in --offload-folder)")
+    p.add_argument("--offload-folder", help="where offloaded weights' edits go (default: OUT.offload)")
+    p.add_argument("--activations-dir", help="keep calibration activations in files there instead of memory")
+    p.add_argument("--checkpoint-dir", help="record finished layers there; rerun the same command to resume")
     if method is not None:
         import hf_pruning
 

@@ -132,3 +132,23 @@ def test_bench_and_cards_say_where_they_went(capsys):
         err = capsys.readouterr().err
         assert f"`hf-prune {command}` moved" in err and f"make {command}" in err
         assert "python -m benchmarks." in err
+
+
+def test_prune_offloaded_with_activations_on_disk_and_a_checkpoint(tmp_path, capsys):
+    """``--max-memory`` loads the model offloaded (layers on disk), ``--activations-dir`` and ``--checkpoint-dir``
+    reach prune_; the result equals the in-memory command's."""
+    import torch
+    from tiny_models import tiny_tokenizer, tokens
+
+    hf_pruning.save_pretrained(tiny_model("llama"), tmp_path / "dense", tokenizer=tiny_tokenizer())
+    common = ["--method", "wanda", "--sparsity", "0.5", "--n-samples", "4", "--seq-len", "16"]
+    assert main(["-q", "prune", str(tmp_path / "dense"), str(tmp_path / "mem"), *common]) == 0
+    assert main(["-q", "prune", str(tmp_path / "dense"), str(tmp_path / "off"), *common, "--max-memory", "cpu=1KB",
+                 "--offload-folder", str(tmp_path / "offload"), "--activations-dir", str(tmp_path / "acts"),
+                 "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    assert list((tmp_path / "offload").glob("*.dat"))  # the weights were offloaded and edits written there
+    assert not (tmp_path / "ckpt" / "wanda").exists()  # the finished run's checkpoint is gone
+    ids = tokens(2, 12)
+    mem = hf_pruning.from_pretrained(tmp_path / "mem")
+    off = hf_pruning.from_pretrained(tmp_path / "off")
+    torch.testing.assert_close(off(ids).logits, mem(ids).logits, rtol=0, atol=1e-6)
