@@ -210,8 +210,8 @@ def cmd_prune(args) -> int:
     calibration = None
     if spec.needs_calibration and config.calibration_required(inputs):  # e.g. HARP with given alphas needs none
         calibration = windows(args.n_samples, args.seq_len)
-    hf_pruning.prune_(model, config, calibration=calibration, **inputs, activations_dir=args.activations_dir,
-                      checkpoint_dir=args.checkpoint_dir)
+    where = {k: v for k, v in (("activations_dir", args.activations_dir), ("checkpoint_dir", args.checkpoint_dir)) if v}
+    hf_pruning.prune_(model, config, calibration=calibration, **inputs, **where)
     hf_pruning.save_pretrained(model, args.out, tokenizer=tokenizer)
     sys.stdout.write(f"saved {type(model).__name__} pruned with {args.method} to {args.out}\n")
     return 0
