@@ -131,7 +131,9 @@ def capture_layer_inputs(model, calibration: torch.Tensor) -> tuple[list[torch.T
     """Layer-0 inputs ``[1, T, d]`` per row (on the model's execution device) and the per-layer call kwargs."""
     store, kwargs = capture(model, calibration, batch_size=1)
     device = execution_device(adapter_for(model).decoder_layers(model)[0])
-    return [store.get(i, device) for i in range(len(store))], kwargs
+    rows = [store.get(i, device).clone() for i in range(len(store))]
+    store.close()  # its files, when activations are on disk, are not left behind
+    return rows, kwargs
 
 
 @torch.no_grad()
