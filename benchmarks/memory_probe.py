@@ -17,12 +17,14 @@ peak follows the live tensors rather than the order in which the allocator happe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
 import warnings
 
@@ -127,7 +129,12 @@ def measure(spec: dict) -> dict:
     baseline = rss_bytes()
     reset = reset_peak()
     start = time.perf_counter()
-    hf_pruning.prune_(model, config, ids)
+    disk = spec.get("activations_on_disk")
+    if disk and spec.get("workdir"):
+        os.makedirs(spec["workdir"], exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="activations_", dir=spec.get("workdir")) if disk else \
+            contextlib.nullcontext() as folder:
+        hf_pruning.prune_(model, config, ids, activations_dir=folder)
     seconds = time.perf_counter() - start
     peak = peak_bytes(reset)
     return {"baseline_bytes": baseline, "peak_bytes": peak, "extra_bytes": max(0, peak - baseline),

@@ -33,16 +33,18 @@ def measured_table(results: dict) -> list[str]:
         f"vocabulary {m['vocab']}, {m['heads']} heads ({m['kv_heads']} KV); {p['tokens']} tokens per row, "
         f"{p['rows']} rows ({p['search_rows']} for the SLEB/FinerCut searches). Each cell is a fresh process.",
         "",
-        "`extra` = peak RSS while pruning - RSS after loading the model and calibration; `H` = rows x tokens x "
-        "hidden x 4 B; `bound` = 3 H + 2 layers' weights (+ one batch of 4 rows of float32 logits where the "
-        "method runs the LM head). `2L`: layers doubled (growth of the bytes); `2n`: rows doubled (growth of the "
-        "multiple of H; the bytes' growth in brackets). Target: extra <= bound, both growths < 10%. `accounting`: "
-        "what `hf_pruning.engine.accounting` predicts for this run on the engine (device + host + store, all in "
-        "CPU memory here); it counts one batch's layer activations, which the bound leaves out.",
+        "`extra` = peak RSS while pruning - RSS after loading the model and calibration, with the activation "
+        "stores on disk (`prune_(..., activations_dir=...)`); `H` = rows x tokens x hidden x 4 B; `bound` = 3 H + "
+        "2 layers' weights (+ one batch of 4 rows of float32 logits where the method runs the LM head). `2L`: "
+        "layers doubled; `2n`: rows doubled (growth of the bytes). Target: extra <= bound, both growths < 10%. "
+        "`RAM stores`: extra / H of the same run with the stores in CPU memory (the default; a store spills to "
+        "disk only when the machine's available memory runs short). `accounting`: what "
+        "`hf_pruning.engine.accounting` predicts for this run with the stores in CPU memory (device + host + "
+        "store).",
         "",
         "| method | rows | H MiB | extra MiB | extra / H | bound / H | within | 2L extra MiB | 2L growth | "
-        "2n extra / H | 2n growth | prune s | meets target | accounting / H |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "2n extra MiB | 2n growth | prune s | meets target | RAM stores: extra / H | accounting / H |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.get("methods", []):
         sizes = r.get("sizes", {})
@@ -54,9 +56,9 @@ def measured_table(results: dict) -> list[str]:
             f"{_f(r.get('extra_bytes') and r['extra_bytes'] / MIB)} | {_f(r.get('extra_H'))} | "
             f"{_f(r.get('bound_H'))} | {mark.get(r.get('within_bound'), '-')} | "
             f"{_f(two_l.get('extra_bytes') and two_l['extra_bytes'] / MIB)} | {_pct(r.get('growth_layers'))} | "
-            f"{_f(two_n.get('extra_H'))} | {_pct(r.get('growth_rows_H'))} ({_pct(r.get('growth_rows'))}) | "
+            f"{_f(two_n.get('extra_bytes') and two_n['extra_bytes'] / MIB)} | {_pct(r.get('growth_rows'))} | "
             f"{_f(base.get('prune_s'))} | {mark.get(r.get('meets_target'), '-')}"
-            + (f" (errors: {errors})" if errors else "") + " | "
+            + (f" (errors: {errors})" if errors else "") + f" | {_f(r.get('ram_extra_H'))} | "
             + _f(r.get("accounting_bytes") and r.get("H_bytes") and r["accounting_bytes"] / r["H_bytes"]) + " |")
     lines += ["", "magnitude is data-free (no calibration, no activations): not measured."]
     return lines

@@ -33,28 +33,57 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(log_p, log_q) - math.log(2.0)
 
 
-def js_code(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """The FinerCut code's variant: 0.5 * (KL(M||P) + KL(M||Q)) / (T * V)."""
+#: tokens scored together: the metrics' temporaries are ``[TOKEN_SLICE, V]``, never ``[T, V]``
+TOKEN_SLICE = 64
+
+
+def _per_token(fn, ref: torch.Tensor, other: torch.Tensor, logits: bool) -> torch.Tensor:
+    """``fn(ref[s], q[s])`` over slices ``s`` of ``TOKEN_SLICE`` tokens, concatenated along the last dim (per-token
+    values ``[..., T]``). ``other``: log-probabilities ``[T, V]``, or logits when ``logits`` (log-softmaxed one
+    slice at a time). Every per-token value is the same as from whole ``[T, V]`` tensors."""
+    parts = []
+    for t in range(0, ref.shape[0], TOKEN_SLICE):
+        q = other[t : t + TOKEN_SLICE]  # [t, V]
+        parts.append(fn(ref[t : t + TOKEN_SLICE], torch.log_softmax(q, dim=-1) if logits else q))
+    return torch.cat(parts, dim=-1)
+
+
+def _js_code_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(M||P) and KL(M||Q) per token: ``[t, V] x [t, V] -> [2, t]``."""
     log_m = _log_mixture(log_p, log_q)
-    total = _kl_terms(log_m, log_p).sum() + _kl_terms(log_m, log_q).sum()
-    return float(0.5 * total / log_p.numel())
+    return torch.stack([_kl_terms(log_m, log_p), _kl_terms(log_m, log_q)])
 
 
-def js(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+def _js_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P||M) + KL(Q||M) per token: ``[t, V] x [t, V] -> [t]``."""
+    log_m = _log_mixture(log_p, log_q)
+    return _kl_terms(log_p, log_m) + _kl_terms(log_q, log_m)
+
+
+def _angle(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """arccos of the cosine per token: ``[t, V] x [t, V] -> [t]``."""
+    return torch.arccos(F.cosine_similarity(z_p, z_q, dim=-1).clamp(-1.0, 1.0))
+
+
+def js_code(log_p: torch.Tensor, log_q: torch.Tensor, logits: bool = False) -> float:
+    """The FinerCut code's variant: 0.5 * (KL(M||P) + KL(M||Q)) / (T * V). ``logits``: ``log_q`` holds logits."""
+    terms = _per_token(_js_code_terms, log_p, log_q, logits)  # [2, T]
+    return float(0.5 * (terms[0].sum() + terms[1].sum()) / log_p.numel())
+
+
+def js(log_p: torch.Tensor, log_q: torch.Tensor, logits: bool = False) -> float:
     """Textbook Jensen-Shannon divergence per token, averaged over tokens."""
-    log_m = _log_mixture(log_p, log_q)
-    return float(0.5 * (_kl_terms(log_p, log_m) + _kl_terms(log_q, log_m)).mean())
+    return float(0.5 * _per_token(_js_terms, log_p, log_q, logits).mean())
 
 
-def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+def kl(log_p: torch.Tensor, log_q: torch.Tensor, logits: bool = False) -> float:
     """KL(P||Q) per token, averaged over tokens."""
-    return float(_kl_terms(log_p, log_q).mean())
+    return float(_per_token(_kl_terms, log_p, log_q, logits).mean())
 
 
 def angular(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
     """arccos(cos(z_p, z_q)) per token (logits ``[T, V]``), averaged over tokens."""
-    cos = F.cosine_similarity(z_p, z_q, dim=-1).clamp(-1.0, 1.0)
-    return float(torch.arccos(cos).mean())
+    return float(_per_token(_angle, z_p, z_q, False).mean())
 
 
 def norm(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
@@ -107,7 +136,7 @@ class Metric:
             value = (angular if self.name == "angular" else norm)(reference, logits)
         else:
             fn = {"js_code": js_code, "js": js, "kl": kl}[self.name]
-            value = fn(reference, torch.log_softmax(logits, dim=-1))
+            value = fn(reference, logits, logits=True)  # log-softmaxed a slice of tokens at a time
         return max(value, 0.0)  # rounding can leave -1e-9 for identical distributions
 
     def close(self) -> None:

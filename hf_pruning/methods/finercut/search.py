@@ -173,6 +173,7 @@ class GreedySearch:
                 ref = None if reference is None else reference[i]
                 tally[c][0] += metric.score(ref, logits[i], runner.ids[s])
                 tally[c][1] += 1
+            del logits  # before the next candidate's head forward: one [b, T, V] alive
 
     def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
         screened = {}

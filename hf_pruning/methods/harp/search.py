@@ -175,12 +175,13 @@ class AlphaSearch:
             with onloaded_except(self.model, self.decoder):  # the embeddings, final norm and head, once
                 for b in range(len(hidden)):
                     final = hidden[b]  # [b, T, d]
-                    ids = self.ids[row : row + final.shape[0]]  # [b, T]
-                    logits = head_forward(self.model, ids, final, self.tuple_out)  # [b, T, V] float32
-                    self.head_forwards += final.shape[0] / self.n
-                    for r in range(final.shape[0]):  # row by row, summed as a float: the order of today's sums
-                        target = ids[r, 1:].to(logits.device)
-                        total += float(F.cross_entropy(logits[r, :-1], target, reduction="sum"))
+                    for r in range(final.shape[0]):  # the head one row at a time: one [1, T, V] of logits alive
+                        ids = self.ids[row + r : row + r + 1]  # [1, T]
+                        logits = head_forward(self.model, ids, final[r : r + 1], self.tuple_out)[0]  # [T, V] fp32
+                        self.head_forwards += 1 / self.n
+                        target = ids[0, 1:].to(logits.device)
+                        total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))  # a float, row order
+                        del logits
                         if total > bound:
                             return None
                     row += final.shape[0]
