@@ -50,6 +50,31 @@ def test_angular_norm_and_perplexity():
     assert metrics.perplexity(uniform, torch.tensor([1, 2, 3, 4, 5])) == pytest.approx(7.0)
 
 
+@pytest.mark.parametrize("tokens", [1, 63, 64, 150])
+def test_metrics_over_token_slices_equal_the_whole_tensor_formulas(tokens):
+    """The metrics run over slices of TOKEN_SLICE tokens (and log-softmax logits a slice at a time); every value
+    is bit-identical to the same formula on whole [T, V] tensors."""
+    g = torch.Generator().manual_seed(tokens)
+    z_p = torch.randn(tokens, 1000, generator=g) * 3  # [T, V] logits
+    z_q = z_p + torch.randn(tokens, 1000, generator=g)
+    log_p, log_q = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+
+    def kl_terms(a, b):  # [T]
+        return (a.exp() * (a - b)).sum(-1)
+
+    whole = {
+        "js_code": float(0.5 * (kl_terms(log_m, log_p).sum() + kl_terms(log_m, log_q).sum()) / log_p.numel()),
+        "js": float(0.5 * (kl_terms(log_p, log_m) + kl_terms(log_q, log_m)).mean()),
+        "kl": float(kl_terms(log_p, log_q).mean()),
+    }
+    for name, want in whole.items():
+        fn = getattr(metrics, name)
+        assert fn(log_p, log_q) == want and fn(log_p, z_q, logits=True) == want, name
+    angle = torch.arccos(torch.nn.functional.cosine_similarity(z_p, z_q, dim=-1).clamp(-1.0, 1.0)).mean()
+    assert metrics.angular(z_p, z_q) == float(angle)
+
+
 def test_unknown_metric_is_refused():
     with pytest.raises(ConfigError, match="unknown metric 'cosine'"):
         FinerCutConfig(metric="cosine")
