@@ -301,7 +301,8 @@ def _sleb(model, calib, keep_every=1):
 
 
 def _finercut(model, calib, keep_every=1):
-    return _search(model, calib, 2 * model.layers, 4, keep_every, extra_store=1)
+    # the chunk's reference log-probabilities and one candidate's logits (divergences over 64-token slices)
+    return _search(model, calib, 2 * model.layers, 2, keep_every, extra_store=1)
 
 
 def _gradient(model, calib, taylor=False):
@@ -334,7 +335,7 @@ def _harp(model, calib):
     return [*_layer_terms(model, calib),
             _store(model, calib, 3, "the searched layer's dense input, and the stream in and out of the layer in work"),
             Term("replacement layer", "device", model.layer_bytes(), "a value-only copy of the searched layer"),
-            *_head_terms(model, calib, 2)]
+            *_head_terms(model, calib, 2, rows=1)]  # the loss runs the head one row at a time
 
 
 def _streamed_stats(model, calib):
