@@ -34,14 +34,13 @@ logger = logging.getLogger("benchmarks.scale")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def method_config(method: str, sparsity: float = 0.5):
-    import hf_pruning
+def method_config(method: str, settings: dict | None = None):
+    """The config of ``method``: 50% sparsity for the mask methods, the method's defaults otherwise, updated with
+    ``settings`` (``--settings '{"num_removals": 2}'``)."""
+    from hf_pruning.config import PruningConfig
 
-    configs = {"wanda": hf_pruning.WandaConfig, "sparsegpt": hf_pruning.SparseGPTConfig,
-               "magnitude": hf_pruning.MagnitudeConfig}
-    if method in configs:
-        return configs[method](sparsity=sparsity)
-    return {"method": method}  # any other registered method with its defaults
+    base = {"sparsity": 0.5} if method in ("wanda", "sparsegpt", "magnitude") else {}
+    return PruningConfig.from_dict({"method": method, **base, **(settings or {})})
 
 
 def load(path: Path, cpu_memory: str | None, offload_folder: Path | None, dtype: torch.dtype):
@@ -54,14 +53,14 @@ def load(path: Path, cpu_memory: str | None, offload_folder: Path | None, dtype:
 
 
 def prune_and_save(model, method: str, calibration: torch.Tensor, out: Path | None, phases: Phases,
-                   saver: str = "hf_pruning") -> dict:
+                   saver: str = "hf_pruning", settings: dict | None = None) -> dict:
     import hf_pruning
     from hf_pruning.engine import is_offloaded
 
     row = {"offloaded": is_offloaded(model)}
     if method != "none":
         with phases("prune"):
-            hf_pruning.prune_(model, method_config(method), calibration)
+            hf_pruning.prune_(model, method_config(method, settings), calibration)
         row["zero_fraction"] = zero_fraction(model)
     if out is not None:
         with phases("save"):
@@ -117,13 +116,19 @@ def qwen_side(args) -> dict:
     calibration = build_calibration(tokenizer, default_text("calibration"), args.rows, args.tokens, seed=0)
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-qwen-"))
     with phases("load"):
-        model = load(path, args.cpu_memory, work / "offload", torch.float32)
+        cpu_offload = args.cpu_memory == "offload"  # accelerate's CPU offload: weights in a CPU dict, on meta
+        model = load(path, None if cpu_offload else args.cpu_memory, work / "offload", torch.float32)
+        if cpu_offload:
+            from accelerate import cpu_offload as offload
+
+            offload(model, execution_device=torch.device("cpu"))
     n = model.num_parameters()
     row = {"model": "Qwen2.5-Coder-1.5B-Instruct (fp32)", "parameters": n, "model_gib": 4 * n / GIB,
-           "method": args.method, "rows": args.rows, "tokens": args.tokens, "max_memory": args.cpu_memory or "all"}
+           "method": args.method, "rows": args.rows, "tokens": args.tokens,
+           "max_memory": "cpu_offload" if cpu_offload else (args.cpu_memory or "all")}
     out = None if args.no_save else work / "pruned"
     try:
-        row.update(prune_and_save(model, args.method, calibration, out, phases))
+        row.update(prune_and_save(model, args.method, calibration, out, phases, settings=json.loads(args.settings)))
         x = calibration[:1, :16]
         with phases("logits"), torch.no_grad():
             row["logits"] = model(x).logits[0, -1, :64].tolist()
@@ -141,28 +146,34 @@ def qwen_side(args) -> dict:
 def qwen(args) -> dict:
     """In memory vs offloaded, each in a fresh process; same masks/plan, max logit difference, time and peak RSS."""
     sides = {}
-    for side, memory in (("memory", None), ("offloaded", args.cpu_memory or "1GiB")):
+    wanted = args.sides.split(",")
+    for side, memory in [s for s in (("memory", None), ("offloaded", args.cpu_memory or "1GiB"),
+                                     ("cpu_offload", "offload")) if s[0] in wanted]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result = Path(f.name)
         cmd = [sys.executable, "-m", "benchmarks.scale", "--qwen-side", str(result), "--method", args.method,
                "--rows", str(args.rows), "--tokens", str(args.tokens), "--results", args.results] + (["--cpu-memory", memory] if memory else [])
         cmd += ["--no-save"] if args.no_save else []
+        cmd += ["--settings", args.settings]
         subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent)
         sides[side] = json.loads(result.read_text())
         result.unlink()
-    a, b = sides["memory"], sides["offloaded"]
+    a = sides["memory"]
     errors = [f"{side}: {row['error']}" for side, row in sides.items() if "error" in row]
-    if not errors:
-        same = a["digests"] == b["digests"] and a["plan"] == b["plan"]
-        diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"], strict=True))
     for side, row in sides.items():
-        row.pop("digests", None), row.pop("logits", None)
         if errors:
             row["note"] = "; ".join(errors)[:120]
-        else:
-            row.update(same_weights_as_memory=same, max_logit_diff=diff,
-                       note=f"identical weights and plan: {same}; logits differ by {diff:.2g}")
-        record(f"qwen-{args.method}-{side}", row, args.results)
+        elif side != "memory":
+            same = a["digests"] == row["digests"] and a["plan"] == row["plan"]
+            diff = max(abs(x - y) for x, y in zip(a["logits"], row["logits"], strict=True))
+            ratio = row["phases"].get("prune", {}).get("seconds", 0) / max(a["phases"].get("prune", {}).get("seconds", 0), 1e-9)
+            row.update(same_weights_as_memory=same, max_logit_diff=diff, prune_time_vs_memory=ratio,
+                       note=f"identical weights and plan: {same}; logits differ by {diff:.2g}; "
+                            f"prune time x{ratio:.2f} of in memory")
+    for side, row in sides.items():
+        row.pop("digests", None), row.pop("logits", None)
+        row["settings"] = json.loads(args.settings)
+        record(f"{args.key or 'qwen-' + args.method}-{side}", row, args.results)
     return sides
 
 
@@ -179,6 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--source-dtype", default="bfloat16", choices=DTYPES, help="--make-8b: dtype on disk")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="--run-8b: dtype the model is loaded in")
     p.add_argument("--method", default="wanda", help="wanda, sparsegpt, magnitude, any method name, or none")
+    p.add_argument("--settings", default="{}", help="the method's settings as JSON, e.g. '{\"num_removals\": 2}'")
     p.add_argument("--rows", type=int, default=4, help="calibration rows (default 4)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per row (default 256 for --run-8b, 128 for Qwen)")
     p.add_argument("--results", default="scale", help="results/<name>.{json,md} (default scale)")
@@ -190,6 +202,8 @@ def main(argv=None) -> None:
                    help="--run-8b: hf_pruning.save_pretrained (streamed when offloaded), release (streamed, moving the "
                    "edited offloaded weights into the save: no second copy on disk) or transformers' save_pretrained")
     p.add_argument("--keep", action="store_true", help="keep the offload folder")
+    p.add_argument("--sides", default="memory,offloaded,cpu_offload",
+                   help="--qwen: which runs (memory first: the others are compared with it)")
     p.add_argument("--key", help="name of the row in results/scale.json")
     args = p.parse_args(argv)
     args.tokens = args.tokens or (128 if args.qwen or args.qwen_side else 256)
