@@ -214,7 +214,7 @@ def main(argv=None) -> None:
     elif args.run_8b:
         print(json.dumps(run_8b(args), indent=1))
     elif args.qwen:
-        print(json.dumps({k: {x: v[x] for x in ("phases", "peak_rss_gib", "note")} for k, v in qwen(args).items()}))
+        print(json.dumps({k: {x: v.get(x) for x in ("phases", "peak_rss_gib", "note")} for k, v in qwen(args).items()}))
     elif args.qwen_side:
         Path(args.qwen_side).write_text(json.dumps(qwen_side(args)))
     else:
