@@ -245,3 +245,18 @@ def _layers(model):
     from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
     return adapter_for(model).decoder_layers(model)
+
+
+@pytest.mark.parametrize("rows,pieces", [(8192, 4), (144, 2), (1000, 3), (20000, 7), (6 * 48, 2), (17, 3)])
+def test_streamed_column_sum_is_the_all_rows_sum_bit_for_bit(rows, pieces):
+    """Wanda's staged statistic: the rows' sum of squares added batch by batch equals ``x.sum(0)`` over all
+    rows at once, bit for bit (PyTorch's CPU cascade followed across batches; widths of whole 64-float
+    groups, as every hidden and intermediate size of the supported models)."""
+    from hf_pruning.methods.masks.summation import StreamedColumnSum
+
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).pow(2) * 7
+    streamed = StreamedColumnSum(rows, 128)
+    for part in x.tensor_split(pieces):
+        streamed.add(part)
+    assert torch.equal(streamed.total(), x.sum(0))
+    assert not torch.equal(sum(part.sum(0) for part in x.tensor_split(pieces)), x.sum(0)) or rows < 300

@@ -14,6 +14,7 @@ from ..masks.layerwise import (
     sequential,
 )
 from ..masks.selection import select_mask
+from ..masks.summation import StreamedColumnSum
 from .config import WandaConfig
 
 
@@ -44,12 +45,18 @@ def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plan
     ``block_outputs`` go to ``prune_staged``); otherwise statistics from the unpruned layer first (returns
     ``{}``; the caller runs the pruned layer)."""
     if config.one_pass:
-        def prune_group(linears, sum_sq):
+        tokens = inputs.rows() * inputs[0].shape[1]  # every calibration token, over all batches
+
+        def new_stat(lin):  # the all-rows sum of squares, bit for bit (summation.py)
+            return StreamedColumnSum(tokens, lin.in_features, lin.weight.device)
+
+        def prune_group(linears, stat):
+            sum_sq = stat.total()
             for lin in linears.values():
                 _mask_(lin, sum_sq, config)
 
-        return {}, prune_staged(layer, inputs, kwargs, _new_stat, _update, prune_group, outputs=outputs, plans=plans,
-                                block_outputs=block_outputs)
+        return {}, prune_staged(layer, inputs, kwargs, new_stat, lambda stat, x: stat.add(x.pow(2)), prune_group,
+                                outputs=outputs, plans=plans, block_outputs=block_outputs)
     stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
     for name, lin in prunable_linears(layer).items():
         _mask_(lin, stats[name], config)
