@@ -213,24 +213,50 @@ def test_activations_on_disk_give_the_same_model(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
-def test_finished_attention_is_replayed_not_recomputed(arch, monkeypatch):
-    """Once q/k/v and o are pruned, the stage that reaches the MLP records the attention's outputs and the
-    later passes replay them: the attention block runs in full once per batch after the one-row call that
-    finds the groups, and the pruned model is the one that recomputing it gives."""
+@pytest.mark.parametrize("config", [WandaConfig(), SparseGPTConfig(blocksize=32)], ids=["wanda", "sparsegpt"])
+def test_the_staged_schedule_runs_each_linear_once_per_row(arch, config, monkeypatch):
+    """The staged schedule costs what one forward costs: every linear computes once per calibration row
+    (o_proj and down_proj run on their recorded inputs in the later passes, the finished attention is
+    replayed), besides the one-row forward that finds the groups (once per run, on the first layer). OPT's
+    fc1/fc2 are no block of their own: fc1 runs again in the fc2 stage. Without down_proj's inputs kept, and
+    recomputing every pass, the model is the same."""
+    import hf_pruning.methods.masks.layerwise as layerwise
     from hf_pruning.methods.masks import replay
 
-    model, calls = tiny_model(arch), []
-    for layer in _layers(model):
-        layer.self_attn.register_forward_hook(lambda mod, args, out: calls.append(1))
-    hf_pruning.prune_(model, WandaConfig(), calibration=CALIB)  # two batches
-    assert len(calls) == len(_layers(model)) * (1 + 2)
+    model, tokens_in = tiny_model(arch), {}  # linear -> tokens it computed on (OPT's MLP reads [b * T, d])
+    for name, lin in _linears(model).items():
+        lin.register_forward_hook(lambda mod, args, out, name=name: tokens_in.__setitem__(
+            name, tokens_in.get(name, 0) + args[0].numel() // args[0].shape[-1]))
+    hf_pruning.prune_(model, config, calibration=CALIB)  # two batches
+    rows, length = CALIB.shape
+    for name, count in tokens_in.items():
+        once = (2 if arch == "opt" and name.endswith("fc1") else 1) * rows
+        assert count == (once + name.startswith("0.")) * length, (name, count)
+    monkeypatch.setattr(layerwise, "REPLAY_WIDE_TAILS", False)  # down_proj's inputs not kept: gate/up rerun
+    lean = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB)
+    monkeypatch.setattr(layerwise, "REPLAY_TAILS", False)
     monkeypatch.setattr(replay.Recorder, "complete", lambda self: False)
-    recomputed = hf_pruning.prune_(tiny_model(arch), WandaConfig(), calibration=CALIB)
-    for (name, a), b in zip(_linears(model).items(), _linears(recomputed).values()):
-        assert torch.equal(a.weight, b.weight), name
+    recomputed = hf_pruning.prune_(tiny_model(arch), config, calibration=CALIB)
+    for (name, a), b, c in zip(_linears(model).items(), _linears(recomputed).values(), _linears(lean).values()):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, c.weight), name
 
 
 def _layers(model):
     from hf_pruning.remote.hf_pruning_surgery import adapter_for
 
     return adapter_for(model).decoder_layers(model)
+
+
+@pytest.mark.parametrize("rows,pieces", [(8192, 4), (144, 2), (1000, 3), (20000, 7), (6 * 48, 2), (17, 3)])
+def test_streamed_column_sum_is_the_all_rows_sum_bit_for_bit(rows, pieces):
+    """Wanda's staged statistic: the rows' sum of squares added batch by batch equals ``x.sum(0)`` over all
+    rows at once, bit for bit (PyTorch's CPU cascade followed across batches; widths of whole 64-float
+    groups, as every hidden and intermediate size of the supported models)."""
+    from hf_pruning.methods.masks.summation import StreamedColumnSum
+
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).pow(2) * 7
+    streamed = StreamedColumnSum(rows, 128)
+    for part in x.tensor_split(pieces):
+        streamed.add(part)
+    assert torch.equal(streamed.total(), x.sum(0))
+    assert not torch.equal(sum(part.sum(0) for part in x.tensor_split(pieces)), x.sum(0)) or rows < 300

@@ -234,11 +234,21 @@ def _magnitude(model, calib):
             _selection(model, *_largest(model))]
 
 
+def _staged_stores(model: ModelShape, calib: CalibrationShape, two_pass: bool) -> list[Term]:
+    """The staged one-pass schedule's replay stores (methods.masks.layerwise.prune_staged): down_proj's inputs
+    ``[b, T, intermediate]`` beside the layer inputs and the attention's outputs (1 H, in the place of the
+    outputs in the I/O term: the output pass lets go of each replayed batch as its output comes)."""
+    if two_pass:
+        return []
+    return [_store(model, calib, model.intermediate / model.hidden,
+                   "staged schedule: down_proj's inputs, replayed in the output pass (REPLAY_WIDE_TAILS)")]
+
+
 def _wanda(model, calib, two_pass=False):
     stats = sum(n for _, n in model.linears().values()) * FP32
     why = ("[in] float32 sum of squares per linear, all the layer's at once (statistics from the dense layer)"
            if two_pass else "[in] float32 per linear of the stage in work (staged schedule q/k/v, o, gate/up, down)")
-    return [*_layer_terms(model, calib), _io_store(model, calib),
+    return [*_layer_terms(model, calib), _io_store(model, calib), *_staged_stores(model, calib, two_pass),
             Term("Wanda statistics", "device", stats, why), _selection(model, *_largest(model))]
 
 
@@ -251,7 +261,7 @@ def _sparsegpt_solve(model: ModelShape) -> int:
 def _sparsegpt(model, calib, two_pass=False):
     d, i, q = model.hidden, model.intermediate, model.q_width
     hessians = (2 * d * d + q * q + i * i) * FP32 if two_pass else max(d * d, q * q, i * i) * FP32
-    return [*_layer_terms(model, calib), _io_store(model, calib),
+    return [*_layer_terms(model, calib), _io_store(model, calib), *_staged_stores(model, calib, two_pass),
             Term("Hessians", "device", hessians,
                  "[in, in] float32 per linear group (q/k/v and gate/up share one): "
                  + ("the whole layer's" if two_pass else "the stage's group only"), "forward"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
-from ...engine import ActivationStore, execution_device, hooks, propagate, write_param
+from ...engine import ActivationStore, execution_device, propagate, write_param
 from ...registry import PruningResult, register_method
 from ...remote.hf_pruning_surgery import adapter_for
 from ..magnitude.pruner import magnitude_prune_layer_
@@ -84,43 +84,24 @@ def _load_dense_layer_(dense_layer, reference: str, prefix: str) -> None:
         lin.weight.data.copy_(tensor)
 
 
-def _initialize_(layer, inputs: ActivationStore, kwargs, config: LLMBarberConfig, attention: dict):
+def _initialize_(layer, inputs: ActivationStore, kwargs, config: LLMBarberConfig, attention: str,
+                 plans: dict | None = None):
     """Apply the initializer to ``layer``. When it pruned staged (each linear pruned before it ran) and
-    ``verify`` with ``reconstruct`` will need them, the attention outputs of the schedule's last pass over the
-    batches are returned (a store of batches: the whole pruned attention block on the block's inputs, free);
-    else None."""
-    n, ring, count = len(inputs), inputs.like(), [0]
-
-    def keep(mod, args, out):  # a complete attention call in a stage pass runs after all its linears were pruned
-        if len(ring) < n:
-            ring.append(out[0])
-        else:
-            ring[count[0] % n] = out[0]
-        count[0] += 1
-
-    with hooks() as handles:
-        if config.verify and config.reconstruct:
-            handles.append(attention["out"].register_forward_hook(keep))
-        result = None
-        if config.init == "magnitude":
-            magnitude_prune_layer_(layer, config)
-        elif config.init == "wanda":
-            result = wanda_prune_layer_(layer, inputs, kwargs, config, outputs=False)
-        elif config.init == "sparsegpt":
-            result = sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs=False)
-        # "existing": the model's zeros are the initial mask
-    # (report, None): the staged schedule; its first call (finding the groups, on one row) ran the unpruned layer
-    if not isinstance(result, tuple) or count[0] <= n:
-        ring.close()
-        return None
-    start = count[0] % n  # the last n calls, in batch order
-    if not start:
-        return ring
-    ordered = ring.like()
-    for i in range(n):
-        ordered.append(ring[(start + i) % n])
-    ring.close()
-    return ordered
+    ``verify`` with ``reconstruct`` will need them, the attention block's outputs recorded by the schedule are
+    returned (a store of batches: the whole pruned attention block on the block's inputs, free); else None.
+    ``attention``: the attention module's attribute name in the layer."""
+    blocks: dict = {}  # child -> its recorded outputs (prune_staged)
+    result = None
+    if config.init == "magnitude":
+        magnitude_prune_layer_(layer, config)
+    elif config.init in ("wanda", "sparsegpt"):
+        prune_layer_ = wanda_prune_layer_ if config.init == "wanda" else sparsegpt_prune_layer_
+        result = prune_layer_(layer, inputs, kwargs, config, outputs=False, plans=plans, block_outputs=blocks)
+    # "existing": the model's zeros are the initial mask
+    kept = blocks.pop(attention, None) if isinstance(result, tuple) and config.verify and config.reconstruct else None
+    for store in blocks.values():
+        store.close()
+    return kept
 
 
 def _apply_masks_(linears, dense_linears, names, pruned, new_masks, config) -> int:
@@ -180,15 +161,16 @@ def _rebuild_block_(adapter, layer, dense_layer, name, block, inputs, kwargs, co
     return entry, final
 
 
-def barber_layer_(adapter, layer, inputs, kwargs, config: LLMBarberConfig, dense_source=None):
+def barber_layer_(adapter, layer, inputs, kwargs, config: LLMBarberConfig, dense_source=None,
+                  plans: dict | None = None):
     """Initializer + mask rebuild of one decoder layer, in place (``inputs``: a store of batches ``[b, T, d]``).
     Returns swap counts per block, and the layer's outputs as well (``(report, outputs)``) when every block's
-    final outputs are already known (the propagation then replays them)."""
+    final outputs are already known (the propagation then replays them). ``plans``: see ``prune_staged``."""
     dense_layer = _dense_copy(layer)  # the only dense copy held: one layer
     if dense_source is not None:
         dense_source(dense_layer)
     blocks = blocks_of(adapter, layer)
-    init_ys = _initialize_(layer, inputs, kwargs, config, blocks["attention"])
+    init_ys = _initialize_(layer, inputs, kwargs, config, adapter.attn_name, plans)
     report, replays, finals = {}, {}, []
     try:
         for name, block in blocks.items():
@@ -218,12 +200,13 @@ def run_llm_barber(model, config: LLMBarberConfig, calibration) -> PruningResult
     check_widths(model, config.nm)
     layers = adapter.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
+    plans: dict = {}  # the initializer's staged schedule: how a layer's forward reaches its linears
 
     def process(i, layer, inputs, kwargs):
         source = None
         if config.init == "existing":
             source = lambda dense, i=i: _load_dense_layer_(dense, config.dense_reference, f"{prefix}.{i}")  # noqa: E731
-        return barber_layer_(adapter, layer, inputs, kwargs, config, source)
+        return barber_layer_(adapter, layer, inputs, kwargs, config, source, plans)
 
     reports = sequential(model, calibration, process, f"llm_barber({config.init})")
     total = sum(b["swapped"] for r in reports for b in r.values())

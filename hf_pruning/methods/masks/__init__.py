@@ -3,8 +3,10 @@
 - ``config.py``: :class:`SparsityConfig` (``sparsity`` and ``pattern``), the base of their configs;
 - ``selection.py``: the mask math (exact counts by stable sorting, N:M groups, LLM-Barber's swap);
 - ``layerwise.py``: the layer-by-layer runner on the engine (each layer sees the already-pruned layers'
-  outputs), the staged in-layer schedule (:func:`prune_staged`) and the hooks that collect a linear's inputs;
-- ``replay.py``: stand-ins that replay a finished block's recorded outputs (the staged schedule, LLM-Barber).
+  outputs), the staged in-layer schedule (:func:`prune_staged`, one layer forward's work per layer) and the
+  hooks that collect a linear's inputs;
+- ``replay.py``: stand-ins that replay a finished block from its recorded outputs, or from its output
+  linear's recorded inputs (the staged schedule, LLM-Barber).
 
 ``sparsity_report`` and ``prunable_linears`` live in ``hf_pruning.accounting``.
 
@@ -19,11 +21,12 @@ from .layerwise import (
     collect_input_stats,
     input_groups,
     input_stat_hooks,
+    layer_plan,
     prune_staged,
     sequential,
 )
 from .selection import GRANULARITIES, NM_RULES, parse_pattern, rebuild_masks, select_mask
 
 __all__ = ["GRANULARITIES", "LAYER_BATCH", "NM_RULES", "ONE_PASS_HELP", "SparsityConfig", "check_widths",
-           "collect_input_stats", "input_groups", "input_stat_hooks", "parse_pattern", "prunable_linears", "prune_staged",
+           "collect_input_stats", "input_groups", "input_stat_hooks", "layer_plan", "parse_pattern", "prunable_linears", "prune_staged",
            "rebuild_masks", "select_mask", "sequential", "sparsity_report"]

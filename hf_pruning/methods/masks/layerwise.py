@@ -5,13 +5,18 @@ layers before it, each layer is onloaded once, and one batch of calibration rows
 Inside a layer, :func:`prune_staged` prunes the linears group by group in the order the forward reaches them
 (q/k/v, then o, then gate/up, then down on LLaMA-like layers; q/k/v, out, fc1, fc2 on OPT): each group's
 statistics are accumulated batch by batch over a forward that stops at the group, then the group is pruned, so
-the linears later in the layer see inputs from the already-pruned ones (SparseGPT's "true sequential"). A
-block whose linears are all pruned (the attention) is replayed from its recorded outputs in the later passes.
+the linears later in the layer see inputs from the already-pruned ones (SparseGPT's "true sequential"). It
+costs what one forward of the layer costs: a block whose output is its output projection's (attention: o_proj,
+MLP: down_proj) runs, in the passes after that projection is pruned, as the projection on its inputs recorded
+in the pass that stopped there, and a finished block is replayed from its recorded outputs; so each part of
+the layer computes once per batch, as in the all-rows forward of the earlier one-pass flow (whose masks these
+are). The structure (groups, output projections) comes from one forward of one row, once per run.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,12 +35,12 @@ from ...engine import (
 )
 from ...engine import sequential as engine_sequential
 from ...remote.hf_pruning_surgery import adapter_for
-from .replay import Recorder, replayed
+from .replay import Recorder, Through, replayed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LAYER_BATCH", "check_widths", "collect_input_stats", "input_groups", "input_stat_hooks",
-           "prune_staged", "sequential"]
+__all__ = ["LAYER_BATCH", "REPLAY_TAILS", "LayerPlan", "check_widths", "collect_input_stats", "input_groups",
+           "input_stat_hooks", "layer_plan", "prune_staged", "sequential"]
 
 
 def check_widths(model, nm: tuple[int, int] | None) -> None:
@@ -89,21 +94,34 @@ def collect_input_stats(layer: nn.Module, inputs: ActivationStore, kwargs: dict,
     return stats
 
 
+@dataclass
+class LayerPlan:
+    """How one forward of a decoder layer reaches its prunable linears (:func:`layer_plan`)."""
+
+    #: the linears grouped by the input tensor they read, in the order the forward reaches them
+    groups: list[list[str]]
+    #: per direct child block (attention, MLP module) whose output IS the output of one of its linears, called
+    #: once and in the block's last group: (that linear's name, the block's output tuple length or None)
+    tails: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+
+
 @torch.no_grad()
-def input_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """The prunable linears of ``layer`` grouped by the input they read, in the order one forward on
-    ``hidden`` ``[b, T, d]`` reaches them: linears called one after another on the very same tensor form a
-    group (q/k/v, gate/up). A linear called twice counts at its first call. Raises when a linear is never
-    called (the staged schedule cannot prune it; ``one_pass=False`` can)."""
-    linears = prunable_linears(layer)
+def layer_plan(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> LayerPlan:
+    """One forward of ``layer`` on ``hidden`` ``[b, T, d]`` (one row is enough) with hooks on its linears
+    and blocks: the groups of linears by the input they read (linears called one after another on the very
+    same tensor form a group: q/k/v, gate/up; a linear called twice counts at its first call) and the blocks
+    whose output is their last linear's output (o_proj's for the attention, down_proj's for the MLP).
+    Raises when a linear is never called (the staged schedule cannot prune it; ``one_pass=False`` can)."""
+    linears, blocks = prunable_linears(layer), _blocks(layer)
     groups: list[list[str]] = []
     last: list = [None]  # the previous linear's input (held, so its identity cannot be reused)
-    seen: set[str] = set()
+    outs: dict[str, list] = {}  # linear -> its outputs, one per call
+    block_out: dict = {}
 
     def pre(name, x):
-        if name in seen:
+        if name in outs:
             return
-        seen.add(name)
+        outs[name] = []
         if groups and last[0] is x:
             groups[-1].append(name)
         else:
@@ -113,52 +131,140 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[l
     with hooks() as handles:
         for name, lin in linears.items():
             handles.append(lin.register_forward_pre_hook(lambda mod, args, name=name: pre(name, args[0])))
+            handles.append(lin.register_forward_hook(lambda mod, args, out, name=name: outs[name].append(out)))
+        for child in blocks:
+            handles.append(layer.get_submodule(child).register_forward_hook(
+                lambda mod, args, out, child=child: block_out.__setitem__(child, out)))
         run_layer(layer, hidden, kwargs)
-    missing = sorted(set(linears) - seen)
+    missing = sorted(set(linears) - set(outs))
     if missing:
         raise RuntimeError(f"the layer's forward never called {missing}; prune with one_pass=False")
-    return groups
+    order = {name: k for k, group in enumerate(groups) for name in group}
+    tails = {}
+    for child, names in blocks.items():
+        out = block_out.get(child)
+        y = out[0] if isinstance(out, tuple) and out else out
+        for name in groups[max(order[n] for n in names)]:
+            if name in names and len(outs[name]) == 1 and outs[name][0] is y:
+                tails[child] = (name, len(out) if isinstance(out, tuple) else None)
+    return LayerPlan(groups, tails)
 
 
-def _children_linears(layer: nn.Module) -> dict[str, set[str]]:
-    """Per direct child of ``layer`` holding prunable linears: the names (inside the layer) of its linears."""
+def input_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The groups of :func:`layer_plan`: the prunable linears grouped by the input they read, in call order."""
+    return layer_plan(layer, hidden, kwargs).groups
+
+
+def _blocks(layer: nn.Module) -> dict[str, set[str]]:
+    """Per direct child of ``layer`` that holds prunable linears (and is not one itself: the attention and MLP
+    modules, not OPT's fc1/fc2): the names (inside the layer) of its linears."""
     names = list(prunable_linears(layer))
     out = {}
     for child in dict(layer.named_children()):
-        inside = {n for n in names if n == child or n.startswith(child + ".")}
-        if inside:
+        inside = {n for n in names if n.startswith(child + ".")}
+        if inside and child not in names:
             out[child] = inside
     return out
 
 
-def _stage_pass(layer, inputs: ActivationStore, kwargs: dict, first: nn.Linear, name: str, stat, update,
-                replays: dict, recorders: dict) -> None:
-    """Every batch through ``layer`` (blocks in ``replays`` replayed, blocks in ``recorders`` recorded) until
-    the forward reaches ``first``, whose input goes to ``update(stat, x)``; there the forward stops."""
-    device = execution_device(layer)
+def _plan_of(layer: nn.Module, inputs: ActivationStore, kwargs: dict, plans: dict | None) -> LayerPlan:
+    """:func:`layer_plan` on one row of the first batch; with ``plans`` (a dict kept over one run), computed
+    once per layer structure (the class and every submodule's name and class) and reused for the others."""
+    key = (type(layer), tuple((n, type(m)) for n, m in layer.named_modules()))
+    if plans is not None and key in plans:
+        return plans[key]
+    plan = layer_plan(layer, inputs.get(0, execution_device(layer))[:1], kwargs)
+    if plans is not None:
+        plans[key] = plan
+    return plan
 
-    def stop(mod, args):
-        update(stat, _flat(args[0]))
-        raise StopForward
 
-    with replayed(replays), hooks() as handles:
-        handles.append(first.register_forward_pre_hook(stop))
-        for child, recorder in recorders.items():
-            handles.append(layer.get_submodule(child).register_forward_hook(recorder.hook))
-        for i in range(len(inputs)):
-            try:
-                run_layer(layer, inputs.get(i, device), kwargs)
-            except StopForward:
-                continue
-            raise RuntimeError(f"the layer's forward did not reach {name} on batch {i}; prune with one_pass=False")
+#: replay a block whose output is its last linear's (attention, MLP) from that linear's inputs recorded in the
+#: pass that stopped there, so that every part of the layer runs once per batch, as in one forward. False: the
+#: later passes rerun such blocks (about 1.7 layer forwards per layer on LLaMA-like layers), same results.
+REPLAY_TAILS = True
+#: the same for a linear whose input is wider than the hidden states (down_proj: a store of ``[b, T,
+#: intermediate]``, 2.7 H on SmolLM2, 3.5 H on Llama-3-8B, held until the layer's outputs are made). False:
+#: the last pass reruns the MLP's gate/up instead (about 1.45 layer forwards per layer, peak store 3 H).
+REPLAY_WIDE_TAILS = True
+
+
+def _tail(plan: LayerPlan, group: list[str], linears: dict, width: int) -> str | None:
+    """The block whose output linear is in ``group`` and that :data:`REPLAY_TAILS` replays, if any."""
+    for child, (name, _) in plan.tails.items():
+        if name in group and REPLAY_TAILS and (REPLAY_WIDE_TAILS or linears[name].in_features <= width):
+            return child
+    return None
+
+
+class _Schedule:
+    """The passes of :func:`prune_staged` over one layer: which blocks run, which are replayed, which are
+    recorded, and the stores that hold what they need (closed by :meth:`close`, except those handed out)."""
+
+    def __init__(self, layer: nn.Module, inputs: ActivationStore, kwargs: dict, blocks: dict[str, set[str]]):
+        self.layer, self.inputs, self.kwargs, self.blocks = layer, inputs, kwargs, blocks
+        self.replays: dict = {}  # (layer, child) -> (outputs store, arity) | Through
+        self.recorders: dict[str, Recorder] = {}  # child -> Recorder, for the next pass
+        self.tried: set[str] = set()  # blocks recorded (or tried) once
+
+    def stage(self, first: nn.Linear, name: str, stat, update, kept: ActivationStore | None) -> None:
+        """Every batch through the layer (replayed blocks replayed, recorders recording) until the forward
+        reaches ``first``, whose input goes to ``update(stat, x)`` (and to ``kept``); there it stops."""
+        device = execution_device(self.layer)
+
+        def stop(mod, args):
+            update(stat, _flat(args[0]))
+            if kept is not None:
+                kept.append(args[0])
+            raise StopForward
+
+        with replayed(self.replays), hooks() as handles:
+            handles.append(first.register_forward_pre_hook(stop))
+            for child, recorder in self.recorders.items():
+                handles.append(self.layer.get_submodule(child).register_forward_hook(recorder.hook))
+            for i in range(len(self.inputs)):
+                try:
+                    run_layer(self.layer, self.inputs.get(i, device), self.kwargs)
+                except StopForward:
+                    continue
+                raise RuntimeError(f"the layer's forward did not reach {name} on batch {i}; prune with one_pass=False")
+        for child, recorder in self.recorders.items():
+            key = (self.layer, child)
+            if recorder.complete():
+                if isinstance(self.replays.get(key), Through):
+                    self.replays[key].inputs.close()
+                self.replays[key] = (recorder.outputs, recorder.arity)
+            else:
+                recorder.outputs.close()
+        self.recorders = {}
+
+    def finished(self, pruned: set[str]) -> None:
+        """Blocks whose linears are all pruned are recorded by the next pass that runs them (once)."""
+        for child, names in self.blocks.items():
+            if names <= pruned and child not in self.tried:
+                self.tried.add(child)
+                self.recorders[child] = Recorder(self.inputs)
+
+    def close(self, keep: dict | None = None) -> None:
+        """Close every store, except the recorded block outputs handed to ``keep`` (child -> store)."""
+        for (_, child), value in self.replays.items():
+            if isinstance(value, Through):
+                value.inputs.close()
+            elif keep is not None:
+                keep[child] = value[0]
+            else:
+                value[0].close()
+        for recorder in self.recorders.values():
+            recorder.outputs.close()
 
 
 @torch.no_grad()
 def prune_staged(layer: nn.Module, inputs: ActivationStore, kwargs: dict, make_stat: Callable[[nn.Linear], object],
                  update: Callable[[object, torch.Tensor], None],
                  prune_group: Callable[[dict[str, nn.Linear], object], None],
-                 outputs: bool = True) -> ActivationStore | None:
-    """Prune ``layer``'s linears group by group (:func:`input_groups`), each on the statistics of its own
+                 outputs: bool = True, plans: dict | None = None,
+                 block_outputs: dict | None = None) -> ActivationStore | None:
+    """Prune ``layer``'s linears group by group (:func:`layer_plan`), each on the statistics of its own
     input in the layer as pruned so far.
 
     For each group: every batch of ``inputs`` runs through the layer until the forward reaches the group's
@@ -166,40 +272,43 @@ def prune_staged(layer: nn.Module, inputs: ActivationStore, kwargs: dict, make_s
     (:class:`~hf_pruning.engine.StopForward`); then ``prune_group(linears, stat)`` (name -> linear, in call
     order) edits the group's weights (through ``write_param``). The statistic of a group is thus accumulated
     over every calibration token, one batch on the device at a time, and equals the one a single forward over
-    all rows would give (up to float summation order). A block of the layer (a direct child: the attention
-    module) whose linears are all pruned is recorded by the next pass that runs it and replayed in the later
-    ones (``replay.py``; the same tensors, so nothing changes numerically). With ``outputs``, one more pass
-    returns the pruned layer's outputs (a store like ``inputs``); else None.
+    all rows would give (up to float summation order). No part of the layer runs twice on a batch: a block
+    whose output is its last linear's (o_proj, down_proj) keeps that linear's inputs from the pass that
+    stopped there and is replaced in the later passes by that linear on them (``replay.Through``); the next
+    pass records its outputs and the ones after replay them (``replay.py``; the same tensors, so nothing
+    changes numerically). With ``outputs``, one more pass returns the pruned layer's outputs (a store like
+    ``inputs``); else None. ``plans``: a dict kept over a run (:func:`layer_plan` once per layer structure).
+    ``block_outputs``: receives the recorded outputs of the pruned blocks (child name -> store; the caller
+    closes them).
     """
     linears = prunable_linears(layer)
-    groups = input_groups(layer, inputs.get(0, execution_device(layer))[:1], kwargs)
-    children, pruned = _children_linears(layer), set()
-    replays: dict = {}  # (layer, child) -> (outputs, arity)
-    recorders: dict = {}  # child -> Recorder, for the pass in progress
+    plan = _plan_of(layer, inputs, kwargs, plans)
+    schedule = _Schedule(layer, inputs, kwargs, _blocks(layer))
+    pruned: set[str] = set()
     try:
-        for group in groups:
+        for k, group in enumerate(plan.groups):
+            later = outputs or k + 1 < len(plan.groups)  # a pass over the layer follows this group's pruning
+            tail = _tail(plan, group, linears, inputs[0].shape[-1]) if later else None
+            kept = inputs.like() if tail else None  # the tail linear's inputs, [b, T, in] per batch
             stat = make_stat(linears[group[0]])
-            _stage_pass(layer, inputs, kwargs, linears[group[0]], group[0], stat, update, replays, recorders)
-            for child, recorder in recorders.items():
-                if recorder.complete():
-                    replays[(layer, child)] = (recorder.outputs, recorder.arity)
-                else:
-                    recorder.outputs.close()
-            prune_group({name: linears[name] for name in group}, stat)
+            try:
+                schedule.stage(linears[group[0]], group[0], stat, update, kept)
+                prune_group({name: linears[name] for name in group}, stat)
+            except BaseException:
+                if kept is not None:
+                    kept.close()
+                raise
             del stat
             pruned.update(group)
-            recorders = {child: Recorder(inputs) for child, names in children.items()
-                         if names <= pruned and (layer, child) not in replays}
-            children = {c: n for c, n in children.items() if c not in recorders}
+            if tail:  # closed with the schedule from here on
+                schedule.replays[(layer, tail)] = Through(linears[plan.tails[tail][0]], kept, plan.tails[tail][1])
+            schedule.finished(pruned)
         if not outputs:
             return None
-        with replayed(replays):
+        with replayed(schedule.replays, consume=True):  # the last pass: replayed batches are let go as it goes
             return propagate(layer, inputs, kwargs)
     finally:
-        for store, _ in replays.values():
-            store.close()
-        for recorder in recorders.values():
-            recorder.outputs.close()
+        schedule.close(block_outputs)
 
 
 @torch.no_grad()

@@ -45,20 +45,23 @@ def _solve_(lin, hessian: torch.Tensor, config, factor: torch.Tensor | None = No
     solve_linear_(lin, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor)
 
 
-def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
+def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plans: dict | None = None,
+                           block_outputs: dict | None = None):
     """Prune every linear of ``layer`` with SparseGPT, in place; ``inputs`` is an
     :class:`~hf_pruning.engine.ActivationStore` of batches ``[b, T, d]``.
 
     ``config.one_pass``: staged (:func:`~hf_pruning.methods.masks.layerwise.prune_staged`; q/k/v read the
     same input: they share one Hessian and its factorisation), returns ``({}, outputs)`` (None with
-    ``outputs=False``); otherwise Hessians from the unpruned layer first (returns ``{}``)."""
+    ``outputs=False``; ``plans`` and ``block_outputs`` go to ``prune_staged``); otherwise Hessians from the
+    unpruned layer first (returns ``{}``)."""
     if config.one_pass:
         def prune_group(linears, stat):
             factor = inverse_hessian_factor(stat["h"], config.percdamp)
             for lin in linears.values():
                 _solve_(lin, stat["h"], config, factor)
 
-        return {}, prune_staged(layer, inputs, kwargs, new_hessian, add_to_hessian, prune_group, outputs=outputs)
+        return {}, prune_staged(layer, inputs, kwargs, new_hessian, add_to_hessian, prune_group, outputs=outputs,
+                                plans=plans, block_outputs=block_outputs)
     stats = collect_input_stats(layer, inputs, kwargs, new_hessian, add_to_hessian)
     for name, lin in prunable_linears(layer).items():
         _solve_(lin, stats.pop(name)["h"], config)
@@ -68,6 +71,7 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
 @register_method("sparsegpt", SparseGPTConfig)
 def run_sparsegpt(model, config: SparseGPTConfig, calibration) -> PruningResult:
     check_widths(model, config.nm)
-    sequential(model, calibration, lambda i, layer, inps, kw: sparsegpt_prune_layer_(layer, inps, kw, config),
-               "sparsegpt")
+    plans: dict = {}  # how a layer's forward reaches its linears, found once per layer structure
+    sequential(model, calibration,
+               lambda i, layer, inps, kw: sparsegpt_prune_layer_(layer, inps, kw, config, plans=plans), "sparsegpt")
     return PruningResult(report={"sparsity": sparsity_report(model)})

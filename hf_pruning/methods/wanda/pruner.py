@@ -14,6 +14,7 @@ from ..masks.layerwise import (
     sequential,
 )
 from ..masks.selection import select_mask
+from ..masks.summation import StreamedColumnSum
 from .config import WandaConfig
 
 
@@ -34,19 +35,28 @@ def _mask_(lin, sum_sq: torch.Tensor, config) -> None:
     write_param(lin, "weight", w.masked_fill(mask, 0))
 
 
-def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
+def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plans: dict | None = None,
+                       block_outputs: dict | None = None):
     """Mask every linear of ``layer`` by |W| * ||X_j||_2 (per output row), in place; ``inputs`` is an
     :class:`~hf_pruning.engine.ActivationStore` of batches ``[b, T, d]``.
 
     ``config.one_pass``: staged (:func:`~hf_pruning.methods.masks.layerwise.prune_staged`), returns
-    ``({}, outputs)`` (``outputs``: the pruned layer's outputs, or None when ``outputs=False``); otherwise
-    statistics from the unpruned layer first (returns ``{}``; the caller runs the pruned layer)."""
+    ``({}, outputs)`` (``outputs``: the pruned layer's outputs, or None when ``outputs=False``; ``plans`` and
+    ``block_outputs`` go to ``prune_staged``); otherwise statistics from the unpruned layer first (returns
+    ``{}``; the caller runs the pruned layer)."""
     if config.one_pass:
-        def prune_group(linears, sum_sq):
+        tokens = inputs.rows() * inputs[0].shape[1]  # every calibration token, over all batches
+
+        def new_stat(lin):  # the all-rows sum of squares, bit for bit (summation.py)
+            return StreamedColumnSum(tokens, lin.in_features, lin.weight.device)
+
+        def prune_group(linears, stat):
+            sum_sq = stat.total()
             for lin in linears.values():
                 _mask_(lin, sum_sq, config)
 
-        return {}, prune_staged(layer, inputs, kwargs, _new_stat, _update, prune_group, outputs=outputs)
+        return {}, prune_staged(layer, inputs, kwargs, new_stat, lambda stat, x: stat.add(x.pow(2)), prune_group,
+                                outputs=outputs, plans=plans, block_outputs=block_outputs)
     stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
     for name, lin in prunable_linears(layer).items():
         _mask_(lin, stats[name], config)
@@ -56,5 +66,7 @@ def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True):
 @register_method("wanda", WandaConfig)
 def run_wanda(model, config: WandaConfig, calibration) -> PruningResult:
     check_widths(model, config.nm)
-    sequential(model, calibration, lambda i, layer, inps, kw: wanda_prune_layer_(layer, inps, kw, config), "wanda")
+    plans: dict = {}  # how a layer's forward reaches its linears, found once per layer structure
+    sequential(model, calibration, lambda i, layer, inps, kw: wanda_prune_layer_(layer, inps, kw, config, plans=plans),
+               "wanda")
     return PruningResult(report={"sparsity": sparsity_report(model)})
