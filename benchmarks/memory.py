@@ -166,7 +166,8 @@ def predict(row: dict, protocol: dict) -> None:
         return
     m = protocol["model"]
     shape = ModelShape(m["hidden"], m["layers"], m["inter"], m["vocab"], 4, m["heads"], m["kv_heads"])
-    est = method_memory(case[3], shape, CalibrationShape(base["rows"], protocol["tokens"], BATCH_ROWS))
+    # a model in memory: the searches score one row at a time (DepthRunner chunk_rows)
+    est = method_memory(case[3], shape, CalibrationShape(base["rows"], protocol["tokens"], BATCH_ROWS, chunk_rows=1))
     est = MemoryEstimate(est.method, {k: [t for t in terms if not t.why.startswith("CUDA only")]
                                       for k, terms in est.stages.items()})  # the run is on the CPU
     row["accounting_bytes"] = est.device + est.host + est.store
