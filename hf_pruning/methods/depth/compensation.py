@@ -149,6 +149,7 @@ class _Shortlist:
         self.shifts: dict[int, float] = {}
         self.gain: dict[int, float] = {}  # member -> validated error ratio
         self.stats: dict[int, FitStats] = {}  # members that may still be chosen
+        self.fitted = 0  # layers whose statistics were accumulated (members at some point)
 
     def _rank(self, i: int) -> tuple[float, int]:
         return -self.shifts[i], i
@@ -165,6 +166,7 @@ class _Shortlist:
             del self.gain[out]
             self.stats.pop(out, None)
         stats = accumulate()
+        self.fitted += 1
         gain = 0.0
         if self.validate:
             _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
@@ -222,7 +224,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
                         "shifts": shifts}
         j, stats, validation = best
-        report = {"folds": fold_count(calibration.shape[0])}
+        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted}
         if ridge is None:
             ridge, chosen = choose_ridge_from_stats(stats, RIDGE_GRID)
             report.update(chosen, validated_error_ratio=validation)
