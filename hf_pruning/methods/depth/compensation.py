@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from ...engine import calibration_mode
+from ...engine import ActivationStore, calibration_mode
 from ...plan import AddLinear, RemoveLayers
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .candidates import Candidate, plan_for
@@ -142,17 +142,25 @@ class _Shortlist:
     over the identity's on ``SCREEN_FOLDS`` groups of folds. The chosen layer is the member with the lowest ratio
     (ties: the lower layer); a member ranked below another with a lower ratio can never be chosen (it leaves
     first), so its statistics are dropped at once. Without ``validate`` (a fixed ridge: ``size`` 1) the ratio is 0.
-    The members and the choice are exactly those of ranking every shift first and then fitting the shortlist."""
+    The members and the choice are exactly those of ranking every shift first and then fitting the shortlist.
+    The statistics kept for later wait in an :class:`ActivationStore` each (CPU, or disk in ``folder``), so
+    one layer's statistics at most are on the execution device."""
 
-    def __init__(self, size: int, feeds: dict[int, int], relative: bool, validate: bool):
-        self.size, self.feeds, self.relative, self.validate = size, feeds, relative, validate
+    def __init__(self, size: int, feeds: dict[int, int], relative: bool, validate: bool, folder=None):
+        self.size, self.feeds, self.relative, self.validate, self.folder = size, feeds, relative, validate, folder
         self.shifts: dict[int, float] = {}
         self.gain: dict[int, float] = {}  # member -> validated error ratio
-        self.stats: dict[int, FitStats] = {}  # members that may still be chosen
+        self.stats: dict[int, tuple[ActivationStore, torch.device]] = {}  # members that may still be chosen
         self.fitted = 0  # layers whose statistics were accumulated (members at some point)
+        self.most_kept = 0  # the most statistics kept at once
 
     def _rank(self, i: int) -> tuple[float, int]:
         return -self.shifts[i], i
+
+    def _drop(self, i: int) -> None:
+        kept = self.stats.pop(i, None)
+        if kept is not None:
+            kept[0].close()
 
     def arrive(self, j: int, moments: tuple[dict, dict, dict], accumulate) -> None:
         """``j``'s fit data is complete: rank its shift, and fit it when it enters the shortlist."""
@@ -164,24 +172,43 @@ class _Shortlist:
             return
         for out in ranked[self.size :]:
             del self.gain[out]
-            self.stats.pop(out, None)
+            self._drop(out)
         stats = accumulate()
         self.fitted += 1
         gain = 0.0
         if self.validate:
             _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
             gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
-        self.gain[j], self.stats[j] = gain, stats
-        for x in list(self.stats):
-            if any(self._rank(y) < self._rank(x) and (self.gain[y], y) < (self.gain[x], x) for y in self.gain):
-                del self.stats[x]
+        self.gain[j] = gain
+        if any(self._rank(y) < self._rank(j) and (self.gain[y], y) < (gain, j) for y in self.gain):
+            return  # never chosen
+        for x in list(self.stats):  # members j now outlasts with a lower ratio
+            if self._rank(j) < self._rank(x) and (gain, j) < (self.gain[x], x):
+                self._drop(x)
+        store = ActivationStore(self.folder)
+        for name in _STAT_FIELDS:
+            store.append(getattr(stats, name))
+        self.stats[j] = (store, stats.gram.device)
+        self.most_kept = max(self.most_kept, len(self.stats))
 
     def chosen(self) -> tuple[int, FitStats, dict] | None:
-        """The layer to compensate, its statistics and the members' validated error ratios (None: no member)."""
+        """The layer to compensate, its statistics (on its execution device) and the members' validated error
+        ratios (None: no member). Frees every kept statistic."""
         if not self.gain:
             return None
         j = min(self.gain, key=lambda i: (self.gain[i], i))
-        return j, self.stats[j], dict(sorted(self.gain.items())) if self.validate else {}
+        store, device = self.stats[j]
+        stats = FitStats(*(store.get(k, device) for k in range(len(_STAT_FIELDS))))
+        self.close()
+        return j, stats, dict(sorted(self.gain.items())) if self.validate else {}
+
+    def close(self) -> None:
+        for i in list(self.stats):
+            self._drop(i)
+
+
+#: the tensors of a :class:`FitStats`, in its constructor's order
+_STAT_FIELDS = ("gram", "cross", "b_sq", "identity_sq", "drift_sq", "tokens")
 
 
 def _projection(stats: FitStats, j: int, ridge: float, solver: str, steps: int) -> tuple[torch.Tensor, dict, float, float]:
@@ -216,15 +243,19 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     whole, parts, carrier, feeds = _layout(model, removed)
     with calibration_mode(model):
         walk = Lockstep(model, calibration, parts, whole, store_folder)
-        shortlist = _Shortlist(SHORTLIST if ridge is None else 1, feeds, relative, validate=ridge is None)
-        moments = walk.walk(carrier, feeds, shortlist.arrive)
+        shortlist = _Shortlist(SHORTLIST if ridge is None else 1, feeds, relative, ridge is None, store_folder)
+        try:
+            moments = walk.walk(carrier, feeds, shortlist.arrive)
+            best = shortlist.chosen()
+        finally:
+            shortlist.close()
         shifts = {i: _shift(moments, i, at, relative) for i, at in feeds.items()}
-        best = shortlist.chosen()
         if best is None:
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
                         "shifts": shifts}
         j, stats, validation = best
-        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted}
+        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted,
+                  "most_statistics_kept": shortlist.most_kept}
         if ridge is None:
             ridge, chosen = choose_ridge_from_stats(stats, RIDGE_GRID)
             report.update(chosen, validated_error_ratio=validation)
