@@ -239,3 +239,12 @@ def test_streamed_shortlist_equals_ranking_every_shift_first():
         assert chosen[0] == expected and sorted(chosen[2]) == sorted(top)
         assert torch.equal(chosen[1].gram, stats[expected].gram) and torch.equal(chosen[1].cross, stats[expected].cross)
         assert 1 <= shortlist.most_kept <= size and not shortlist.stats
+
+
+@pytest.mark.parametrize("score, forwards, backwards", [("fisher", 8, 4), ("taylor", 9, 5)])
+def test_gradient_pass_reruns_only_the_layers_it_must(score, forwards, backwards):
+    """5 kept layers: 4 no-grad forwards below the top; the top layer runs once, with its graph, before the head;
+    the middle ones are recomputed; the bottom one is rerun only for its weight gradients (``taylor``)."""
+    counts = {}
+    gradmap.gradient_scores(tiny_model("llama"), CALIB, {5}, score, tuple_out=False, counts=counts)
+    assert counts == {"layer_forwards": forwards, "layer_backwards": backwards}
