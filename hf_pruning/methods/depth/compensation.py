@@ -135,76 +135,62 @@ def _shift(moments: tuple[dict, dict, dict], i: int, at: int, relative: bool) ->
 
 class _Shortlist:
     """The ``size`` usable kept layers with the largest shifts, built as the pass reaches each layer's fit data
-    (in layer order), and the fit statistics of those that may still be chosen.
+    (in layer order), with their fit statistics.
 
     A layer enters when its shift ranks among the ``size`` largest so far (ties: the lower layer), pushing out
-    the lowest; only then are its statistics accumulated and (``validate``) screened: its best held-out error
-    over the identity's on ``SCREEN_FOLDS`` groups of folds. The chosen layer is the member with the lowest ratio
-    (ties: the lower layer); a member ranked below another with a lower ratio can never be chosen (it leaves
-    first), so its statistics are dropped at once. Without ``validate`` (a fixed ridge: ``size`` 1) the ratio is 0.
-    The members and the choice are exactly those of ranking every shift first and then fitting the shortlist.
-    The statistics kept for later wait in an :class:`ActivationStore` each (CPU, or disk in ``folder``), so
-    one layer's statistics at most are on the execution device."""
+    the lowest; only then are its statistics accumulated. They wait in an :class:`ActivationStore` (CPU, or disk
+    in ``folder``) until the pass ends, when the members are known: exactly those of ranking every shift first.
+    Then (``validate``) each member, in layer order, is screened (its best held-out error over the identity's on
+    ``SCREEN_FOLDS`` groups of folds) and the lowest ratio wins (ties: the lower layer); without ``validate`` (a
+    fixed ridge: ``size`` 1) the one member is chosen. On the device: the statistics screened and the best so far."""
 
     def __init__(self, size: int, feeds: dict[int, int], relative: bool, validate: bool, folder=None):
         self.size, self.feeds, self.relative, self.validate, self.folder = size, feeds, relative, validate, folder
         self.shifts: dict[int, float] = {}
-        self.gain: dict[int, float] = {}  # member -> validated error ratio
-        self.stats: dict[int, tuple[ActivationStore, torch.device]] = {}  # members that may still be chosen
+        self.stats: dict[int, tuple[ActivationStore, torch.device]] = {}  # member -> its statistics
         self.fitted = 0  # layers whose statistics were accumulated (members at some point)
-        self.most_kept = 0  # the most statistics kept at once
-
-    def _rank(self, i: int) -> tuple[float, int]:
-        return -self.shifts[i], i
-
-    def _drop(self, i: int) -> None:
-        kept = self.stats.pop(i, None)
-        if kept is not None:
-            kept[0].close()
 
     def arrive(self, j: int, moments: tuple[dict, dict, dict], accumulate) -> None:
-        """``j``'s fit data is complete: rank its shift, and fit it when it enters the shortlist."""
+        """``j``'s fit data is complete: rank its shift, and accumulate its statistics when it enters."""
         self.shifts[j] = _shift(moments, j, self.feeds[j], self.relative)
         if self.shifts[j] <= 0:
             return
-        ranked = sorted([*self.gain, j], key=self._rank)
+        ranked = sorted([*self.stats, j], key=lambda i: (-self.shifts[i], i))
         if j not in ranked[: self.size]:
             return
         for out in ranked[self.size :]:
-            del self.gain[out]
-            self._drop(out)
+            self.stats.pop(out)[0].close()
         stats = accumulate()
         self.fitted += 1
-        gain = 0.0
-        if self.validate:
-            _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
-            gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
-        self.gain[j] = gain
-        if any(self._rank(y) < self._rank(j) and (self.gain[y], y) < (gain, j) for y in self.gain):
-            return  # never chosen
-        for x in list(self.stats):  # members j now outlasts with a lower ratio
-            if self._rank(j) < self._rank(x) and (gain, j) < (self.gain[x], x):
-                self._drop(x)
         store = ActivationStore(self.folder)
         for name in _STAT_FIELDS:
             store.append(getattr(stats, name))
         self.stats[j] = (store, stats.gram.device)
-        self.most_kept = max(self.most_kept, len(self.stats))
+
+    def _load(self, j: int) -> FitStats:
+        store, device = self.stats[j]
+        return FitStats(*(store.get(k, device) for k in range(len(_STAT_FIELDS))))
 
     def chosen(self) -> tuple[int, FitStats, dict] | None:
         """The layer to compensate, its statistics (on its execution device) and the members' validated error
-        ratios (None: no member). Frees every kept statistic."""
-        if not self.gain:
-            return None
-        j = min(self.gain, key=lambda i: (self.gain[i], i))
-        store, device = self.stats[j]
-        stats = FitStats(*(store.get(k, device) for k in range(len(_STAT_FIELDS))))
-        self.close()
-        return j, stats, dict(sorted(self.gain.items())) if self.validate else {}
+        ratios (None: no member)."""
+        best: tuple[int, FitStats, float] | None = None
+        validation = {}
+        for j in sorted(self.stats):
+            stats, gain = self._load(j), 0.0
+            if self.validate:
+                _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
+                gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
+                validation[j] = gain
+            if best is None or gain < best[2]:
+                best = (j, stats, gain)
+        return None if best is None else (best[0], best[1], validation)
 
     def close(self) -> None:
-        for i in list(self.stats):
-            self._drop(i)
+        """Drop every member's stored statistics."""
+        for store, _ in self.stats.values():
+            store.close()
+        self.stats = {}
 
 
 #: the tensors of a :class:`FitStats`, in its constructor's order
@@ -254,8 +240,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
                         "shifts": shifts}
         j, stats, validation = best
-        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted,
-                  "most_statistics_kept": shortlist.most_kept}
+        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted}
         if ridge is None:
             ridge, chosen = choose_ridge_from_stats(stats, RIDGE_GRID)
             report.update(chosen, validated_error_ratio=validation)
