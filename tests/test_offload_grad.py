@@ -186,3 +186,65 @@ def test_compensation_statistics_are_streamed_one_row_at_a_time(monkeypatch):
     comp = model.hf_pruning_report["compensation"]
     assert comp["folds"] == 8 and {t for _, t in seen} == {24}
     assert sorted({f for f, _ in seen}) == list(range(8))
+
+
+def test_compensation_runs_each_layer_once_per_stream():
+    """One pass: the dense stream runs every layer, the pruned stream the kept layers from the first removal on."""
+    model = tiny_model("llama")  # 6 layers
+    hf_pruning.prune_(model, ShortGPTConfig(order=["2.block", "3.block"], compensate=True), calibration=tokens(10, 24, seed=3))
+    assert model.hf_pruning_report["compensation"]["layer_forwards"] == 6 + 2  # pruned: layers 4 and 5
+
+
+def _screen_gain(stats) -> float:
+    from hf_pruning.methods.depth import compensation
+
+    _, screen = compensation.choose_ridge_from_stats(stats.grouped(compensation.SCREEN_FOLDS), compensation.RIDGE_GRID)
+    return min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
+
+
+def test_streamed_shortlist_equals_ranking_every_shift_first():
+    """Layers arrive in layer order; the streamed shortlist keeps the same members and picks the same layer as
+    ranking all shifts first and then validating the shortlist, keeping the statistics of the members only."""
+    from hf_pruning.methods.depth import compensation
+    from hf_pruning.methods.depth.compensation_fit import FitStats
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        layers, d, size = list(range(14)), 5, 4
+        stats = {}
+        for j in layers:
+            s = FitStats.zeros(4, d)
+            a = torch.randn(40, d, generator=g, dtype=torch.float64)
+            noise = (0.2 + torch.rand(1, generator=g).item()) * torch.randn(40, d, generator=g, dtype=torch.float64)
+            for f in range(4):
+                s.add(f, a[f::4], a[f::4] * 1.3 + noise[f::4])
+            stats[j] = s
+        shifts = torch.rand(len(layers), generator=g, dtype=torch.float64) * (trial % 3 != 0)  # some: none drift
+        means = {k: torch.zeros(1, dtype=torch.float64) for k in range(len(layers) + 2)}
+        pruned = {k + 1: torch.tensor([float(shifts[k])]) for k in layers}
+        moments = (means, pruned, dict.fromkeys(range(len(layers) + 2), 1.0))
+        feeds = {j: j + 1 for j in layers}
+        shortlist = compensation._Shortlist(size, feeds, relative=False, validate=True)
+        for j in layers:
+            shortlist.arrive(j, moments, lambda s=stats[j]: s)
+        usable = [j for j in layers if shifts[j] > 0]
+        top = sorted(usable, key=lambda j: (-float(shifts[j]), j))[:size]
+
+        chosen = shortlist.chosen()
+        if not top:
+            assert chosen is None
+            continue
+        expected = min(top, key=lambda j: (_screen_gain(stats[j]), j))
+        assert chosen[0] == expected and sorted(chosen[2]) == sorted(top)
+        assert torch.equal(chosen[1].gram, stats[expected].gram) and torch.equal(chosen[1].cross, stats[expected].cross)
+        assert len(shortlist.stats) == len(top) and shortlist.fitted >= len(top)
+        shortlist.close()
+
+
+@pytest.mark.parametrize("score, forwards, backwards", [("fisher", 8, 4), ("taylor", 9, 5)])
+def test_gradient_pass_reruns_only_the_layers_it_must(score, forwards, backwards):
+    """5 kept layers: 4 no-grad forwards below the top; the top layer runs once, with its graph, before the head;
+    the middle ones are recomputed; the bottom one is rerun only for its weight gradients (``taylor``)."""
+    counts = {}
+    gradmap.gradient_scores(tiny_model("llama"), CALIB, {5}, score, tuple_out=False, counts=counts)
+    assert counts == {"layer_forwards": forwards, "layer_backwards": backwards}

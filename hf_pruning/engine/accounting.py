@@ -336,8 +336,10 @@ def _compensation(model, calib):
                    "contribution of the fitted layer (lockstep passes)"),
             Term("fit statistics", "device", 2 * folds * 2 * d * d * FP64,
                  f"A^T A and B^T A, float64 [d, d] per fold (K = min(rows, {MAX_FOLDS})), on the execution device, "
-                 f"for two of the {SHORTLIST} shortlisted layers at once: the one accumulating and the best so far "
-                 "(each layer is screened as soon as its statistics are complete)"),
+                 "for two layers at once: the one accumulating (or screened, at the end) and the best so far"),
+            Term("kept fit statistics", "store", SHORTLIST * folds * 2 * d * d * FP64,
+                 f"the statistics of the (at most {SHORTLIST}) shortlisted layers so far, in the activation store "
+                 "(one pass: the shortlist is known only at its end, when they are screened)"),
             Term("ridge solve", "device", 4 * d * d * FP64, "eigendecomposition and projection [d, d] fp64", "solve")]
 
 

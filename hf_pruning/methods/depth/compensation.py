@@ -5,11 +5,12 @@ With the removals decided (not yet applied), the dense and the pruned residual s
 calibration rows, layer at a time and batch at a time (:class:`.compensation_streams.Lockstep`: each layer
 onloaded once per pass, activations in the engine's store). A kept layer's pruned output feeds the next kept layer
 (or the final norm); in the dense model that consumer receives the dense stream after any removed blocks in
-between, ``D_j``. Pass 1 keeps running float64 moments only and gives every kept layer's first-moment shift
-``|| mean_tokens(H_pruned_j) - mean_tokens(D_j) ||_2`` (relative to the dense states' mean norm). Pass 2
-accumulates, for the ``SHORTLIST`` kept layers with the largest shift, float64 ``d x d`` sufficient statistics
-per fold of rows (:class:`.compensation_fit.FitStats`); the layer ``j`` whose fit beats the identity by the
-widest margin on held-out folds is chosen (with a given ``ridge``: the largest shift, the paper's rule). The
+between, ``D_j``. One pass (each layer run once per stream) keeps running float64 moments, which give every kept
+layer's first-moment shift ``|| mean_tokens(H_pruned_j) - mean_tokens(D_j) ||_2`` (relative to the dense states'
+mean norm) as soon as the pass reaches ``D_j``; a layer whose shift ranks among the ``SHORTLIST`` largest so far
+gets its float64 ``d x d`` sufficient statistics per fold of rows (:class:`.compensation_fit.FitStats`)
+accumulated from the stored streams there and then (no layer runs twice); the layer ``j`` whose fit beats the
+identity by the widest margin on held-out folds is chosen (with a given ``ridge``: the largest shift, the paper's rule). The
 fit's data may be its own set (``compensation_calibration`` of ``prune_``). Its output is ``H = r + a`` with ``a``
 the MLP's residual contribution (the attention's where FinerCut dropped the MLP of that layer); the fit finds
 
@@ -32,7 +33,7 @@ import time
 
 import torch
 
-from ...engine import calibration_mode
+from ...engine import ActivationStore, calibration_mode
 from ...plan import AddLinear, RemoveLayers
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .candidates import Candidate, plan_for
@@ -123,37 +124,77 @@ def _layout(model, removed: list[Candidate]) -> tuple[list[int], dict[int, set[s
     return whole, parts, carrier, feeds
 
 
-def _shifts(moments: tuple[dict, dict, dict], feeds: dict[int, int], relative: bool) -> dict[int, float]:
-    """First-moment drift ``|| mean(pruned output of i) - mean(dense stream at feeds[i]) ||_2`` per kept layer;
-    ``relative`` divides by the dense states' mean token norm, so layers deep in the stream (whose hidden
-    states are larger) do not win by scale alone."""
+def _shift(moments: tuple[dict, dict, dict], i: int, at: int, relative: bool) -> float:
+    """First-moment drift ``|| mean(pruned output of i) - mean(dense stream at at) ||_2`` of kept layer ``i``
+    whose output feeds ``at``; ``relative`` divides by the dense states' mean token norm, so layers deep in the
+    stream (whose hidden states are larger) do not win by scale alone."""
     dense_mean, pruned_mean, dense_norm = moments
-    shifts = {}
-    for i, at in feeds.items():
-        drift = float(torch.linalg.vector_norm(pruned_mean[i + 1] - dense_mean[at]))
-        shifts[i] = drift / max(dense_norm[at], 1e-12) if relative else drift
-    return shifts
+    drift = float(torch.linalg.vector_norm(pruned_mean[i + 1] - dense_mean[at]))
+    return drift / max(dense_norm[at], 1e-12) if relative else drift
 
 
-def _best_fit(walk: Lockstep, shortlist: list[int], carrier: dict, feeds: dict,
-              validate: bool) -> tuple[int, FitStats, dict]:
-    """Pass 2: the shortlisted layer to compensate, its fit statistics and the shortlist's validated error
-    ratios (best held-out error over the identity's, on ``SCREEN_FOLDS`` groups of folds). Without
-    ``validate`` (a fixed ridge: a shortlist of one) the first layer is taken."""
-    best: dict = {}
-    validation = {}
+class _Shortlist:
+    """The ``size`` usable kept layers with the largest shifts, built as the pass reaches each layer's fit data
+    (in layer order), with their fit statistics.
 
-    def done(j: int, stats: FitStats) -> None:
-        gain = 0.0
-        if validate:
-            _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
-            gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
-            validation[j] = gain
-        if not best or gain < best["gain"]:
-            best.update(layer=j, stats=stats, gain=gain)
+    A layer enters when its shift ranks among the ``size`` largest so far (ties: the lower layer), pushing out
+    the lowest; only then are its statistics accumulated. They wait in an :class:`ActivationStore` (CPU, or disk
+    in ``folder``) until the pass ends, when the members are known: exactly those of ranking every shift first.
+    Then (``validate``) each member, in layer order, is screened (its best held-out error over the identity's on
+    ``SCREEN_FOLDS`` groups of folds) and the lowest ratio wins (ties: the lower layer); without ``validate`` (a
+    fixed ridge: ``size`` 1) the one member is chosen. On the device: the statistics screened and the best so far."""
 
-    walk.fit_statistics(shortlist, carrier, feeds, done)
-    return best["layer"], best["stats"], validation
+    def __init__(self, size: int, feeds: dict[int, int], relative: bool, validate: bool, folder=None):
+        self.size, self.feeds, self.relative, self.validate, self.folder = size, feeds, relative, validate, folder
+        self.shifts: dict[int, float] = {}
+        self.stats: dict[int, tuple[ActivationStore, torch.device]] = {}  # member -> its statistics
+        self.fitted = 0  # layers whose statistics were accumulated (members at some point)
+
+    def arrive(self, j: int, moments: tuple[dict, dict, dict], accumulate) -> None:
+        """``j``'s fit data is complete: rank its shift, and accumulate its statistics when it enters."""
+        self.shifts[j] = _shift(moments, j, self.feeds[j], self.relative)
+        if self.shifts[j] <= 0:
+            return
+        ranked = sorted([*self.stats, j], key=lambda i: (-self.shifts[i], i))
+        if j not in ranked[: self.size]:
+            return
+        for out in ranked[self.size :]:
+            self.stats.pop(out)[0].close()
+        stats = accumulate()
+        self.fitted += 1
+        store = ActivationStore(self.folder)
+        for name in _STAT_FIELDS:
+            store.append(getattr(stats, name))
+        self.stats[j] = (store, stats.gram.device)
+
+    def _load(self, j: int) -> FitStats:
+        store, device = self.stats[j]
+        return FitStats(*(store.get(k, device) for k in range(len(_STAT_FIELDS))))
+
+    def chosen(self) -> tuple[int, FitStats, dict] | None:
+        """The layer to compensate, its statistics (on its execution device) and the members' validated error
+        ratios (None: no member)."""
+        best: tuple[int, FitStats, float] | None = None
+        validation = {}
+        for j in sorted(self.stats):
+            stats, gain = self._load(j), 0.0
+            if self.validate:
+                _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
+                gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
+                validation[j] = gain
+            if best is None or gain < best[2]:
+                best = (j, stats, gain)
+        return None if best is None else (best[0], best[1], validation)
+
+    def close(self) -> None:
+        """Drop every member's stored statistics."""
+        for store, _ in self.stats.values():
+            store.close()
+        self.stats = {}
+
+
+#: the tensors of a :class:`FitStats`, in its constructor's order
+_STAT_FIELDS = ("gram", "cross", "b_sq", "identity_sq", "drift_sq", "tokens")
 
 
 def _projection(stats: FitStats, j: int, ridge: float, solver: str, steps: int) -> tuple[torch.Tensor, dict, float, float]:
@@ -186,21 +227,20 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
     if not removed:
         return [], {"skipped": "nothing was removed"}
     whole, parts, carrier, feeds = _layout(model, removed)
-    first = min(parts)
     with calibration_mode(model):
         walk = Lockstep(model, calibration, parts, whole, store_folder)
+        shortlist = _Shortlist(SHORTLIST if ridge is None else 1, feeds, relative, ridge is None, store_folder)
         try:
-            # pass 2 never starts below the last layer before the first removal (the shifts are 0 there)
-            shifts = _shifts(walk.moments(resume_at=max(first - 1, 0)), feeds, relative)
-            usable = [i for i in carrier if shifts[i] > 0]
-            if not usable:
-                return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
-                            "shifts": shifts}
-            shortlist = sorted(usable, key=lambda i: (-shifts[i], i))[:SHORTLIST if ridge is None else 1]
-            j, stats, validation = _best_fit(walk, sorted(shortlist), carrier, feeds, validate=ridge is None)
+            moments = walk.walk(carrier, feeds, shortlist.arrive)
+            best = shortlist.chosen()
         finally:
-            walk.close()
-        report = {"folds": fold_count(calibration.shape[0])}
+            shortlist.close()
+        shifts = {i: _shift(moments, i, at, relative) for i, at in feeds.items()}
+        if best is None:
+            return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
+                        "shifts": shifts}
+        j, stats, validation = best
+        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted}
         if ridge is None:
             ridge, chosen = choose_ridge_from_stats(stats, RIDGE_GRID)
             report.update(chosen, validated_error_ratio=validation)

@@ -3,16 +3,18 @@
 Both streams start from the captured layer-0 inputs and are one until the first removal. Each decoder layer is
 onloaded once per pass and runs every batch of the dense stream and (from the first removal on) of the pruned
 stream, with the removed sublayers dropped through the adapter's own drop ops for the duration (what the plan
-will do) and removed blocks passed through. Pass 1 (:meth:`Lockstep.moments`) keeps only running float64 sums
-per stream position (the token mean and the mean token norm), from which the shifts follow; pass 2
-(:meth:`Lockstep.fit_statistics`) accumulates a :class:`FitStats` for each shortlisted layer. Activations live in
-:class:`ActivationStore`\\ s (at most a dense, a pruned and a contribution store at a time, plus the shared stream
-kept from pass 1 at the position where pass 2 starts).
+will do) and removed blocks passed through. One pass (:meth:`Lockstep.walk`) keeps running float64 sums per
+stream position (the token mean and the mean token norm), from which the shifts follow, and each candidate
+layer's carrier contribution until its fit's data is complete; the caller then decides (from the shifts so far)
+whether to accumulate that layer's :class:`FitStats` from the stores, so no layer runs twice. Activations live in
+:class:`ActivationStore`\\ s (a dense and a pruned store at a time, plus the contribution stores of the layers
+whose fit data is not complete yet: one, or a few across a removed span).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -53,7 +55,6 @@ class Lockstep:
         self.folder = store_folder
         self.layer_forwards = 0.0
         self.kwargs: list[dict] = []
-        self.resume: tuple[int, ActivationStore] | None = None  # pass 1's shared stream where pass 2 starts
 
     # ----- one layer on one stream -----------------------------------------------------------------------
     def dropped(self, idx: int):
@@ -105,23 +106,32 @@ class Lockstep:
         rows = min(self.batch_size, n - first_row)
         return [(f, slice(r, r + 1), slice(0, tokens)) for r in range(rows) for f in [(first_row + r) % k]]
 
-    # ----- pass 1: running moments -----------------------------------------------------------------------
-    def moments(self, resume_at: int) -> tuple[dict, dict, dict]:
-        """Per stream position ``k`` (the input of layer ``k``; ``L``: the last output): the float64 token-mean
-        of the dense and the pruned stream ``[d]`` and the dense stream's mean token norm. The shared stream at
-        ``resume_at`` (<= the first removal) is kept for pass 2 (:meth:`close` drops it)."""
+    # ----- the pass: running moments and, as each fit's data completes, its statistics ----------------------
+    def walk(self, carrier: dict[int, str], feeds: dict[int, int], arrive) -> tuple[dict, dict, dict]:
+        """One pass over every layer (both streams). Returns, per stream position ``k`` (the input of layer
+        ``k``; ``L``: the last output), the float64 token-mean of the dense and the pruned stream ``[d]`` and
+        the dense stream's mean token norm. On the way, each kept layer ``j`` with a ``carrier[j]`` from the
+        last layer below the first removal on (below it every shift is 0) keeps its carrier's contribution on
+        the pruned stream until position ``feeds[j]`` is complete; then, in layer order,
+        ``arrive(j, moments, accumulate)`` gets the moments so far (the same three dicts) and a callable that
+        builds ``j``'s :class:`FitStats` from the stores (``a``: the contribution; ``b = D - (H - a)`` with
+        ``H`` the pruned output and ``D`` the dense stream at ``feeds[j]``; no layer runs)."""
         device = execution_device(self.layers[0])
         dense, pruned = self._start(), None
         start = _Moments(device)
         for b in range(len(dense)):
             start.add(dense.get(b, device))
         dense_mean, pruned_mean, dense_norm = {0: start.mean()}, {0: start.mean()}, {0: start.norm()}
+        moments = (dense_mean, pruned_mean, dense_norm)
+        pending: dict[int, ActivationStore] = {}  # kept layer -> its carrier's contribution per batch
         try:
             for k in range(len(self.layers)):
-                if k == resume_at:
-                    self.resume = (k, dense)
+                hook = None
+                if k in carrier and k >= self.first - 1:
+                    pending[k] = ActivationStore(self.folder)
+                    hook = _contribution_hook(self.adapter, carrier[k], pending[k])
                 sums = (_Moments(device), _Moments(device) if k >= self.first else None)
-                dense_next, pruned_next = self._step(k, dense, pruned, moments=sums)
+                dense_next, pruned_next = self._step(k, dense, pruned, hook, moments=sums)
                 self._drop(dense, pruned, dense_next, pruned_next)
                 dense, pruned = dense_next, pruned_next
                 dense_mean[k + 1], dense_norm[k + 1] = sums[0].mean(), sums[0].norm()
@@ -129,54 +139,27 @@ class Lockstep:
                     pruned_mean[k + 1] = dense_mean[k + 1]
                 else:
                     pruned_mean[k + 1] = pruned_mean[k] if k in self.whole else sums[1].mean()
+                for j in [j for j in pending if feeds[j] == k + 1]:
+                    contributions = pending.pop(j)
+                    try:
+                        arrive(j, moments, functools.partial(
+                            self._accumulate, contributions, dense, pruned if pruned is not None else dense,
+                            execution_device(self.layers[j])))
+                    finally:
+                        contributions.close()
         finally:
             self._drop(dense, pruned)
-        return dense_mean, pruned_mean, dense_norm
+            for contributions in pending.values():
+                contributions.close()
+        return moments
 
     def _drop(self, *old_then_new: ActivationStore | None) -> None:
-        """Close the first two stores (the old dense and pruned) unless they are among the new ones or kept."""
+        """Close the first two stores (the old dense and pruned) unless they are among the new ones."""
         old, new = old_then_new[:2], old_then_new[2:]
-        keep = [s for s in new if s is not None] + ([self.resume[1]] if self.resume else [])
+        keep = [s for s in new if s is not None]
         for store in {id(s): s for s in old if s is not None}.values():
             if not any(store is k for k in keep):
                 store.close()
-
-    def close(self) -> None:
-        """Drop the stream kept for pass 2."""
-        if self.resume is not None:
-            self.resume[1].close()
-            self.resume = None
-
-    # ----- pass 2: the fit statistics ----------------------------------------------------------------------
-    def fit_statistics(self, shortlist: list[int], carrier: dict[int, str], feeds: dict[int, int], done) -> None:
-        """Accumulate a :class:`FitStats` for every layer ``j`` of ``shortlist`` (``a``: its ``carrier[j]``
-        contribution on the pruned stream; ``b = D - (H - a)`` with ``H`` the pruned output and ``D`` the dense
-        stream at ``feeds[j]``) and hand each to ``done(j, stats)`` once complete, in layer order. Runs from
-        pass 1's kept stream to the last position needed."""
-        (start, dense), self.resume = self.resume, None
-        pruned, pending = None, {}  # pending: layer -> (its contribution store, the position its fit reads)
-        device = execution_device(self.layers[min(shortlist)])
-        end = max(feeds[j] for j in shortlist)
-        try:
-            for k in range(start, end + 1):
-                for j in [j for j, (_, at) in pending.items() if at == k]:
-                    contributions, _ = pending.pop(j)
-                    stats = self._accumulate(contributions, dense, pruned if pruned is not None else dense, device)
-                    contributions.close()
-                    done(j, stats)
-                if k == end:
-                    break
-                hook = None
-                if k in shortlist:
-                    pending[k] = (ActivationStore(self.folder), feeds[k])
-                    hook = _contribution_hook(self.adapter, carrier[k], pending[k][0])
-                dense_next, pruned_next = self._step(k, dense, pruned, hook)
-                self._drop(dense, pruned, dense_next, pruned_next)
-                dense, pruned = dense_next, pruned_next
-        finally:
-            self._drop(dense, pruned)
-            for contributions, _ in pending.values():
-                contributions.close()
 
     def _accumulate(self, contributions: ActivationStore, dense: ActivationStore, pruned: ActivationStore,
                     device) -> FitStats:

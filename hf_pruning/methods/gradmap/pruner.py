@@ -24,11 +24,13 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
     tuple_out = layers_return_tuple(model, calibration)
     removed: list[Candidate] = []
     history, backward_passes = [], 0
+    counts = {"layer_forwards": 0, "layer_backwards": 0}  # decoder layers over the whole calibration set
     scores = None
     bar = tqdm(total=budget.steps, desc=f"gradient block ranking ({mode})", unit="removal")
     while not budget.stop(removed) and len(removed) < budget.steps:
         if scores is None or mode == "iterative":
-            scores = gradient_scores(model, calibration, {c.layer for c in removed}, score, tuple_out)
+            scores = gradient_scores(model, calibration, {c.layer for c in removed}, score, tuple_out,
+                                     counts=counts)
             backward_passes += 1
         pool = [c for c in candidates if c not in removed]
         chosen = min(pool, key=lambda c: (scores[c.layer], c))
@@ -38,6 +40,7 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
         bar.update(1)
     bar.close()
     search = {"search_s": time.perf_counter() - start, "backward_passes": backward_passes,
+              "search_layer_forwards": counts["layer_forwards"], "search_layer_backwards": counts["layer_backwards"],
               "calibration_tokens": int(calibration.numel()), "score": score, "mode": mode}
     return removed, {"history": history, "search": search}
 

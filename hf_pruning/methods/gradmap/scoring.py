@@ -40,9 +40,10 @@ def check_token_ids(calibration) -> None:
 
 
 def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str, tuple_out: bool,
-                    store_folder: str | bool | None = None) -> dict[int, float]:
+                    store_folder: str | bool | None = None, counts: dict | None = None) -> dict[int, float]:
     """Score of every decoder block not in ``skip`` from one blockwise backward pass (lower = less important).
-    ``store_folder``: keep the layer inputs and gradients on disk there (``True``: a temporary folder)."""
+    ``store_folder``: keep the layer inputs and gradients on disk there (``True``: a temporary folder);
+    ``counts``: adds the pass's layer forwards and backwards (see :func:`.backward.blockwise_backward`)."""
     on_params = score in ("grad", "taylor")
     acc: dict[int, object] = {}  # layer -> float64 sum (activation scores) or fp32 gradient sums (parameter ones)
     scores: dict[int, float] = {}
@@ -69,7 +70,7 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
     n_batches = -(-calibration.shape[0] // LAYER_BATCH)
     with calibration_mode(model):
         kept = blockwise_backward(model, calibration, skip, tuple_out, visit, on_params,
-                                  LAYER_BATCH, store_folder)
+                                  LAYER_BATCH, store_folder, counts)
     if not on_params:
         scores = {i: acc.get(i, 0.0) ** 0.5 if score == "output" else acc.get(i, 0.0) for i in kept}
     return {i: scores[i] for i in kept}
