@@ -82,3 +82,16 @@ def test_spilled_files_are_removed_after_an_error(monkeypatch):
     with spill_reserve(EVERYTHING), pytest.raises(RuntimeError, match="stop here"):
         hf_pruning.prune_(model, hf_pruning.WandaConfig(sparsity=0.5, one_pass=False), IDS)
     assert _spill_dirs() == []
+
+
+def test_replacing_a_batch_on_disk_keeps_a_batch_read_before(tmp_path):
+    """A batch read from disk is memory-mapped; replacing it writes a new file (rewriting the old one in place
+    would truncate the mapped pages under the reader: a bus error)."""
+    store = ActivationStore(str(tmp_path))
+    first = torch.randn(2, 64, 32)
+    store.append(first)
+    before = store[0]  # memory-mapped from the file
+    store[0] = torch.zeros(1, 8, 32)  # smaller: an in-place rewrite would truncate
+    assert torch.equal(before, first) and torch.equal(store[0], torch.zeros(1, 8, 32))
+    assert len(list(tmp_path.iterdir())) == 1  # the old file is gone
+    store.close()

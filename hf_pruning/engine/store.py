@@ -150,8 +150,13 @@ class ActivationStore:
 
     def __setitem__(self, i: int, batch: torch.Tensor) -> None:
         batch = batch.detach().to("cpu", self.dtype or batch.dtype)
-        if isinstance(self._batches[i], str):  # on disk (the store's folder, or spilled)
-            torch.save(batch.contiguous().clone(), self._batches[i])
+        old = self._batches[i]
+        if isinstance(old, str):  # on disk (the store's folder, or spilled): a new file, then the old one unlinked;
+            # rewriting the old file in place would truncate pages a memory-mapped read may still use (SIGBUS)
+            path = os.path.join(os.path.dirname(old), f"{self._name}_{i}_{uuid.uuid4().hex[:8]}.pt")
+            torch.save(batch.contiguous().clone(), path)
+            self._batches[i] = path
+            os.remove(old)
         else:
             self._batches[i] = batch.clone()
 
