@@ -17,6 +17,7 @@ The Qwen comparison runs each side in a fresh process (``--qwen-side``) so that 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -103,6 +104,13 @@ def run_8b(args) -> dict:
     return row
 
 
+def plan_summary(plan) -> dict:
+    """The plan as a SHA-256 of its canonical JSON and its op names (a FLAP plan lists every kept channel: MBs)."""
+    text = json.dumps(plan, sort_keys=True)
+    ops = [op.get("op", "?") for op in (plan or {}).get("ops", [])]
+    return {"plan_sha256": hashlib.sha256(text.encode()).hexdigest(), "plan_ops": ops}
+
+
 def qwen_side(args) -> dict:
     """One side of the Qwen comparison, in this process: in memory (``--cpu-memory`` unset) or offloaded."""
     from transformers import AutoTokenizer
@@ -133,7 +141,7 @@ def qwen_side(args) -> dict:
         with phases("logits"), torch.no_grad():
             row["logits"] = model(x).logits[0, -1, :64].tolist()
         row["digests"] = digests(model)
-        row["plan"] = getattr(model.config, "pruning_plan", None)
+        row.update(plan_summary(getattr(model.config, "pruning_plan", None)))
     except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"[:500]
         logger.exception("run failed")
@@ -164,7 +172,7 @@ def qwen(args) -> dict:
         if errors:
             row["note"] = "; ".join(errors)[:120]
         elif side != "memory":
-            same = a["digests"] == row["digests"] and a["plan"] == row["plan"]
+            same = a["digests"] == row["digests"] and a["plan_sha256"] == row["plan_sha256"]
             diff = max(abs(x - y) for x, y in zip(a["logits"], row["logits"], strict=True))
             ratio = row["phases"].get("prune", {}).get("seconds", 0) / max(a["phases"].get("prune", {}).get("seconds", 0), 1e-9)
             row.update(same_weights_as_memory=same, max_logit_diff=diff, prune_time_vs_memory=ratio,

@@ -16,7 +16,7 @@ from hf_pruning.methods.masks.selection import (
     rebuild_rows,
     unstructured_mask,
 )
-from hf_pruning.methods.sparsegpt.scoring import sparsegpt_solve_
+from hf_pruning.methods.sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_
 
 T, F = True, False
 
@@ -230,3 +230,19 @@ def test_batched_block_solve_equals_the_column_loop(fixed, monkeypatch):
     assert torch.equal(batched_mask, loop_mask)
     torch.testing.assert_close(batched, loop, rtol=1e-6, atol=1e-6)
     assert not torch.equal(batched[~batched_mask], weight[~batched_mask])  # the kept weights were updated
+
+
+@pytest.mark.parametrize("width", [7, 256, 601])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(width):
+    torch.manual_seed(width)
+    x = torch.randn(2 * width, width, dtype=torch.float64)
+    x[:, 3] = 0  # a dead input: unit diagonal
+    hessian = (x.T @ x / x.shape[0]).float()  # [C, C]
+    u = inverse_hessian_factor(hessian, 0.01)
+    h = hessian.double()
+    h[3, 3] = 1.0
+    h += 0.01 * torch.diag(h).mean() * torch.eye(width, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diag(u) > 0).all())
+    torch.testing.assert_close(u, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u.T @ u @ h, torch.eye(width, dtype=torch.float64), rtol=0, atol=1e-8)

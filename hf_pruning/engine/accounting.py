@@ -253,9 +253,11 @@ def _wanda(model, calib, two_pass=False):
 
 
 def _sparsegpt_solve(model: ModelShape) -> int:
-    """The largest linear's solve: Hessian float32, 3 float64 [in, in] (damped copy, Cholesky, inverse factor),
-    the weight in float64 and two boolean masks; a linear group shares one Hessian."""
-    return max(n * n * FP32 + 3 * n * n * FP64 + o * n * (FP64 + 2 * BOOL) for o, n in model.linears().values())
+    """The largest linear's solve: its Hessian in float32, then either the factorisation (at most 2.25 float64
+    [in, in]: ``sparsegpt.scoring.inverse_hessian_factor``) or the sweep (the factor, the weight in float64 and
+    two boolean masks); a linear group shares one Hessian."""
+    return max(n * n * FP32 + max(9 * n * n * FP64 // 4, n * n * FP64 + o * n * (FP64 + 2 * BOOL))
+               for o, n in model.linears().values())
 
 
 def _sparsegpt(model, calib, two_pass=False):
@@ -266,7 +268,8 @@ def _sparsegpt(model, calib, two_pass=False):
                  "[in, in] float32 per linear group (q/k/v and gate/up share one): "
                  + ("the whole layer's" if two_pass else "the stage's group only"), "forward"),
             Term("SparseGPT solve", "device", _sparsegpt_solve(model),
-                 "largest group: Hessian fp32 + 3 fp64 [in, in] + the weight in fp64", "solve"),
+                 "largest group: Hessian fp32 + the larger of the factorisation (2.25 fp64 [in, in]) and the sweep "
+                 "(the factor + the weight in fp64)", "solve"),
             Term("batched block solve chunk", "device", min(SOLVE_CHUNK, max(o for o, _ in model.linears().values())
                                                             * BLOCK * BLOCK * FP64),
                  "CUDA only: triangular systems of one block, chunked (sparsegpt.scoring._block_errors)", "solve")]
