@@ -77,9 +77,9 @@ def test_streams_on_disk_and_checkpoints_give_the_same_search(arch, tmp_path):
 
 
 def test_each_layer_is_onloaded_once_per_chunk_per_step(monkeypatch, tmp_path):
-    """On a CPU-offloaded model (4 rows a chunk), a search step onloads each layer at most once per chunk for
+    """On a disk-offloaded model (4 rows a chunk), a search step onloads each layer at most once per chunk for
     the first chunk and twice for the others (pilots, then the rest), whatever the number of candidates."""
-    model = offloaded_model("llama", "cpu", str(tmp_path))
+    model = offloaded_model("llama", "disk", str(tmp_path))
     layers = depth_runner.adapter_for(model).decoder_layers(model)
     counts: dict[int, int] = {}
     real = depth_runner.onloaded
@@ -120,3 +120,18 @@ def test_runner_rows_with_checkpoints_on_disk_equal_every_layer_in_memory(tmp_pa
             assert torch.equal(a, b)
     sparse.close()
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("mode,free", [("memory", True), ("cpu", True), ("disk", False)])
+def test_rows_are_scored_one_at_a_time_unless_onloading_copies_weights(mode, free, tmp_path):
+    """A model in memory or offloaded to CPU RAM and run on the CPU onloads for free: one row per chunk (the
+    branch and bound cuts more); from disk each chunk reads every layer, so rows go a store batch at a time."""
+    from hf_pruning.engine import onloading_is_free
+
+    model = offloaded_model("llama", mode, str(tmp_path))
+    assert onloading_is_free(model) is free
+    runner = depth_runner.DepthRunner(model, CALIB)
+    try:
+        assert runner.chunk_rows == (1 if free else min(runner.batch, CALIB.shape[0]))
+    finally:
+        runner.close()

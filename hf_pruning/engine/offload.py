@@ -53,6 +53,25 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def onloading_is_free(model: nn.Module) -> bool:
+    """Whether onloading ``model``'s offloaded weights costs no copy: they compute on the CPU and every one is a
+    tensor in host memory (accelerate's ``cpu_offload``, a device_map's ``"cpu"`` entries), none a file on disk."""
+    from accelerate.utils import OffloadedWeightsLoader
+
+    if execution_device(model).type != "cpu":
+        return False
+    for m in model.modules():
+        hook = offload_hook(m)
+        if hook is None:
+            continue
+        dataset = getattr(hook.weights_map, "dataset", hook.weights_map)
+        prefix = getattr(hook.weights_map, "prefix", "")
+        if isinstance(dataset, OffloadedWeightsLoader) and any(
+                prefix + name not in dataset.state_dict for name, _ in m.named_parameters(recurse=False)):
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def onloaded(module: nn.Module):
     """``module``'s offloaded weights on the execution device for the duration, brought in once (not once per

@@ -31,6 +31,7 @@ from ...engine import (
     head_forward,
     is_offloaded,
     onloaded,
+    onloading_is_free,
     pass_through,
     substituted,
 )
@@ -109,8 +110,10 @@ class DepthRunner:
     a subset of the tokens of the main calibration counts its share of a full layer-forward). ``removed``:
     candidates removed from the start. ``store_folder``: keep the streams on disk there (``True``: a temporary
     folder), else on the CPU. ``keep_every``: keep the inputs of every k-th layer only (``"sqrt"``: k about
-    sqrt(L)) and recompute in between. ``chunk_rows``: rows scored together (default: 1 for a model in memory,
-    the store's batch for an offloaded one, where each chunk onloads every layer once).
+    sqrt(L)) and recompute in between. ``chunk_rows``: rows scored together (default: 1 for a model in memory or
+    offloaded to CPU RAM and run on the CPU, the store's batch where onloading copies weights (disk, or a GPU
+    run): each chunk onloads every layer once). Scores and orders do not depend on it; the work does (finer
+    chunks let the branch and bound cut more: SmolLM2 SLEB, 4 x 128 tokens, 1413 against 1860 row-layers).
     """
 
     def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0, removed: tuple = (),
@@ -149,7 +152,8 @@ class DepthRunner:
             return
         self.folder = store_folder
         self.stored = stored_layers(len(self.layers), keep_every)
-        rows = chunk_rows if chunk_rows is not None else (self.batch if is_offloaded(model) else 1)
+        costly_onload = is_offloaded(model) and not onloading_is_free(model)
+        rows = chunk_rows if chunk_rows is not None else (self.batch if costly_onload else 1)
         self.chunk_rows = max(1, min(int(rows), self.batch))
         first_store = ActivationStore(self.folder)
         _, self.kwargs = capture(model, calibration, self.batch, first_store)
