@@ -303,7 +303,7 @@ def _search(model, calib, candidates: int, logit_batches: float, keep_every: int
     terms = [*_layer_terms(model, calib), _search_store(model, calib, keep_every),
              Term("candidate streams", "device", candidates * chunk * calib.tokens * model.hidden * model.dtype_bytes,
                   "layer-major per chunk of rows: every candidate's stream of one chunk advances layer by layer"),
-             *_head_terms(model, calib, logit_batches, chunk)]
+             *_head_terms(model, calib, logit_batches, 1)]  # the search scores a chunk one row at a time
     if extra_store:
         terms.append(_store(model, calib, extra_store, "the dense model's final hidden states (reference)"))
     return terms
@@ -314,7 +314,7 @@ def _sleb(model, calib, keep_every=1):
 
 
 def _finercut(model, calib, keep_every=1):
-    # the chunk's reference log-probabilities and one candidate's logits (divergences over 64-token slices)
+    # one row's reference log-probabilities and one candidate's logits for it (divergences over 64-token slices)
     return _search(model, calib, 2 * model.layers, 2, keep_every, extra_store=1)
 
 

@@ -35,6 +35,7 @@ from ...engine import (
     pass_through,
     substituted,
 )
+from ...engine.offload import onloaded_except
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .candidates import Candidate
 from .streams import RowsView, copy_store, stored_layers
@@ -320,13 +321,19 @@ class DepthRunner:
         return states
 
     @torch.no_grad()
-    def chunk_logits(self, chunk: Chunk, final_hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits ``[b, T, V]`` (float32) for ``chunk``'s rows given the last layer's output."""
+    def chunk_logits(self, chunk: Chunk, final_hidden: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The model's logits ``[b, T, V]`` (float32) for ``chunk``'s rows ``offset:offset + b`` given the last
+        layer's output ``[b, T, d]``."""
         self.head_forwards += self.token_weight * final_hidden.shape[0] / self.n
         if self._tuple_out is None:
             self._tuple_out = layers_return_tuple(self.model, self.ids)
-        ids = self.ids[chunk.first_row : chunk.first_row + final_hidden.shape[0]]
-        return head_forward(self.model, ids, final_hidden, self._tuple_out)
+        first = chunk.first_row + offset
+        return head_forward(self.model, self.ids[first : first + final_hidden.shape[0]], final_hidden, self._tuple_out)
+
+    def head_onloaded(self):
+        """A context in which the embeddings, final norm and LM head of an offloaded model are onloaded once
+        (calls of :meth:`chunk_logits` inside it read no weights)."""
+        return onloaded_except(self.model, self.layers)
 
     def final_copy(self) -> ActivationStore:
         """A copy of the final hidden states under the current removals (e.g. the dense reference of a search)."""

@@ -118,13 +118,16 @@ class Metric:
         if self.needs_reference:
             self.hidden = final_hidden
 
-    def reference(self, runner, chunk) -> torch.Tensor | None:
-        """The dense reference of ``chunk``'s rows, ``[b, T, V]``: log-probabilities for the divergences, logits
-        for ``angular``/``norm``, from one head forward of ``runner`` on the stored dense final hidden states;
-        ``None`` for ``ppl``."""
+    def reference(self, runner, chunk, row: int | None = None) -> torch.Tensor | None:
+        """The dense reference of ``chunk``'s rows, ``[b, T, V]`` (``row``: of that row of the chunk only,
+        ``[1, T, V]``): log-probabilities for the divergences, logits for ``angular``/``norm``, from one head
+        forward of ``runner`` on the stored dense final hidden states; ``None`` for ``ppl``."""
         if not self.needs_reference:
             return None
-        logits = runner.chunk_logits(chunk, runner.to_device(chunk.of(self.hidden[chunk.batch])))
+        hidden = chunk.of(self.hidden[chunk.batch])  # [b, T, d]
+        if row is not None:
+            hidden = hidden[row : row + 1]
+        logits = runner.chunk_logits(chunk, runner.to_device(hidden), offset=row or 0)
         return logits if self.name in ("angular", "norm") else torch.log_softmax(logits, dim=-1)
 
     def score(self, reference: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> float:

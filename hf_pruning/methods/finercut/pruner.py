@@ -87,11 +87,13 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
         runner = DepthRunner(model, calibration, removed=removed, prefix_from=dense) if removed else dense
         score, total = Metric(metric), 0.0
         score.set_reference(dense.stores[len(dense.layers)])  # read only: the dense runner's own store
-        for chunk in runner.chunks():  # [b, T, V] logits of one chunk at a time
-            reference = score.reference(dense, chunk)
-            logits = runner.chunk_logits(chunk, runner.chunk_input(chunk, len(runner.layers)))
-            for i, s in enumerate(chunk.rows):
-                total += score.score(None if reference is None else reference[i], logits[i], runner.ids[s])
+        for chunk in runner.chunks():  # [1, T, V] logits of one row at a time
+            final = runner.chunk_input(chunk, len(runner.layers))  # [b, T, d]
+            with runner.head_onloaded():
+                for i, s in enumerate(chunk.rows):
+                    reference = score.reference(dense, chunk, row=i)  # [1, T, V] or None
+                    logits = runner.chunk_logits(chunk, final[i : i + 1], offset=i)  # [1, T, V]
+                    total += score.score(None if reference is None else reference[0], logits[0], runner.ids[s])
         for r in {id(dense): dense, id(runner): runner}.values():
             r.close()
         return total / runner.n

@@ -163,17 +163,21 @@ class GreedySearch:
         return [(total, c) for _, total, c in best]
 
     def _chunk(self, runner: DepthRunner, metric: Metric, chunk, cands: list[Candidate], tally: dict) -> None:
-        """Add each candidate's per-row values on ``chunk``'s rows to ``tally`` (one reference head forward for
-        the chunk, then one head forward per candidate: one ``[b, T, V]`` batch of logits at a time)."""
-        finals = runner.candidate_finals(chunk, cands, from_layer0=self.mode == "naive")
-        reference = metric.reference(runner, chunk)  # [b, T, V] or None
-        for c in cands:
-            logits = runner.chunk_logits(chunk, finals.pop(c))  # [b, T, V]
+        """Add each candidate's per-row values on ``chunk``'s rows to ``tally``, one row at a time: the row's
+        dense reference, then each candidate's logits for that row. One ``[1, T, V]`` reference and one
+        ``[1, T, V]`` of logits are alive (a chunk of 4 rows at a 152k vocabulary would hold 0.6 GiB); the
+        embeddings, final norm and head of an offloaded model are onloaded once for the chunk."""
+        finals = runner.candidate_finals(chunk, cands, from_layer0=self.mode == "naive")  # {c: [b, T, d]}
+        with runner.head_onloaded():
             for i, s in enumerate(chunk.rows):
-                ref = None if reference is None else reference[i]
-                tally[c][0] += metric.score(ref, logits[i], runner.ids[s])
-                tally[c][1] += 1
-            del logits  # before the next candidate's head forward: one [b, T, V] alive
+                reference = metric.reference(runner, chunk, row=i)  # [1, T, V] or None
+                ref = None if reference is None else reference[0]
+                for c in cands:
+                    logits = runner.chunk_logits(chunk, finals[c][i : i + 1], offset=i)  # [1, T, V]
+                    tally[c][0] += metric.score(ref, logits[0], runner.ids[s])
+                    tally[c][1] += 1
+                    del logits  # before the next candidate's head forward
+                del reference, ref
 
     def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
         screened = {}
