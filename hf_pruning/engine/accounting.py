@@ -253,11 +253,8 @@ def _wanda(model, calib, two_pass=False):
 
 
 def _sparsegpt_solve(model: ModelShape) -> int:
-    """The largest linear's solve: its Hessian in float32, then either the factorisation (at most 2.25 float64
-    [in, in]: ``sparsegpt.scoring.inverse_hessian_factor``) or the sweep (the factor, the weight in float64 and
-    two boolean masks); a linear group shares one Hessian."""
-    return max(n * n * FP32 + max(9 * n * n * FP64 // 4, n * n * FP64 + o * n * (FP64 + 2 * BOOL))
-               for o, n in model.linears().values())
+    """Largest linear: float32 Hessian + factorisation (2.25 fp64 [in, in]) or sweep (factor, fp64 weight, 2 masks)."""
+    return max(n * n * (FP32 + FP64) + max(5 * n * n * FP64 // 4, o * n * (FP64 + 2 * BOOL)) for o, n in model.linears().values())
 
 
 def _sparsegpt(model, calib, two_pass=False):
