@@ -64,11 +64,10 @@ def onloading_is_free(model: nn.Module) -> bool:
         hook = offload_hook(m)
         if hook is None:
             continue
-        dataset = getattr(hook.weights_map, "dataset", hook.weights_map)
-        prefix = getattr(hook.weights_map, "prefix", "")
-        if isinstance(dataset, OffloadedWeightsLoader) and any(
-                prefix + name not in dataset.state_dict for name, _ in m.named_parameters(recurse=False)):
-            return False
+        for name, _ in m.named_parameters(recurse=False):
+            dataset, key = _offloaded_entry(hook, name)
+            if isinstance(dataset, OffloadedWeightsLoader) and key not in dataset.state_dict:
+                return False
     return True
 
 
@@ -99,12 +98,17 @@ def _offload_folder(loader) -> str:
     return loader.save_folder
 
 
+def _offloaded_entry(hook, name: str):
+    """Where accelerate keeps the offloaded copy of the hooked module's tensor ``name``: (the mapping, its key)."""
+    weights_map = hook.weights_map
+    return getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
+
+
 def _store_offloaded(hook, name: str, value: torch.Tensor) -> None:
     """Write ``value`` as the offloaded copy of tensor ``name`` (relative to the hooked module)."""
     from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
-    weights_map = hook.weights_map
-    dataset, key = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
+    dataset, key = _offloaded_entry(hook, name)
     value = value.detach().to("cpu", copy=True)
     if isinstance(dataset, OffloadedWeightsLoader):
         if key in dataset.state_dict:

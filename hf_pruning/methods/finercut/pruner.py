@@ -20,7 +20,7 @@ from ..depth import (
 )
 from .config import FinerCutConfig
 from .metrics import Metric
-from .search import GreedySearch
+from .search import GreedySearch, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +85,14 @@ def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_c
     with calibration_mode(model):
         dense = DepthRunner(model, calibration)
         runner = DepthRunner(model, calibration, removed=removed, prefix_from=dense) if removed else dense
-        score, total = Metric(metric), 0.0
+        score = Metric(metric)
         score.set_reference(dense.stores[len(dense.layers)])  # read only: the dense runner's own store
+        tally = {"removed": [0.0, 0]}
         for chunk in runner.chunks():  # [1, T, V] logits of one row at a time
-            final = runner.chunk_input(chunk, len(runner.layers))  # [b, T, d]
-            with runner.head_onloaded():
-                for i, s in enumerate(chunk.rows):
-                    reference = score.reference(dense, chunk, row=i)  # [1, T, V] or None
-                    logits = runner.chunk_logits(chunk, final[i : i + 1], offset=i)  # [1, T, V]
-                    total += score.score(None if reference is None else reference[0], logits[0], runner.ids[s])
+            score_rows(runner, score, chunk, {"removed": runner.chunk_input(chunk, len(runner.layers))}, tally)
         for r in {id(dense): dense, id(runner): runner}.values():
             r.close()
-        return total / runner.n
+        return tally["removed"][0] / runner.n
 
 
 def search_report(config: FinerCutConfig, found: dict) -> tuple[list[Candidate], dict]:

@@ -55,6 +55,24 @@ class Step:
         return out
 
 
+def score_rows(runner: DepthRunner, metric: Metric, chunk, finals: dict, tally: dict) -> None:
+    """Add to ``tally[key]`` ([sum, rows]) the per-row values of each final hidden state ``finals[key]``
+    ``[b, T, d]`` on ``chunk``'s rows, one row at a time: the row's dense reference, then each key's logits for
+    that row. One ``[1, T, V]`` reference and one ``[1, T, V]`` of logits are alive (a chunk of 4 rows at a 152k
+    vocabulary would hold 0.6 GiB); the embeddings, final norm and head of an offloaded model are onloaded once
+    for the chunk."""
+    with runner.head_onloaded():
+        for i, s in enumerate(chunk.rows):
+            reference = metric.reference(runner, chunk, row=i)  # [1, T, V] or None
+            ref = None if reference is None else reference[0]
+            for key, final in finals.items():
+                logits = runner.chunk_logits(chunk, final[i : i + 1], offset=i)  # [1, T, V]
+                tally[key][0] += metric.score(ref, logits[0], runner.ids[s])
+                tally[key][1] += 1
+                del logits  # before the next head forward
+            del reference, ref
+
+
 class GreedySearch:
     """Greedy removal search of ``model`` on ``calibration`` ``[n, T]`` (the model is never changed)."""
 
@@ -163,21 +181,9 @@ class GreedySearch:
         return [(total, c) for _, total, c in best]
 
     def _chunk(self, runner: DepthRunner, metric: Metric, chunk, cands: list[Candidate], tally: dict) -> None:
-        """Add each candidate's per-row values on ``chunk``'s rows to ``tally``, one row at a time: the row's
-        dense reference, then each candidate's logits for that row. One ``[1, T, V]`` reference and one
-        ``[1, T, V]`` of logits are alive (a chunk of 4 rows at a 152k vocabulary would hold 0.6 GiB); the
-        embeddings, final norm and head of an offloaded model are onloaded once for the chunk."""
+        """Add each candidate's per-row values on ``chunk``'s rows to ``tally`` (:func:`score_rows`)."""
         finals = runner.candidate_finals(chunk, cands, from_layer0=self.mode == "naive")  # {c: [b, T, d]}
-        with runner.head_onloaded():
-            for i, s in enumerate(chunk.rows):
-                reference = metric.reference(runner, chunk, row=i)  # [1, T, V] or None
-                ref = None if reference is None else reference[0]
-                for c in cands:
-                    logits = runner.chunk_logits(chunk, finals[c][i : i + 1], offset=i)  # [1, T, V]
-                    tally[c][0] += metric.score(ref, logits[0], runner.ids[s])
-                    tally[c][1] += 1
-                    del logits  # before the next candidate's head forward
-                del reference, ref
+        score_rows(runner, metric, chunk, finals, tally)
 
     def _choose(self, cands: list[Candidate], hint: dict) -> tuple[Candidate, float]:
         screened = {}
