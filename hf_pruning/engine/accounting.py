@@ -252,9 +252,9 @@ def _wanda(model, calib, two_pass=False):
             Term("Wanda statistics", "device", stats, why), _selection(model, *_largest(model))]
 
 
-def _sparsegpt_solve(model: ModelShape) -> int:
-    """Largest linear: float32 Hessian + factorisation (2.25 fp64 [in, in]) or sweep (factor, fp64 weight, 2 masks)."""
-    return max(n * n * (FP32 + FP64) + max(5 * n * n * FP64 // 4, o * n * (FP64 + 2 * BOOL)) for o, n in model.linears().values())
+def _sparsegpt_solve(model: ModelShape, two_pass: bool) -> int:  # factorisation or sweep (see the Term)
+    return max(max(n * n * (FP32 + FP64) + n * 1024 * FP64, n * n * (FP64 + FP32 * two_pass) + o * n * (FP64 + 2 * BOOL))
+               for o, n in model.linears().values())
 
 
 def _sparsegpt(model, calib, two_pass=False):
@@ -264,9 +264,9 @@ def _sparsegpt(model, calib, two_pass=False):
             Term("Hessians", "device", hessians,
                  "[in, in] float32 per linear group (q/k/v and gate/up share one): "
                  + ("the whole layer's" if two_pass else "the stage's group only"), "forward"),
-            Term("SparseGPT solve", "device", _sparsegpt_solve(model),
-                 "largest group: Hessian fp32 + the larger of the factorisation (2.25 fp64 [in, in]) and the sweep "
-                 "(the factor + the weight in fp64)", "solve"),
+            Term("SparseGPT solve", "device", _sparsegpt_solve(model, two_pass),
+                 "largest group: the factorisation (Hessian fp32 + one fp64 [in, in], in place, + [in/2, 1024] "
+                 "temporaries) or the sweep (factor + fp64 weight + 2 masks; one-pass frees the Hessian)", "solve"),
             Term("batched block solve chunk", "device", min(SOLVE_CHUNK, max(o for o, _ in model.linears().values())
                                                             * BLOCK * BLOCK * FP64),
                  "CUDA only: triangular systems of one block, chunked (sparsegpt.scoring._block_errors)", "solve")]

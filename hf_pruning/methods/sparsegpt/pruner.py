@@ -31,18 +31,22 @@ def add_to_hessian(stat, x):  # x: [tokens, in], float32
 @torch.no_grad()
 def solve_linear_(lin, hessian: torch.Tensor, sparsity: float, nm, blocksize: int, percdamp: float,
                   fixed_mask: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-                  start: torch.Tensor | None = None) -> torch.Tensor:
+                  start: torch.Tensor | None = None, dead: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`sparsegpt_solve_` on ``lin``'s weight (or on ``start``, values ``[out, in]`` to begin from),
-    written back through ``write_param``; returns the pruned mask."""
+    written back through ``write_param``; returns the pruned mask. ``hessian`` may be None when ``factor`` and
+    ``dead`` are given."""
     w = (lin.weight if start is None else start).detach().to(lin.weight.dtype, copy=True)
-    mask = sparsegpt_solve_(w, hessian.to(w.device), sparsity, nm, blocksize, percdamp, fixed_mask=fixed_mask,
-                            factor=factor)
+    hessian = None if hessian is None else hessian.to(w.device)
+    mask = sparsegpt_solve_(w, hessian, sparsity, nm, blocksize, percdamp, fixed_mask=fixed_mask, factor=factor,
+                            dead=dead)
     write_param(lin, "weight", w)
     return mask
 
 
-def _solve_(lin, hessian: torch.Tensor, config, factor: torch.Tensor | None = None) -> None:
-    solve_linear_(lin, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor)
+def _solve_(lin, hessian: torch.Tensor | None, config, factor: torch.Tensor | None = None,
+            dead: torch.Tensor | None = None) -> None:
+    solve_linear_(lin, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor,
+                  dead=dead)
 
 
 def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plans: dict | None = None,
@@ -56,9 +60,12 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
     unpruned layer first (returns ``{}``)."""
     if config.one_pass:
         def prune_group(linears, stat):
-            factor = inverse_hessian_factor(stat["h"], config.percdamp)
+            hessian = stat.pop("h")  # [in, in] float32, freed before the sweeps: they need its factor only
+            dead = torch.diag(hessian) == 0  # [in]
+            factor = inverse_hessian_factor(hessian, config.percdamp)
+            del hessian
             for lin in linears.values():
-                _solve_(lin, stat["h"], config, factor)
+                _solve_(lin, None, config, factor, dead)
 
         return {}, prune_staged(layer, inputs, kwargs, new_hessian, add_to_hessian, prune_group, outputs=outputs,
                                 plans=plans, block_outputs=block_outputs)
