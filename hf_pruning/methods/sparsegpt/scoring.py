@@ -97,6 +97,32 @@ def _block_errors(block: torch.Tensor, ub: torch.Tensor, bmask: torch.Tensor, ch
     return errors
 
 
+#: rows of a block swept together by the column loop: [2048, 128] float64 (2 MiB) stays in cache through the
+#: loop's 128 rank-1 updates, where a whole 14k-row block (14 MiB) streams from memory in each (1.4x on the CPU)
+SWEEP_ROWS = 2048
+
+
+def _sweep_columns_(block: torch.Tensor, ub: torch.Tensor, bmask: torch.Tensor, errors: torch.Tensor,
+                    already_zero: torch.Tensor, nm: tuple[int, int] | None) -> None:
+    """SparseGPT's column loop over one block ``[R, B]``, in place: each column's pruned part (``bmask``, or
+    chosen every M columns with ``nm``) is removed and its scaled error spread over the columns to its right
+    through the block's factor ``ub`` ``[B, B]``; the errors go to ``errors`` ``[R, B]``. Rows never mix, so
+    the loop runs :data:`SWEEP_ROWS` rows at a time (the same arithmetic per element, the same result)."""
+    d = torch.diag(ub)  # [B]
+    for r0 in range(0, block.shape[0], SWEEP_ROWS):
+        rows = slice(r0, r0 + SWEEP_ROWS)
+        part, mask, err_out, zero = block[rows], bmask[rows], errors[rows], already_zero[rows]  # [r, B] views
+        for j in range(block.shape[1]):
+            if nm is not None and j % nm[1] == 0:
+                group = slice(j, j + nm[1])
+                score = part[:, group].pow(2) / d[group].pow(2)[None, :]
+                mask[:, group] = lowest_per_row(score, nm[0], zero[:, group])
+            err = part[:, j].masked_fill(~mask[:, j], 0) / d[j]  # [r]: the pruned part of the column, scaled
+            part[:, j:].addr_(err, ub[j, j:], alpha=-1)  # spread over the rest of the block
+            part[:, j].masked_fill_(mask[:, j], 0)
+            err_out[:, j] = err
+
+
 @torch.no_grad()
 def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
                      blocksize: int = 128, percdamp: float = 0.01,
@@ -140,16 +166,7 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
             errors = _block_errors(block, ub, bmask)  # the column loop below, in one batched solve
             block = (block - errors @ ub).masked_fill_(bmask, 0)
         else:
-            for j in range(b1 - b0):
-                if fixed_mask is None and nm is not None and j % nm[1] == 0:
-                    group = slice(j, j + nm[1])
-                    score = block[:, group].pow(2) / d[group].pow(2)[None, :]
-                    bmask[:, group] = lowest_per_row(score, nm[0], already_zero[:, b0:b1][:, group])
-                col = block[:, j]
-                err = col.masked_fill(~bmask[:, j], 0) / d[j]  # [R]: the pruned part of the column, scaled
-                block[:, j:].addr_(err, ub[j, j:], alpha=-1)  # spread over the rest of the block
-                block[:, j].masked_fill_(bmask[:, j], 0)
-                errors[:, j] = err
+            _sweep_columns_(block, ub, bmask, errors, already_zero[:, b0:b1], nm if fixed_mask is None else None)
         w[:, b0:b1] = block
         w[:, b1:].addmm_(errors, u[b0:b1, b1:], alpha=-1)
         mask[:, b0:b1] = bmask
