@@ -98,6 +98,24 @@ def accounting_table(acc: dict) -> list[str]:
     return lines
 
 
+def readme_table(acc: dict) -> list[str]:
+    """The README's table: device and store GiB per method for Llama-3-8B and 70B (device with searches scoring
+    one row at a time in brackets where it differs)."""
+    (small, a), (big, b) = list(acc["models"].items())[:2]
+    tag = {name: name.replace("Llama-3-", "") for name in (small, big)}
+
+    def device(est):
+        one = est.get("device_one_row_chunks", est["device"])
+        return f"{est['device'] / GIB:.2f}" + ("" if one == est["device"] else f" ({one / GIB:.2f} scoring 1 row)")
+
+    lines = [f"| method | {tag[small]} GPU GiB | {tag[small]} store GiB | {tag[big]} GPU GiB | {tag[big]} store GiB |",
+             "|---|---|---|---|---|"]
+    for m, est in a["methods"].items():
+        lines.append(f"| {m} | {device(est)} | {est['store'] / GIB:.1f} | {device(b['methods'][m])} | "
+                     f"{b['methods'][m]['store'] / GIB:.1f} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     mach = results.get("machine", {})
     lines = ["# Peak memory of the calibration methods", "",
@@ -121,3 +139,7 @@ def write(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(results))
+    if results.get("accounting") and path.resolve() == Path(__file__).resolve().parent / "results" / "memory.json":
+        from .readme import replace_block
+
+        replace_block("memory-accounting", readme_table(results["accounting"]))

@@ -193,6 +193,7 @@ def main(argv=None) -> None:
     mode.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder-1.5B: in memory vs offloaded")
     mode.add_argument("--qwen-side", metavar="JSON", help=argparse.SUPPRESS)
     mode.add_argument("--smoke", action="store_true", help="the whole path on a small stand-in (2 layers, widths/8)")
+    mode.add_argument("--readme", action="store_true", help="only rewrite the README's block from results/scale.json")
     p.add_argument("--layers", type=int, help="--make-8b: fewer decoder layers than 32")
     p.add_argument("--scale-down", type=int, default=1, help="--make-8b: divide every width and the vocab by this")
     p.add_argument("--source-dtype", default="bfloat16", choices=DTYPES, help="--make-8b: dtype on disk")
@@ -225,6 +226,11 @@ def main(argv=None) -> None:
         print(json.dumps({k: {x: v.get(x) for x in ("phases", "peak_rss_gib", "note")} for k, v in qwen(args).items()}))
     elif args.qwen_side:
         Path(args.qwen_side).write_text(json.dumps(qwen_side(args)))
+    elif args.readme:
+        from .readme import replace_block
+        from .scale_tools import RESULTS, readme_lines
+
+        replace_block("scale", readme_lines(json.loads((RESULTS / "scale.json").read_text())))
     else:
         smoke(args)
 

@@ -265,3 +265,30 @@ def test_benchmark_modules_keep_the_house_sizes():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 80, f"{path}: {node.name}"
+
+
+def test_readme_blocks_are_the_committed_results():
+    """The README's generated tables equal what the committed results files give, and a block without its
+    markers is refused."""
+    from benchmarks.memory_report import readme_table
+    from benchmarks.readme import README
+    from benchmarks.scale_tools import RESULTS, readme_lines
+
+    text = README.read_text()
+    memory = json.loads((RESULTS / "memory.json").read_text())
+    scale = json.loads((RESULTS / "scale.json").read_text())
+    for name, lines in (("memory-accounting", readme_table(memory["accounting"])), ("scale", readme_lines(scale))):
+        block = text.split(f"<!-- begin {name} -->\n")[1].split(f"<!-- end {name} -->")[0]
+        assert block == "\n".join(lines) + "\n", f"README block {name} is stale: rerun its benchmark's writer"
+
+
+def test_replace_block_rewrites_between_markers_and_refuses_a_missing_block(tmp_path):
+    from benchmarks.readme import replace_block
+
+    page = tmp_path / "README.md"
+    page.write_text("intro\n<!-- begin t -->\nold\n<!-- end t -->\nrest\n")
+    assert replace_block("t", ["| a |", "| b |"], page)
+    assert page.read_text() == "intro\n<!-- begin t -->\n| a |\n| b |\n<!-- end t -->\nrest\n"
+    assert not replace_block("t", ["| a |", "| b |"], page)
+    with pytest.raises(ValueError, match="begin other"):
+        replace_block("other", ["x"], page)
