@@ -77,7 +77,7 @@ def test_streams_on_disk_and_checkpoints_give_the_same_search(arch, tmp_path):
 
 
 def test_each_layer_is_onloaded_once_per_chunk_per_step(monkeypatch, tmp_path):
-    """On a disk-offloaded model (4 rows a chunk), a search step onloads each layer at most once per chunk for
+    """On a disk-offloaded model scored 4 rows a chunk (as on an accelerator), a search step onloads each layer at most once per chunk for
     the first chunk and twice for the others (pilots, then the rest), whatever the number of candidates."""
     model = offloaded_model("llama", "disk", str(tmp_path))
     layers = depth_runner.adapter_for(model).decoder_layers(model)
@@ -91,7 +91,7 @@ def test_each_layer_is_onloaded_once_per_chunk_per_step(monkeypatch, tmp_path):
     monkeypatch.setattr(depth_runner, "onloaded", counting)
     calib = tokens(batch=8, length=16, seed=4)  # 2 chunks of 4 rows
     steps = 2
-    finercut_search(model, FinerCutConfig(num_removals=steps), calib, progress=False)
+    finercut_search(model, FinerCutConfig(num_removals=steps), calib, progress=False, chunk_rows=4)
     chunks = 2
     # the first refresh, then per step: the scoring and (from the second step on) the refresh after a removal
     most = 1 + steps * (2 * chunks - 1) + (steps - 1)
@@ -122,16 +122,19 @@ def test_runner_rows_with_checkpoints_on_disk_equal_every_layer_in_memory(tmp_pa
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("mode,free", [("memory", True), ("cpu", True), ("disk", False)])
-def test_rows_are_scored_one_at_a_time_unless_onloading_copies_weights(mode, free, tmp_path):
-    """A model in memory or offloaded to CPU RAM and run on the CPU onloads for free: one row per chunk (the
-    branch and bound cuts more); from disk each chunk reads every layer, so rows go a store batch at a time."""
-    from hf_pruning.engine import onloading_is_free
+@pytest.mark.parametrize("mode", ["memory", "cpu", "disk"])
+def test_rows_are_scored_one_at_a_time_unless_offloaded_weights_run_on_an_accelerator(mode, tmp_path, monkeypatch):
+    """Layers that run on the CPU, in memory or offloaded to RAM or disk, score one row per chunk (the branch and
+    bound cuts more; re-reading a layer costs less than a row's compute); offloaded weights that run on an
+    accelerator go a store batch at a time, each chunk onloading every layer once."""
+    import hf_pruning.engine.offload as offload
 
     model = offloaded_model("llama", mode, str(tmp_path))
-    assert onloading_is_free(model) is free
+    assert not offload.onload_bound(model)
     runner = depth_runner.DepthRunner(model, CALIB)
     try:
-        assert runner.chunk_rows == (1 if free else min(runner.batch, CALIB.shape[0]))
+        assert runner.chunk_rows == 1
     finally:
         runner.close()
+    monkeypatch.setattr(offload, "execution_device", lambda module: torch.device("cuda"))
+    assert offload.onload_bound(model) is (mode != "memory")

@@ -20,13 +20,13 @@ from .capture import (
 )
 from .checkpoint import CheckpointMismatchError, resumable
 from .context import calibration_mode, hooks
-from .offload import execution_device, is_offloaded, offload_hook, onloaded, onloading_is_free, write_param
+from .offload import execution_device, is_offloaded, offload_hook, onload_bound, onloaded, write_param
 from .sequential import propagate, sequential
 from .store import ActivationStore, activations_on_disk, spill_reserve
 
 __all__ = [
     "LAYER_BATCH", "ActivationStore", "CheckpointMismatchError", "Standin", "StopForward", "activations_on_disk",
-    "calibration_mode", "capture", "capture_layer_inputs", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onloading_is_free",
+    "calibration_mode", "capture", "capture_layer_inputs", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onload_bound",
     "offload_hook", "onloaded", "pass_through", "propagate", "resumable", "run_layer", "sequential", "spill_reserve", "substituted",
     "write_param",
 ]

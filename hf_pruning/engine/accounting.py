@@ -104,8 +104,8 @@ class ModelShape:
 @dataclass(frozen=True)
 class CalibrationShape:
     """``rows`` x ``tokens`` calibration ids, run ``batch_rows`` rows at a time (the engine's ``LAYER_BATCH``).
-    ``chunk_rows``: rows a depth search scores together (default ``batch_rows``, what an offloaded model uses;
-    a model in memory scores one row at a time, which divides the candidate streams and logits terms)."""
+    ``chunk_rows``: rows a depth search scores together (default ``batch_rows``, what offloaded weights on a GPU
+    use; on the CPU a search scores one row at a time, which divides the candidate streams and logits terms)."""
 
     rows: int = 128
     tokens: int = 2048

@@ -29,9 +29,8 @@ from ...engine import (
     capture_layer_inputs,
     execution_device,
     head_forward,
-    is_offloaded,
+    onload_bound,
     onloaded,
-    onloading_is_free,
     pass_through,
     substituted,
 )
@@ -111,9 +110,9 @@ class DepthRunner:
     a subset of the tokens of the main calibration counts its share of a full layer-forward). ``removed``:
     candidates removed from the start. ``store_folder``: keep the streams on disk there (``True``: a temporary
     folder), else on the CPU. ``keep_every``: keep the inputs of every k-th layer only (``"sqrt"``: k about
-    sqrt(L)) and recompute in between. ``chunk_rows``: rows scored together (default: 1 for a model in memory or
-    offloaded to CPU RAM and run on the CPU, the store's batch where onloading copies weights (disk, or a GPU
-    run): each chunk onloads every layer once). Scores and orders do not depend on it; the work does (finer
+    sqrt(L)) and recompute in between. ``chunk_rows``: rows scored together (default: 1 when the layers run on the
+    CPU, in memory or offloaded; the store's batch when offloaded weights run on an accelerator,
+    :func:`~hf_pruning.engine.onload_bound`: each chunk onloads every layer once). Scores and orders do not depend on it; the work does (finer
     chunks let the branch and bound cut more: SmolLM2 SLEB, 4 x 128 tokens, 1413 against 1860 row-layers).
     """
 
@@ -153,8 +152,7 @@ class DepthRunner:
             return
         self.folder = store_folder
         self.stored = stored_layers(len(self.layers), keep_every)
-        costly_onload = is_offloaded(model) and not onloading_is_free(model)
-        rows = chunk_rows if chunk_rows is not None else (self.batch if costly_onload else 1)
+        rows = chunk_rows if chunk_rows is not None else (self.batch if onload_bound(model) else 1)
         self.chunk_rows = max(1, min(int(rows), self.batch))
         first_store = ActivationStore(self.folder)
         _, self.kwargs = capture(model, calibration, self.batch, first_store)
