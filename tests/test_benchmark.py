@@ -292,3 +292,18 @@ def test_replace_block_rewrites_between_markers_and_refuses_a_missing_block(tmp_
     assert not replace_block("t", ["| a |", "| b |"], page)
     with pytest.raises(ValueError, match="begin other"):
         replace_block("other", ["x"], page)
+
+
+def test_passes_comparison_keeps_the_least_disturbed_run_and_names_errors():
+    from benchmarks.passes import best, markdown, rows
+
+    assert all(m != "dense" and "recover" not in st for _, m, st in rows(None))
+    assert {m for _, m, _ in rows(["gradmap:"])} == {"gradmap"}
+    runs = [{"passes": 3.0, "prune_s": 3.0}, {"error": "boom"}, {"passes": 2.5, "prune_s": 2.6}]
+    assert best(runs) == {"passes": 2.5, "prune_s": 2.6, "all_passes": [3.0, 2.5]}
+    assert best([{"error": "boom"}]) == {"error": "boom"}
+    data = {"threads": 1, "baseline": "abc", "head": "def", "date": "today",
+            "rows": {"w": {"baseline": best(runs), "now": {"passes": 5.0}}, "x": {"baseline": {"passes": 1.0},
+                                                                            "now": {"error": "ValueError: no"}}}}
+    text = markdown(data)
+    assert "| w | 2.50 | 5.00 | 2.00 |" in text and "error: ValueError: no" in text
