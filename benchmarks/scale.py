@@ -227,10 +227,9 @@ def main(argv=None) -> None:
     elif args.qwen_side:
         Path(args.qwen_side).write_text(json.dumps(qwen_side(args)))
     elif args.readme:
-        from .readme import replace_block
-        from .scale_tools import RESULTS, readme_lines
+        from .scale_tools import RESULTS, write_readme
 
-        replace_block("scale", readme_lines(json.loads((RESULTS / "scale.json").read_text())))
+        write_readme(json.loads((RESULTS / "scale.json").read_text()))
     else:
         smoke(args)
 

@@ -162,9 +162,14 @@ def record(key: str, row: dict, name: str = "scale") -> None:
                      f"{r.get('note', '')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if stem.resolve() == (RESULTS / "scale").resolve():
-        from .readme import replace_block
+        write_readme(data)
 
-        replace_block("scale", readme_lines(data))
+
+def write_readme(data: dict) -> None:
+    """Rewrite the README's ``scale`` block from the results ``data`` (results/scale.json)."""
+    from .readme import replace_block
+
+    replace_block("scale", readme_lines(data))
 
 
 QWEN_VOCAB = 151_936
@@ -183,8 +188,8 @@ def readme_lines(data: dict) -> list[str]:
     qwen = {run[len("qwen-"):].rsplit("-", 1)[0]: None for run in sorted(data) if run.startswith("qwen-")}
     if not qwen:
         return lines
-    model_gib = next(r["model_gib"] for run, r in data.items() if run.startswith("qwen-"))
     some = next(r for run, r in data.items() if run.startswith("qwen-"))
+    model_gib = some["model_gib"]
     logits = some["rows"] * some["tokens"] * QWEN_VOCAB * 4 / GIB
     lines += ["", f"Qwen2.5-Coder-1.5B in fp32 ({model_gib:.2f} GiB), {some['rows']} x {some['tokens']} calibration "
               f"tokens. Targets: peak RSS with 1 GiB of RAM for weights <= 0.35 x the model + one batch = "

@@ -77,8 +77,9 @@ def test_streams_on_disk_and_checkpoints_give_the_same_search(arch, tmp_path):
 
 
 def test_each_layer_is_onloaded_once_per_chunk_per_step(monkeypatch, tmp_path):
-    """On a disk-offloaded model scored 4 rows a chunk (as on an accelerator), a search step onloads each layer at most once per chunk for
-    the first chunk and twice for the others (pilots, then the rest), whatever the number of candidates."""
+    """On a disk-offloaded model scored 4 rows a chunk (as on an accelerator), a search step onloads each layer
+    at most once per chunk for the first chunk and twice for the others (pilots, then the rest), whatever the
+    number of candidates."""
     model = offloaded_model("llama", "disk", str(tmp_path))
     layers = depth_runner.adapter_for(model).decoder_layers(model)
     counts: dict[int, int] = {}

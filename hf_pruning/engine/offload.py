@@ -90,17 +90,12 @@ def _offload_folder(loader) -> str:
     return loader.save_folder
 
 
-def _offloaded_entry(hook, name: str):
-    """Where accelerate keeps the offloaded copy of the hooked module's tensor ``name``: (the mapping, its key)."""
-    weights_map = hook.weights_map
-    return getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
-
-
 def _store_offloaded(hook, name: str, value: torch.Tensor) -> None:
     """Write ``value`` as the offloaded copy of tensor ``name`` (relative to the hooked module)."""
     from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
-    dataset, key = _offloaded_entry(hook, name)
+    weights_map = hook.weights_map
+    dataset, key = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
     value = value.detach().to("cpu", copy=True)
     if isinstance(dataset, OffloadedWeightsLoader):
         if key in dataset.state_dict:

@@ -112,8 +112,9 @@ class DepthRunner:
     folder), else on the CPU. ``keep_every``: keep the inputs of every k-th layer only (``"sqrt"``: k about
     sqrt(L)) and recompute in between. ``chunk_rows``: rows scored together (default: 1 when the layers run on the
     CPU, in memory or offloaded; the store's batch when offloaded weights run on an accelerator,
-    :func:`~hf_pruning.engine.onload_bound`: each chunk onloads every layer once). Scores and orders do not depend on it; the work does (finer
-    chunks let the branch and bound cut more: SmolLM2 SLEB, 4 x 128 tokens, 1413 against 1860 row-layers).
+    :func:`~hf_pruning.engine.onload_bound`: each chunk onloads every layer once). Scores and orders do not
+    depend on it; the work does (finer chunks let the branch and bound cut more: SmolLM2 SLEB, 4 x 128 tokens,
+    1413 against 1860 row-layers).
     """
 
     def __init__(self, model, calibration: torch.Tensor, token_weight: float = 1.0, removed: tuple = (),

@@ -137,8 +137,9 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     chosen: that one is applied and only the compensating update is made (LLM-Barber's ``reconstruct``).
     ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (linears that
     read one input share it); with ``factor`` and ``dead`` (``[C]`` bool: inputs whose Hessian diagonal is zero)
-    ``hessian`` may be None, so that the caller can free it before the sweep. Factorisation and sweep run in float64: on SmolLM2 a float32 sweep (the reference
-    code's) raised the pruned model's perplexity by 1.7% (52.60 vs 51.69 on held-out text).
+    ``hessian`` may be None, so that the caller can free it before the sweep. Factorisation and sweep run in
+    float64: on SmolLM2 a float32 sweep (the reference code's) raised the pruned model's perplexity by 1.7%
+    (52.60 vs 51.69 on held-out text).
     """
     rows, cols = weight.shape
     w = weight.to(torch.float64, copy=True)
