@@ -67,9 +67,13 @@ MODEL_CLASSES = {
 
 def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa"):
     """A tiny random model in eval mode; norm gains and biases are randomised so no op is trivially exact."""
-    torch.manual_seed(seed)
     config = tiny_config(arch)
     config._attn_implementation = "eager" if arch == "gemma2" else attn  # Gemma2 has no SDPA path
+    return _build(arch, config, seed)
+
+
+def _build(arch: str, config, seed: int):
+    torch.manual_seed(seed)
     model = MODEL_CLASSES[arch](config).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -102,3 +106,32 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+#: the vocabulary of the byte-level tokenizer of the export tests (256 bytes, merges and one special token)
+BPE_VOCAB = 320
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style, as LLaMA-3/Qwen2/SmolLM2 use) of BPE_VOCAB tokens, trained offline
+    on the embedded text: what a GGUF file can carry (the word-level ``tiny_tokenizer`` it cannot)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_pruning.calibration import default_text
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([default_text("calibration")[:50_000]], vocab_size=BPE_VOCAB,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def tiny_export_model(arch: str, seed: int = 0):
+    """A tiny random model with BPE_VOCAB embeddings (and no sliding window, as llama.cpp's LLaMA graph has none)."""
+    config = tiny_config(arch)
+    config.vocab_size = BPE_VOCAB
+    if arch == "mistral":
+        config.sliding_window = None
+    config._attn_implementation = "sdpa"
+    return _build(arch, config, seed)
