@@ -84,7 +84,7 @@ def reference_logits(path, ids: list[int]) -> np.ndarray:
     for i in range(n):
         p = f"blk.{i}."
 
-        def lin(name, h):
+        def lin(name, h, p=p):
             y = h @ t[p + name + ".weight"].T
             return y + t[p + name + ".bias"] if p + name + ".bias" in t else y
 

@@ -1,0 +1,238 @@
+"""Pruned models in real serving engines: SmolLM2 pruned by every method, exported, run in llama.cpp (and vLLM).
+
+    python -m benchmarks.serving [--only TEXT ...] [--skip-vllm]   -> benchmarks/results/serving.{json,md}
+
+For each row: prune SmolLM2-135M (small calibration: this measures the export, not the method), export GGUF F32
+and Q8_0, and in llama.cpp (llama-cpp-python, built by ``make serve-deps``) compare next-token log-probs with the
+pruned model in transformers on 64 tokens of held-out text, compare 32-token greedy continuations, and time
+prefill and decode of dense and pruned files on this CPU. With vLLM's CPU build in its own virtualenv
+(``make serve-deps``), the ``vllm`` export of the same model is checked the same way (benchmarks/serving_vllm.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+#: the rows: (method, settings); small calibration for all (benchmarks/grid.py has the published settings)
+ROWS: list[tuple[str, dict]] = [
+    ("dense", {}),
+    ("magnitude", {"sparsity": 0.5}),
+    ("wanda", {"pattern": "2:4"}),
+    ("sparsegpt", {"sparsity": 0.5}),
+    ("llm_barber", {"init": "wanda", "sparsity": 0.5, "granularity": "output1", "threshold": 0.1}),
+    ("shortgpt", {"param_ratio": 0.2333}),
+    ("sleb", {"param_ratio": 0.2333}),
+    ("taylor", {"param_ratio": 0.2333}),
+    ("gradmap", {"param_ratio": 0.2333}),
+    ("finercut", {"param_ratio": 0.2333}),
+    ("harp", {"num_layers": 10}),
+    ("harp", {"num_layers": 10, "flap_match": True}),
+    ("flap", {"param_ratio": 0.0833}),
+    ("heads", {"score": "wanda", "unit": "group", "per_layer": 1}),
+]
+EVAL_TOKENS = 64
+GREEDY_TOKENS = 32
+SPEED_PROMPT = 128
+SPEED_DECODE = 64
+
+
+def log_probs(scores: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = s.max(-1, keepdims=True)
+    return s - m - np.log(np.exp(s - m).sum(-1, keepdims=True))
+
+
+def hf_reference(model, ids: list[int], new_tokens: int = GREEDY_TOKENS) -> dict:
+    """The model's log-probs on ``ids`` [T, vocab] and its greedy continuation of ``ids``."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits[0].double(), -1).numpy()
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0)
+    return {"log_probs": lp, "greedy": out[0, len(ids):].tolist()}
+
+
+def llama_cpp_check(path: str | os.PathLike, ids: list[int], reference: dict, threads: int = 2) -> dict:
+    """Log-probs and greedy tokens of the GGUF file in llama.cpp against ``reference`` (see :func:`hf_reference`)."""
+    from llama_cpp import Llama
+
+    exact_cache = dict(type_k=0, type_v=0)  # float32 KV cache: the comparison is of the weights, not the cache
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=threads, verbose=False, **exact_cache)
+    llm.eval(ids)
+    lp = log_probs(np.array(llm.scores[: len(ids)]))
+    greedy = []
+    for _ in range(len(reference["greedy"])):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        greedy.append(tok)
+        llm.eval([tok])
+    import llama_cpp
+
+    out = {
+        "max_abs_logprob_diff": float(np.abs(lp - reference["log_probs"]).max()),
+        "greedy_equal": greedy == reference["greedy"],
+        "greedy_first_diff": next((i for i, (a, b) in enumerate(zip(greedy, reference["greedy"])) if a != b), None),
+        "engine_params": int(llama_cpp.llama_model_n_params(llm.model)),
+        "file_bytes": os.path.getsize(path),
+    }
+    llm.close()
+    return out
+
+
+def llama_cpp_speed(path: str | os.PathLike, ids: list[int], threads: int = 2) -> dict:
+    """Prefill and decode tokens per second of a GGUF file in llama.cpp (default KV cache)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    prompt = (ids * (SPEED_PROMPT // len(ids) + 1))[:SPEED_PROMPT]
+    llm.eval(prompt[:8])  # warm up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for _ in range(SPEED_DECODE):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    t2 = time.perf_counter()
+    llm.close()
+    return {"prefill_tok_s": SPEED_PROMPT / (t1 - t0), "decode_tok_s": SPEED_DECODE / (t2 - t1)}
+
+
+def _row_name(method: str, settings: dict) -> str:
+    return method + ("" if not settings else " " + json.dumps(settings, sort_keys=True))
+
+
+def run_row(method: str, settings: dict, out: Path, ids: list[int], calibration, vllm_python: str | None) -> dict:
+    import hf_pruning
+    from benchmarks.assets import load_smollm2
+    from hf_pruning.export import ExportError, export
+
+    model, tokenizer = load_smollm2()
+    t0 = time.perf_counter()
+    if method != "dense":
+        spec = hf_pruning.get_method(method)
+        hf_pruning.prune_(model, spec.config_class(**settings), calibration if spec.needs_calibration else None)
+    row: dict = {"method": method, "settings": settings, "prune_s": time.perf_counter() - t0}
+    reference = hf_reference(model, ids)
+    folder = out / _row_name(method, settings).replace(" ", "_").replace('"', "").replace(":", "=")[:80]
+    for outtype in ("f32", "q8_0"):
+        try:
+            report = export(model, folder / f"gguf-{outtype}", "gguf", tokenizer=tokenizer, outtype=outtype,
+                            name="smollm2")
+        except ExportError as e:
+            row[f"gguf_{outtype}"] = {"error": str(e)}
+            continue
+        gguf = folder / f"gguf-{outtype}" / report.files[0]
+        entry = {"architecture": report.architecture, "params_written": report.params_written,
+                 "params_dense": report.params_dense, "notes": report.notes}
+        entry.update(llama_cpp_check(gguf, ids, reference))
+        entry.update(llama_cpp_speed(gguf, ids))
+        row[f"gguf_{outtype}"] = entry
+    if vllm_python:
+        np.savez(folder / "reference.npz", ids=np.array(ids), log_probs=reference["log_probs"],
+                 greedy=np.array(reference["greedy"]))
+        try:
+            report = export(model, folder / "vllm", "vllm", tokenizer=tokenizer, name="smollm2")
+            row["vllm"] = {"architecture": report.architecture, "params_written": report.params_written,
+                           "notes": report.notes, **_run_vllm(vllm_python, folder)}
+        except ExportError as e:
+            row["vllm"] = {"error": str(e)}
+    return row
+
+
+def _run_vllm(python: str, folder: Path) -> dict:
+    cmd = [python, str(Path(__file__).with_name("serving_vllm.py")), str(folder / "vllm"), str(folder / "reference.npz")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(lines[-1])
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    base = dense["gguf_f32"] if dense and "error" not in dense.get("gguf_f32", {}) else None
+    lines = [
+        "# Pruned SmolLM2-135M in serving engines",
+        "",
+        f"Produced by `python -m benchmarks.serving` on this CPU (2 cores, llama.cpp via llama-cpp-python, 2 threads). "
+        f"Log-prob difference: max over {EVAL_TOKENS} held-out tokens x 49,152 vocabulary of |llama.cpp - transformers|, "
+        f"F32 file, F32 KV cache. Greedy: {GREEDY_TOKENS} new tokens identical. Speed: prefill {SPEED_PROMPT} tokens, "
+        f"decode {SPEED_DECODE}, tokens/s relative to the dense file of the same type.",
+        "",
+        "| method | arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode tok/s | Q8_0 MB | Q8_0 decode tok/s | vLLM max abs diff | vLLM greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    q8_base = dense.get("gguf_q8_0") if dense else None
+    for r in rows:
+        f32, q8, vl = r.get("gguf_f32", {}), r.get("gguf_q8_0", {}), r.get("vllm", {})
+        name = _row_name(r["method"], r["settings"])
+        if "error" in f32:
+            lines.append(f"| {name} | refused: {f32['error'][:120]} |" + " |" * 9)
+            continue
+        rel = f"{f32['engine_params'] / base['engine_params']:.3f}" if base else "-"
+        dec = f"{f32['decode_tok_s']:.0f}" + (f" ({f32['decode_tok_s'] / base['decode_tok_s']:.2f}x)" if base else "")
+        q8dec = (f"{q8['decode_tok_s']:.0f}" + (f" ({q8['decode_tok_s'] / q8_base['decode_tok_s']:.2f}x)"
+                                                if q8_base and "decode_tok_s" in q8_base else "")) if "decode_tok_s" in q8 else "-"
+        vdiff = "refused" if "error" in vl and vl else (f"{vl['max_abs_logprob_diff']:.1e}" if vl else "-")
+        vgreedy = str(vl.get("greedy_equal", "-")) if vl and "error" not in vl else "-"
+        lines.append(
+            f"| {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | {f32['greedy_equal']} | "
+            f"{f32['engine_params']:,} | {rel} | {dec} | {q8.get('file_bytes', 0) / 2**20:.1f} | {q8dec} | {vdiff} | {vgreedy} |")
+    notes = [(r["method"], r.get("gguf_f32", {}).get("notes")) for r in rows if r.get("gguf_f32", {}).get("notes")]
+    if notes:
+        lines += ["", "Padding written (from each export's report):", ""]
+        lines += [f"- {m}: {'; '.join(n)[:400]}" for m, n in notes]
+    refusals = [(r["method"], r["vllm"]["error"]) for r in rows if "error" in r.get("vllm", {})]
+    if refusals:
+        lines += ["", "vLLM refusals and failures:", ""]
+        lines += [f"- {m}: {e.strip().splitlines()[-1][:300] if e.strip() else e}" for m, e in refusals]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, help="rows whose name contains one of these texts")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--work", default=os.path.expanduser("~/.cache/hf_pruning/serving"))
+    parser.add_argument("--vllm-python", default=os.path.expanduser("~/.cache/hf_pruning/vllm-venv/bin/python"))
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(2)
+    from benchmarks.assets import load_smollm2
+    from benchmarks.grid import EVALUATION_BOOKS, BenchSettings, books
+
+    settings = BenchSettings()
+    _, tokenizer = load_smollm2()
+    text = books(settings.data_dir, EVALUATION_BOOKS)
+    ids = tokenizer(text[10_000:20_000])["input_ids"][:EVAL_TOKENS]
+    calibration = settings.calibration(tokenizer, depth=True)
+    vllm_python = None if args.skip_vllm or not Path(args.vllm_python).exists() else args.vllm_python
+    out_json = Path(args.out) / "serving.json"
+    rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
+    for method, row_settings in ROWS:
+        name = _row_name(method, row_settings)
+        if args.only and not any(o in name for o in args.only):
+            continue
+        logging.info("row %s", name)
+        row = run_row(method, row_settings, Path(args.work), ids, calibration, vllm_python)
+        rows = [r for r in rows if _row_name(r["method"], r["settings"]) != name] + [row]
+        rows.sort(key=lambda r: [_row_name(*x) for x in ROWS].index(_row_name(r["method"], r["settings"])))
+        out_json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        write_markdown(rows, Path(args.out) / "serving.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
