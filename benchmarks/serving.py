@@ -64,12 +64,31 @@ def hf_reference(model, ids: list[int], new_tokens: int = GREEDY_TOKENS) -> dict
     return {"log_probs": lp, "greedy": out[0, len(ids):].tolist()}
 
 
-def llama_cpp_check(path: str | os.PathLike, ids: list[int], reference: dict, threads: int = 2) -> dict:
-    """Log-probs and greedy tokens of the GGUF file in llama.cpp against ``reference`` (see :func:`hf_reference`)."""
+def open_gguf(path: str | os.PathLike, **kwargs):
+    """``llama_cpp.Llama`` on a GGUF file, with llama.cpp's extra CPU buffer types off: in llama-cpp-python 0.3.36
+    built natively on this CPU (AMX), repacking quantized weights into them crashes (segfault), also on GGUF files
+    llama.cpp's own converter wrote."""
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        low.llama_model_default_params = defaults
+
+
+def llama_cpp_check(path: str | os.PathLike, ids: list[int], reference: dict, threads: int = 2) -> dict:
+    """Log-probs and greedy tokens of the GGUF file in llama.cpp against ``reference`` (see :func:`hf_reference`)."""
     exact_cache = dict(type_k=0, type_v=0)  # float32 KV cache: the comparison is of the weights, not the cache
-    llm = Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=threads, verbose=False, **exact_cache)
+    llm = open_gguf(path, logits_all=True, n_ctx=512, n_threads=threads, **exact_cache)
     llm.eval(ids)
     lp = log_probs(np.array(llm.scores[: len(ids)]))
     greedy = []
@@ -91,21 +110,19 @@ def llama_cpp_check(path: str | os.PathLike, ids: list[int], reference: dict, th
 
 
 def llama_cpp_speed(path: str | os.PathLike, ids: list[int], threads: int = 2) -> dict:
-    """Prefill and decode tokens per second of a GGUF file in llama.cpp (default KV cache)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    """Prefill and decode tokens per second of a GGUF file in llama.cpp (default KV cache, greedy completion)."""
+    llm = open_gguf(path, n_ctx=512, n_threads=threads, n_batch=512)
     prompt = (ids * (SPEED_PROMPT // len(ids) + 1))[:SPEED_PROMPT]
-    llm.eval(prompt[:8])  # warm up
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
-    for _ in range(SPEED_DECODE):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    t2 = time.perf_counter()
+    llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm up
+    timings = []
+    for max_tokens in (1, SPEED_DECODE + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        done = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        timings.append((time.perf_counter() - t0, done["usage"]["completion_tokens"]))
     llm.close()
-    return {"prefill_tok_s": SPEED_PROMPT / (t1 - t0), "decode_tok_s": SPEED_DECODE / (t2 - t1)}
+    (prefill, _), (total, n) = timings
+    return {"prefill_tok_s": SPEED_PROMPT / prefill, "decode_tok_s": (n - 1) / (total - prefill)}
 
 
 def _row_name(method: str, settings: dict) -> str:

@@ -186,12 +186,15 @@ def test_smaller_outtypes_stay_close_and_are_smaller(tmp_path, bpe, outtype, tol
     assert diff < tol
 
 
-def test_q8_0_keeps_rows_that_are_not_a_multiple_of_32_in_f16(tmp_path, bpe):
-    model = _pruned("llama", [{"op": "shrink_mlp", "layer": 2, "keep": list(range(40))}])
+def test_q8_0_pads_mlp_widths_to_a_multiple_of_32_with_zero_channels(tmp_path, bpe):
+    model = _pruned("llama", [{"op": "shrink_mlp", "layer": 2, "keep": list(range(40)), "bias": True}])
     report = export(model, tmp_path, "gguf", tokenizer=bpe, outtype="q8_0", name="tiny")
+    _, meta, tensors = _read(tmp_path / report.files[0])
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / report.files[0]).tensors}
-    assert kinds["blk.2.ffn_down.weight"] == "F16" and kinds["blk.2.ffn_gate.weight"] == "Q8_0"
-    assert any("F16" in n for n in report.notes)
+    assert kinds["blk.2.ffn_down.weight"] == "Q8_0" and meta["feed_forward_length"][2] == 64
+    assert not tensors["blk.2.ffn_down.weight"][:, 40:].any() and not tensors["blk.2.ffn_gate.weight"][40:].any()
+    assert any("width 40 padded to 64" in n for n in report.notes)
+    assert np.abs(reference_logits(tmp_path / report.files[0], IDS) - _hf_logits(model, IDS)).max() < 0.3
 
 
 def test_the_tokenizer_is_in_the_file(tmp_path, bpe):

@@ -12,6 +12,7 @@ arrays). How each block maps (see docs/SERVING.md for the table):
   there, so a value-only layer with a v or o bias (Qwen2) is refused;
 - no attention: ``head_count = 0``, except in the first written layer, whose head count sets llama.cpp's
   defaults: there it is a linear attention with an all-zero ``attn_output`` (exact, d x d padding);
+- MLP widths: any width; for Q8_0 a width that is not a multiple of 32 is padded with zero channels (exact);
 - no MLP: llama.cpp's ``deci`` graph drops a layer's attention output when ``feed_forward_length`` is 0, so a
   dropped MLP is a 32-wide all-zero MLP (exact: silu(0) * 0 = 0);
 - both sublayers gone: the layer is not written at all.
@@ -154,6 +155,10 @@ def plan_layout(spec: ModelSpec, outtype: str) -> Layout:
             head_count.append(0)
             head_count_kv.append(0)
         width = b.mlp_width
+        if outtype == "q8_0" and width % 32:  # zero channels, so that ffn_down's rows quantize (exact)
+            padded = -(-width // 32) * 32
+            notes.append(f"layer {b.source}: MLP width {width} padded to {padded} with zero channels for Q8_0")
+            width = padded
         if width == 0:
             width = ZERO_MLP_WIDTH
             notes.append(f"layer {b.source}: no MLP, written as a {width}-wide all-zero MLP "
@@ -195,9 +200,11 @@ def _llama3_factors(model, spec: ModelSpec) -> torch.Tensor:
 def _encode(t: Tensor, value: torch.Tensor | None) -> np.ndarray:
     import gguf
 
-    arr = np.zeros(t.shape, dtype=np.float32) if value is None else value.numpy()
-    if tuple(arr.shape) != t.shape:
-        raise ExportError(f"{t.name}: the model's tensor has shape {tuple(arr.shape)}, expected {t.shape}")
+    arr = np.zeros(t.shape, dtype=np.float32)
+    if value is not None:
+        if value.ndim != len(t.shape) or any(a > b for a, b in zip(value.shape, t.shape)):
+            raise ExportError(f"{t.name}: the model's tensor has shape {tuple(value.shape)}, expected {t.shape}")
+        arr[tuple(slice(0, n) for n in value.shape)] = value.numpy()  # zero padding beyond the model's width
     if t.qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(arr, dtype=np.float32)
     return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t.qtype)
