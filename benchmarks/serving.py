@@ -57,11 +57,14 @@ def log_probs(scores: np.ndarray) -> np.ndarray:
 def hf_reference(model, ids: list[int], new_tokens: int = GREEDY_TOKENS) -> dict:
     """The model's log-probs on ``ids`` [T, vocab] and its greedy continuation of ``ids``."""
     x = torch.tensor([ids])
+    greedy: list[int] = []
     with torch.no_grad():
-        lp = torch.log_softmax(model(x).logits[0].double(), -1).numpy()
-        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0)
-    return {"log_probs": lp, "greedy": out[0, len(ids):].tolist()}
+        out = model(x, use_cache=True)
+        lp = torch.log_softmax(out.logits[0].double(), -1).numpy()
+        for _ in range(new_tokens):  # argmax decoding with the KV cache; the end-of-text token is not suppressed
+            greedy.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([greedy[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return {"log_probs": lp, "greedy": greedy}
 
 
 def open_gguf(path: str | os.PathLike, **kwargs):

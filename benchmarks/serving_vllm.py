@@ -30,8 +30,8 @@ def main(folder: str, reference: str) -> int:
     for pos, entries in enumerate(out.prompt_logprobs[1:]):  # entry p+1 holds P(token p+1 | tokens <= p)
         for tok, lp in entries.items():
             diffs.append(abs(lp.logprob - ref_lp[pos, tok]))
-    greedy = llm.generate([prompt], SamplingParams(max_tokens=len(ref_greedy), min_tokens=len(ref_greedy),
-                                                    temperature=0.0, ignore_eos=True))[0].outputs[0].token_ids
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=len(ref_greedy), temperature=0.0,
+                                                    ignore_eos=True))[0].outputs[0].token_ids
     print(json.dumps({"max_abs_logprob_diff": float(max(diffs)), "greedy_equal": list(greedy) == ref_greedy,
                       "compared_entries": len(diffs)}))
     return 0

@@ -127,10 +127,13 @@ def tiny_bpe_tokenizer():
                                    bos_token="<|endoftext|>")
 
 
-def tiny_export_model(arch: str, seed: int = 0):
-    """A tiny random model with BPE_VOCAB embeddings (and no sliding window, as llama.cpp's LLaMA graph has none)."""
+def tiny_export_model(arch: str, seed: int = 0, **sizes):
+    """A tiny random model with BPE_VOCAB embeddings (and no sliding window, as llama.cpp's LLaMA graph has none);
+    ``sizes`` override config fields (vLLM's CPU attention needs head sizes of 32 and more)."""
     config = tiny_config(arch)
     config.vocab_size = BPE_VOCAB
+    for key, value in sizes.items():
+        setattr(config, key, value)
     if arch == "mistral":
         config.sliding_window = None
     config._attn_implementation = "sdpa"
