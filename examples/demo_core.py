@@ -1,7 +1,8 @@
 """The main job on the embedded default: prune the real SmolLM2-135M with a hand-written plan, evaluate,
-save, reload in a fresh process without hf_pruning, generate.
+save, reload in a fresh process without hf_pruning, generate, and export to GGUF for llama.cpp.
 
     make demo            # or: python examples/demo_core.py [--out DIR] [--windows N]
+    make serve-demo      # then: generate with the exported GGUF file in llama.cpp (builds its binding once)
 
 The plan exercises the core ops on the real model: value-only attention with a rescale in the top three
 layers (HARP's operator, alpha not yet searched), a whole KV group of heads removed in layer 10 and one head
@@ -74,10 +75,23 @@ def main(model=None, tokenizer=None, plan: dict = DEMO_PLAN, out_dir: str = "out
                "reload_identical_logits": identical,
                "generate_cache_matches_no_cache": torch.equal(reloaded["generated"], reloaded["generated_no_cache"]),
                "generated": text, "saved_to": str(out_dir), "plan": plan}
-    Path(out_dir, "demo_summary.json").write_text(json.dumps(summary, indent=2))
     if not identical:
         raise SystemExit("reloaded logits differ from the in-memory pruned model")
+    report = hf_pruning.export(model, gguf_dir(out_dir), "gguf", tokenizer=tokenizer, outtype="q8_0",
+                               name="smollm2-pruned")
+    gguf_file = Path(gguf_dir(out_dir), report.files[0])
+    summary["gguf"] = {"file": str(gguf_file), "architecture": report.architecture,
+                       "bytes": gguf_file.stat().st_size, "notes": report.notes}
+    print(f"exported to {gguf_file} (llama.cpp architecture {report.architecture}, Q8_0, "
+          f"{gguf_file.stat().st_size / 2**20:.0f} MB); run it:")
+    print(f"  llama-cli -m {gguf_file} -p {PROMPT!r} -n {max_new_tokens}      # or: make serve-demo")
+    Path(out_dir, "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def gguf_dir(out_dir: str) -> str:
+    """Where the demo writes its GGUF export: beside the saved model folder."""
+    return str(out_dir).rstrip("/") + "-gguf"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from .accounting import parameter_count, predicted_decoder_params, sparsity_repo
 from .api import apply_plan_, from_pretrained, lora_target_modules, prune_
 from .calibration.check import CalibrationError
 from .config import ConfigError, PruningConfig
+from .export import ExportError, ExportReport, export
 from .methods import (
     FinerCutConfig,
     FLAPConfig,
@@ -77,6 +78,9 @@ __all__ = [
     "push_to_hub",
     "recover_",
     "ConfigError",
+    "ExportError",
+    "ExportReport",
+    "export",
     "FinerCutConfig",
     "FLAPConfig",
     "GradMAPConfig",

@@ -242,6 +242,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import hf_pruning
+
+    model = hf_pruning.from_pretrained(args.model)
+    tokenizer = _tokenizer(args.model)
+    report = hf_pruning.export(model, args.out, args.format, tokenizer=tokenizer, outtype=args.outtype,
+                               name=args.name)
+    sys.stdout.write(json.dumps({k: report.to_dict()[k] for k in ("path", "files", "architecture", "outtype",
+                                                                  "params_written", "params_dense", "notes",
+                                                                  "command")}, indent=2) + "\n")
+    return 0
+
+
 def _tokenizer(path: str):
     try:
         from transformers import AutoTokenizer
@@ -335,6 +348,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     add_config_arguments(p, RecoveryConfig)
     p.set_defaults(func=cmd_recover)
+    p = sub.add_parser("export", help="export a (pruned) model for llama.cpp (GGUF) or vLLM, without remote code")
+    p.add_argument("model", help="model folder or Hub name (LLaMA, Mistral or Qwen2, pruned or not)")
+    p.add_argument("out", help="output folder, created when missing")
+    p.add_argument("--format", choices=("gguf", "vllm"), default="gguf")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="GGUF tensor type")
+    p.add_argument("--name", default=None, help="model name in the file (default: the model folder's name)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP + ".")
     p.add_argument("model", help="saved model folder (its *.py files are executed)")
     p.set_defaults(func=cmd_verify)

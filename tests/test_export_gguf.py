@@ -254,3 +254,16 @@ def test_peft_models_must_be_merged_first(tmp_path, bpe):
     model = peft.get_peft_model(_pruned("llama", []), peft.LoraConfig(target_modules=["q_proj"], r=2))
     with pytest.raises(ExportError, match="merge_and_unload"):
         export(model, tmp_path, "gguf", tokenizer=bpe)
+
+
+def test_cli_exports_a_saved_model(tmp_path, bpe, capsys):
+    from hf_pruning.cli import main
+
+    model = _pruned("llama", MIXED_OPS)
+    hf_pruning.save_pretrained(model, tmp_path / "saved", tokenizer=bpe)
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "gguf"), "--outtype", "q8_0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["architecture"] == "deci" and out["files"][0] == "saved-q8_0.gguf"
+    assert (tmp_path / "gguf" / "saved-q8_0.gguf").exists()
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "vllm"), "--format", "vllm"]) == 2  # value-only
+    assert "value_only_attention" in capsys.readouterr().err and not (tmp_path / "vllm").exists()

@@ -117,8 +117,9 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
         )
         _write_text(out / "Modelfile", f"FROM ./{file.name}\n")
     else:
-        from .vllm_folder import write_vllm
+        from .vllm_folder import check_vllm, write_vllm
 
+        check_vllm(spec)
         out.mkdir(parents=True, exist_ok=True)
         report = write_vllm(model, spec, out, tokenizer=tokenizer, name=stem)
         report.params_model = sum(p.numel() for p in model.parameters())

@@ -79,17 +79,22 @@ def _stock_save(model, out: Path, tokenizer) -> None:
     save_pretrained(model, out, tokenizer=tokenizer, card=False)
 
 
-def write_vllm(model, spec: ModelSpec, out: Path, *, tokenizer, name: str):
-    """Write the vLLM checkpoint of ``model`` into ``out``; returns an :class:`~hf_pruning.export.ExportReport`."""
-    from . import ExportReport
-
-    stock = spec.uniform and not str(getattr(model.config, "model_type", "")).startswith("hf_pruning_")
-    written = [b for b in spec.blocks if not b.is_identity]
-    for b in written:
+def check_vllm(spec: ModelSpec) -> None:
+    """Refuse what vLLM cannot run, before anything is written."""
+    for b in spec.blocks:
         if b.attention == "linear":
             raise ExportError(f"layer {b.source}: value_only_attention cannot be written for vLLM (it has no linear "
                               "attention); formats that carry it: format='gguf' (llama.cpp) and the transformers "
                               "checkpoint (model.save_pretrained)")
+
+
+def write_vllm(model, spec: ModelSpec, out: Path, *, tokenizer, name: str):
+    """Write the vLLM checkpoint of ``model`` into ``out``; returns an :class:`~hf_pruning.export.ExportReport`."""
+    from . import ExportReport
+
+    check_vllm(spec)
+    stock = spec.uniform and not str(getattr(model.config, "model_type", "")).startswith("hf_pruning_")
+    written = [b for b in spec.blocks if not b.is_identity]
     notes = []
     if spec.sliding_window:
         notes.append(f"the sliding window ({spec.sliding_window}) is not expressed: exact up to that many tokens")
