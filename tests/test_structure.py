@@ -35,6 +35,7 @@ FLOORS = {
     "hf_pruning.recovery": 6,
     "hf_pruning.publish": 7,
     "hf_pruning.cli_args": 8,  # the command line's argument types, built from configs
+    "hf_pruning.export": 8,  # writers for serving engines: read layers through the engine, stock saves via publish
     # the public face: the package's __init__ imports everything; the CLI uses it the way a user does
     "hf_pruning.cli": 9,
     "hf_pruning": 9,

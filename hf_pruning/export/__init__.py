@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .blocks import EXPORTABLE, ExportError, describe
+from .report import ExportReport, dense_params
 
 logger = logging.getLogger(__name__)
 
@@ -24,59 +24,10 @@ FORMATS = ("gguf", "vllm")
 REPORT_NAME = "export.json"
 
 
-@dataclass
-class ExportReport:
-    """What an export wrote: the files, the engine architecture, per-layer shapes, parameter counts and notes."""
-
-    format: str
-    path: str
-    files: list[str]
-    architecture: str
-    outtype: str
-    layers: list[dict]
-    params_written: int  # parameters in the exported files (padding included)
-    params_model: int  # parameters of the model in memory
-    params_dense: int  # parameters of the unpruned model of the same configuration
-    notes: list[str] = field(default_factory=list)
-    tokenizer: str = ""
-    command: str = ""  # how to run it
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def _write_text(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
-
-
-def _dense_params(spec) -> int:
-    """Parameters of the same model with every layer at its original shape."""
-    from .blocks import Block
-
-    full = Block(source=0, attention="full", q_heads=spec.num_heads, kv_heads=spec.num_kv_heads,
-                 mlp_width=spec.intermediate_size, qkv_bias=spec.arch == "qwen2", o_bias=False, mlp_in_bias=False,
-                 mlp_out_bias=False)
-    return _block_params(spec, full) * len(spec.blocks) + _global_params(spec)
-
-
-def _global_params(spec) -> int:
-    return spec.vocab_size * spec.hidden * (1 if spec.tied_embeddings else 2) + spec.hidden
-
-
-def _block_params(spec, b) -> int:
-    d, hd = spec.hidden, spec.head_dim
-    n = 0
-    if b.attention == "full":
-        n += d + 2 * d * b.q_heads * hd + 2 * d * b.kv_heads * hd
-        n += (b.q_heads + 2 * b.kv_heads) * hd if b.qkv_bias else 0
-    elif b.attention == "linear":
-        n += d + d * d
-    n += d if b.o_bias and b.attention != "none" else 0
-    if b.mlp_width:
-        n += d + 3 * d * b.mlp_width + (d if b.mlp_out_bias else 0) + (2 * b.mlp_width if b.mlp_in_bias else 0)
-    return n
 
 
 def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=None, outtype: str = "f32",
@@ -111,7 +62,7 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
         report = ExportReport(
             format="gguf", path=str(out), files=[file.name, "Modelfile", "README.md", REPORT_NAME],
             architecture=layout.arch, outtype=outtype, layers=layers, params_written=layout.num_params(),
-            params_model=sum(p.numel() for p in model.parameters()), params_dense=_dense_params(spec),
+            params_model=sum(p.numel() for p in model.parameters()), params_dense=dense_params(spec),
             notes=layout.notes, tokenizer=layout.tokenizer,
             command=f"llama-cli -m {file.name} -p 'Hello' -n 32",
         )
@@ -123,7 +74,7 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
         out.mkdir(parents=True, exist_ok=True)
         report = write_vllm(model, spec, out, tokenizer=tokenizer, name=stem)
         report.params_model = sum(p.numel() for p in model.parameters())
-        report.params_dense = _dense_params(spec)
+        report.params_dense = dense_params(spec)
     from .card import export_card
 
     _write_text(out / "README.md", export_card(report, spec))

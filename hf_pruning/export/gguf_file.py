@@ -91,6 +91,61 @@ def _weight_type(outtype: str, shape: tuple[int, ...]):
     return {"f16": T.F16, "bf16": T.BF16}[outtype]
 
 
+def _attention_tensors(add, spec: ModelSpec, b: Block, i: int, p: str, notes: list) -> tuple[int, int]:
+    """List the attention tensors of written layer ``i`` (via ``add``); returns its (head_count, head_count_kv)."""
+    d, hd = spec.hidden, spec.head_dim
+    if b.attention == "full":
+        add(p + "attn_norm.weight", (d,), b, "attn_norm")
+        for name, key, rows, heads in (("attn_q", "q", b.q_heads * hd, b.q_heads),
+                                       ("attn_k", "k", b.kv_heads * hd, b.kv_heads),
+                                       ("attn_v", "v", b.kv_heads * hd, 0)):
+            add(p + name + ".weight", (rows, d), b, key, heads)
+            if b.qkv_bias:
+                add(p + name + ".bias", (rows,), b, key + "_bias", heads)
+        add(p + "attn_output.weight", (d, b.q_heads * hd), b, "o")
+        if b.o_bias:
+            add(p + "attn_output.bias", (d,), b, "o_bias")
+        return b.q_heads, b.kv_heads
+    if b.attention == "linear" or i == 0:
+        if b.attention == "linear" and (b.qkv_bias or b.o_bias):
+            raise ExportError(
+                f"layer {b.source}: value_only_attention with a bias (v_proj or o_proj) cannot be written to "
+                "GGUF: llama.cpp's linear attention applies no bias. Formats that carry it: the transformers "
+                "checkpoint (model.save_pretrained)")
+        zero = b.attention == "none"
+        add(p + "attn_norm.weight", (d,), b, None if zero else "attn_norm")
+        add(p + "attn_output.weight", (d, d), b, None if zero else "linear")
+        if zero:
+            notes.append(f"layer {b.source}: no attention, written as a zero linear attention (d x d = {d * d} "
+                         "parameters of padding) because llama.cpp takes its head size from the first layer")
+        elif d * d > 2 * d * b.kv_heads * hd:
+            notes.append(f"layer {b.source}: value-only attention as one d x d matrix, {d * d - 2 * d * b.kv_heads * hd} "
+                         "parameters more than the model's v_proj and o_proj (llama.cpp's linear attention)")
+        return spec.num_heads, 0
+    return 0, 0
+
+
+def _mlp_tensors(add, spec: ModelSpec, b: Block, p: str, outtype: str, notes: list) -> int:
+    """List the MLP tensors of a written layer (via ``add``); returns its feed_forward_length."""
+    d, width = spec.hidden, b.mlp_width
+    if outtype == "q8_0" and width % 32:  # zero channels, so that ffn_down's rows quantize (exact)
+        padded = -(-width // 32) * 32
+        notes.append(f"layer {b.source}: MLP width {width} padded to {padded} with zero channels for Q8_0")
+        width = padded
+    if width == 0:
+        width = ZERO_MLP_WIDTH
+        notes.append(f"layer {b.source}: no MLP, written as a {width}-wide all-zero MLP ({3 * width * d} parameters "
+                     "of padding; llama.cpp drops the attention of a layer without MLP)")
+    real = b.mlp_width > 0
+    add(p + "ffn_norm.weight", (d,), b, "mlp_norm" if real else None)
+    for name, key, shape in (("ffn_gate", "gate", (width, d)), ("ffn_up", "up", (width, d)),
+                             ("ffn_down", "down", (d, width))):
+        add(p + name + ".weight", shape, b, key if real else None)
+        if real and (b.mlp_out_bias if key == "down" else b.mlp_in_bias):
+            add(p + name + ".bias", shape[:1], b, key + "_bias")
+    return width
+
+
 def plan_layout(spec: ModelSpec, outtype: str) -> Layout:
     """Decide how every block is written (or refuse), from shapes alone."""
     import gguf
@@ -102,76 +157,29 @@ def plan_layout(spec: ModelSpec, outtype: str) -> Layout:
     if kind not in (None, "linear", "llama3"):
         raise ExportError(f"rope scaling {kind!r} is not supported by the GGUF export (default, linear and llama3 "
                           "are); serve this model in transformers or vLLM")
-    arch = "deci"
-    if spec.uniform:
-        arch = "qwen2" if spec.arch == "qwen2" else "llama"
-    d, hd, notes = spec.hidden, spec.head_dim, []
+    arch = ("qwen2" if spec.arch == "qwen2" else "llama") if spec.uniform else "deci"
+    d, notes = spec.hidden, []
     written = [b for b in spec.blocks if not b.is_identity]
     if not written:
         raise ExportError("every decoder layer of this model is empty (no attention, no MLP): nothing to export")
     if len(written) < len(spec.blocks):
-        gone = [b.source for b in spec.blocks if b.is_identity]
-        notes.append(f"layers {gone} have neither attention nor MLP and are left out")
+        notes.append(f"layers {[b.source for b in spec.blocks if b.is_identity]} have neither attention nor MLP and "
+                     "are left out")
     tensors = [Tensor("token_embd.weight", (spec.vocab_size, d), _weight_type(outtype, (1, d)), "embed", "embed")]
     if kind == "llama3":
-        tensors.append(Tensor("rope_freqs.weight", (hd // 2,), T.F32, "rope", "rope"))
-    head_count, head_count_kv, ffn_length = [], [], []
+        tensors.append(Tensor("rope_freqs.weight", (spec.head_dim // 2,), T.F32, "rope", "rope"))
     permute = arch != "qwen2"  # llama.cpp's llama/deci graphs use interleaved rotary pairs; qwen2 uses halves
 
     def add(name, shape, group, key, heads=0):
         qtype = _weight_type(outtype, shape) if len(shape) == 2 else T.F32
         tensors.append(Tensor(name, tuple(shape), qtype, group, key, heads if permute else 0))
 
+    head_count, head_count_kv, ffn_length = [], [], []
     for i, b in enumerate(written):
-        p = f"blk.{i}."
-        if b.attention == "full":
-            head_count.append(b.q_heads)
-            head_count_kv.append(b.kv_heads)
-            add(p + "attn_norm.weight", (d,), b, "attn_norm")
-            for name, key, rows, heads in (("attn_q", "q", b.q_heads * hd, b.q_heads),
-                                           ("attn_k", "k", b.kv_heads * hd, b.kv_heads),
-                                           ("attn_v", "v", b.kv_heads * hd, 0)):
-                add(p + name + ".weight", (rows, d), b, key, heads)
-                if b.qkv_bias:
-                    add(p + name + ".bias", (rows,), b, key + "_bias", heads)
-            add(p + "attn_output.weight", (d, b.q_heads * hd), b, "o")
-            if b.o_bias:
-                add(p + "attn_output.bias", (d,), b, "o_bias")
-        elif b.attention == "linear" or i == 0:
-            if b.attention == "linear" and (b.qkv_bias or b.o_bias):
-                raise ExportError(
-                    f"layer {b.source}: value_only_attention with a bias (v_proj or o_proj) cannot be written to "
-                    "GGUF: llama.cpp's linear attention applies no bias. Formats that carry it: the transformers "
-                    "checkpoint (model.save_pretrained)")
-            head_count.append(spec.num_heads)
-            head_count_kv.append(0)
-            zero = b.attention == "none"
-            add(p + "attn_norm.weight", (d,), b, None if zero else "attn_norm")
-            add(p + "attn_output.weight", (d, d), b, None if zero else "linear")
-            if zero:
-                notes.append(f"layer {b.source}: no attention, written as a zero linear attention (d x d = {d * d} "
-                             "parameters of padding) because llama.cpp takes its head size from the first layer")
-        else:
-            head_count.append(0)
-            head_count_kv.append(0)
-        width = b.mlp_width
-        if outtype == "q8_0" and width % 32:  # zero channels, so that ffn_down's rows quantize (exact)
-            padded = -(-width // 32) * 32
-            notes.append(f"layer {b.source}: MLP width {width} padded to {padded} with zero channels for Q8_0")
-            width = padded
-        if width == 0:
-            width = ZERO_MLP_WIDTH
-            notes.append(f"layer {b.source}: no MLP, written as a {width}-wide all-zero MLP "
-                         f"({3 * width * d} parameters of padding; llama.cpp drops the attention of a layer "
-                         "without MLP)")
-        ffn_length.append(width)
-        real = b.mlp_width > 0
-        add(p + "ffn_norm.weight", (d,), b, "mlp_norm" if real else None)
-        for name, key, shape in (("ffn_gate", "gate", (width, d)), ("ffn_up", "up", (width, d)),
-                                 ("ffn_down", "down", (d, width))):
-            add(p + name + ".weight", shape, b, key if real else None)
-            if real and (b.mlp_out_bias if key == "down" else b.mlp_in_bias):
-                add(p + name + ".bias", shape[:1], b, key + "_bias")
+        heads, kv = _attention_tensors(add, spec, b, i, f"blk.{i}.", notes)
+        head_count.append(heads)
+        head_count_kv.append(kv)
+        ffn_length.append(_mlp_tensors(add, spec, b, f"blk.{i}.", outtype, notes))
     tensors.append(Tensor("output_norm.weight", (d,), T.F32, "final", "final_norm"))
     if not spec.tied_embeddings:
         tensors.append(Tensor("output.weight", (spec.vocab_size, d), _weight_type(outtype, (1, d)), "final", "lm_head"))

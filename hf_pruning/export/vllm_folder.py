@@ -17,8 +17,9 @@ How each block maps:
 - biases are global switches in vLLM (``qkv_bias``, ``attention_bias`` for the output, ``mlp_bias``): when any
   layer has one, every layer gets one, zero where the model had none.
 
-Weights are written one layer at a time into safetensors shards (each renamed into place when complete), in the
-model's dtype; ``config.json`` is written last.
+Weights are read one layer at a time and written into safetensors shards of about 2 GiB as each fills (so at most
+one shard and one layer are held), in the model's dtype; the shards are renamed into place once all are written,
+``config.json`` last.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .blocks import Block, ExportError, ModelSpec, block_tensors, model_tensors
+from .report import ExportReport
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ def check_vllm(spec: ModelSpec) -> None:
 
 def write_vllm(model, spec: ModelSpec, out: Path, *, tokenizer, name: str):
     """Write the vLLM checkpoint of ``model`` into ``out``; returns an :class:`~hf_pruning.export.ExportReport`."""
-    from . import ExportReport
-
     check_vllm(spec)
     stock = spec.uniform and not str(getattr(model.config, "model_type", "")).startswith("hf_pruning_")
     written = [b for b in spec.blocks if not b.is_identity]
@@ -111,75 +111,88 @@ def write_vllm(model, spec: ModelSpec, out: Path, *, tokenizer, name: str):
     return _write_decilm(model, spec, out, written, tokenizer, notes, layers, command)
 
 
-def _write_decilm(model, spec, out: Path, written: list[Block], tokenizer, notes, layers, command):
-    from safetensors.torch import save_file
+class _Shards:
+    """safetensors shards written as they fill (about SHARD_BYTES each), renamed into place by :meth:`finish`."""
 
-    from . import ExportReport
+    def __init__(self, out: Path, dtype: torch.dtype):
+        self.out, self.dtype, self.params = out, dtype, 0
+        self.shard: dict[str, torch.Tensor] = {}  # the shard being filled
+        self.done: list[tuple[Path, list[str], int]] = []  # (partial file, tensor names, bytes)
 
-    dtype = model.dtype
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if sum(v.numel() * v.element_size() for v in self.shard.values()) > SHARD_BYTES:
+            self._flush()
+        self.shard[key] = value.to(self.dtype).contiguous()
+        self.params += value.numel()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.shard:
+            partial = self.out / f"model-{len(self.done) + 1:05d}.safetensors.partial"
+            save_file(self.shard, str(partial), metadata={"format": "pt"})
+            self.done.append((partial, list(self.shard), sum(v.numel() * v.element_size() for v in self.shard.values())))
+            self.shard = {}
+
+    def finish(self) -> list[str]:
+        """Write the last shard, rename all into place (and the index when several); returns the file names."""
+        self._flush()
+        n = len(self.done)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (partial, _, _), fname in zip(self.done, names):
+            os.replace(partial, self.out / fname)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(b for _, _, b in self.done)},
+                     "weight_map": {k: f for (_, keys, _), f in zip(self.done, names) for k in keys}}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        return names
+
+
+def _put_block(shards: _Shards, spec: ModelSpec, i: int, b: Block, t: dict, biases: dict, notes: list) -> dict:
+    """Write one layer's tensors as ``model.layers.<i>.*``; returns its ``block_configs`` entry."""
     H, hd, d = spec.num_heads, spec.head_dim, spec.hidden
-    qkv_bias = any(b.qkv_bias for b in written)
-    o_bias = any(b.o_bias for b in written)
-    mlp_bias = any(b.mlp_in_bias or b.mlp_out_bias for b in written)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    params = 0
+    p = f"model.layers.{i}."
+    attn: dict = {"no_op": b.attention == "none"}
+    if b.attention == "none" and i == 0 and b.mlp_width:
+        notes.append(f"layer {b.source}: no attention, written as a zero attention with one KV head (vLLM starts "
+                     "its residual stream in layer 0's attention)")
+        t.update(attn_norm=torch.ones(d), q=torch.zeros(H * hd, d), k=torch.zeros(hd, d), v=torch.zeros(hd, d),
+                 o=torch.zeros(d, H * hd))
+        b = Block(b.source, "full", H, 1, b.mlp_width, b.qkv_bias, b.o_bias, b.mlp_in_bias, b.mlp_out_bias)
+        attn = {"no_op": False}
+    if b.attention == "full":
+        t, n_kv = _regroup(t, b, H, hd)
+        if (n_kv, H) != (b.kv_heads, b.q_heads) and b.kv_heads:
+            notes.append(f"layer {b.source}: {b.q_heads} query / {b.kv_heads} KV heads padded to {H} / {n_kv} "
+                         "with zero heads (vLLM's query-head count is global)")
+        attn["n_heads_in_group"] = H // n_kv
+        shards.put(p + "input_layernorm.weight", t["attn_norm"])
+        for key in ("q", "k", "v", "o"):
+            shards.put(p + f"self_attn.{key}_proj.weight", t[key])
+            if biases["o" if key == "o" else "qkv"]:
+                shards.put(p + f"self_attn.{key}_proj.bias", t.get(f"{key}_bias", torch.zeros(t[key].shape[0])))
+    ffn: dict = {"no_op": b.mlp_width == 0}
+    if b.mlp_width:
+        ffn["intermediate_size"] = b.mlp_width
+        shards.put(p + "post_attention_layernorm.weight", t["mlp_norm"])
+        for key in ("gate", "up", "down"):
+            shards.put(p + f"mlp.{key}_proj.weight", t[key])
+            if biases["mlp"]:
+                shards.put(p + f"mlp.{key}_proj.bias", t.get(f"{key}_bias", torch.zeros(t[key].shape[0])))
+    return {"attention": attn, "ffn": ffn}
 
-    def put(key: str, value: torch.Tensor) -> None:
-        nonlocal params
-        if sum(v.numel() * v.element_size() for v in shards[-1].values()) > SHARD_BYTES:
-            shards.append({})
-        shards[-1][key] = value.to(dtype).contiguous()
-        params += value.numel()
 
-    blocks_cfg = []
-    put("model.embed_tokens.weight", model_tensors(model, "embed")["embed"])
-    for i, b in enumerate(written):
-        t = block_tensors(model, b)
-        p = f"model.layers.{i}."
-        attn: dict = {"no_op": b.attention == "none"}
-        if b.attention == "none" and i == 0 and b.mlp_width:
-            notes.append(f"layer {b.source}: no attention, written as a zero attention with one KV head (vLLM starts "
-                         "its residual stream in layer 0's attention)")
-            t.update(attn_norm=torch.ones(d), q=torch.zeros(H * hd, d), k=torch.zeros(hd, d), v=torch.zeros(hd, d),
-                     o=torch.zeros(d, H * hd))
-            b = Block(b.source, "full", H, 1, b.mlp_width, b.qkv_bias, b.o_bias, b.mlp_in_bias, b.mlp_out_bias)
-            attn = {"no_op": False}
-        if b.attention == "full":
-            t, n_kv = _regroup(t, b, H, hd)
-            if (n_kv, H) != (b.kv_heads, b.q_heads) and b.kv_heads:
-                notes.append(f"layer {b.source}: {b.q_heads} query / {b.kv_heads} KV heads padded to {H} / {n_kv} "
-                             "with zero heads (vLLM's query-head count is global)")
-            attn["n_heads_in_group"] = H // n_kv
-            put(p + "input_layernorm.weight", t["attn_norm"])
-            for key in ("q", "k", "v", "o"):
-                put(p + f"self_attn.{key}_proj.weight", t[key])
-                if (qkv_bias and key != "o") or (o_bias and key == "o"):
-                    bias = t.get(f"{key}_bias", torch.zeros(t[key].shape[0]))
-                    put(p + f"self_attn.{key}_proj.bias", bias)
-        ffn: dict = {"no_op": b.mlp_width == 0}
-        if b.mlp_width:
-            ffn["intermediate_size"] = b.mlp_width
-            put(p + "post_attention_layernorm.weight", t["mlp_norm"])
-            for key in ("gate", "up", "down"):
-                put(p + f"mlp.{key}_proj.weight", t[key])
-                if mlp_bias:
-                    put(p + f"mlp.{key}_proj.bias", t.get(f"{key}_bias", torch.zeros(t[key].shape[0])))
-        blocks_cfg.append({"attention": attn, "ffn": ffn})
+def _write_decilm(model, spec, out: Path, written: list[Block], tokenizer, notes, layers, command):
+    biases = {"qkv": any(b.qkv_bias for b in written), "o": any(b.o_bias for b in written),
+              "mlp": any(b.mlp_in_bias or b.mlp_out_bias for b in written)}
+    shards = _Shards(out, model.dtype)
+    shards.put("model.embed_tokens.weight", model_tensors(model, "embed")["embed"])
+    blocks_cfg = [_put_block(shards, spec, i, b, block_tensors(model, b), biases, notes) for i, b in enumerate(written)]
     final = model_tensors(model, "final")
-    put("model.norm.weight", final["final_norm"])
+    shards.put("model.norm.weight", final["final_norm"])
     if "lm_head" in final:
-        put("lm_head.weight", final["lm_head"])
-
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard, fname in zip(shards, names):
-        partial = out / (fname + ".partial")
-        save_file(shard, str(partial), metadata={"format": "pt"})
-        os.replace(partial, out / fname)
-    if len(names) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for s in shards for v in s.values())},
-                 "weight_map": {k: f for s, f in zip(shards, names) for k in s}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        shards.put("lm_head.weight", final["lm_head"])
+    names = shards.finish()
     shutil.copyfile(Path(__file__).with_name(CONFIG_CODE), out / CONFIG_CODE)
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -189,18 +202,17 @@ def _write_decilm(model, spec, out: Path, written: list[Block], tokenizer, notes
         tokenizer.save_pretrained(out)
     else:
         notes.append("no tokenizer written: pass tokenizer=... (vLLM needs one next to the weights)")
-    config = _decilm_config(model.config, spec, blocks_cfg, qkv_bias, o_bias, mlp_bias, dtype)
+    config = _decilm_config(model.config, spec, blocks_cfg, biases, model.dtype)
     partial = out / "config.json.partial"
     partial.write_text(json.dumps(config, indent=1) + "\n")
     os.replace(partial, out / "config.json")
     return ExportReport(format="vllm", path=str(out), files=["config.json", *names, CONFIG_CODE],
-                        architecture="DeciLMForCausalLM", outtype=str(dtype).removeprefix("torch."), layers=layers,
-                        params_written=params, params_model=0, params_dense=0, notes=notes,
+                        architecture="DeciLMForCausalLM", outtype=str(model.dtype).removeprefix("torch."),
+                        layers=layers, params_written=shards.params, params_model=0, params_dense=0, notes=notes,
                         tokenizer="saved" if tokenizer is not None else "", command=command)
 
 
-def _decilm_config(config, spec: ModelSpec, blocks: list[dict], qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                   dtype) -> dict:
+def _decilm_config(config, spec: ModelSpec, blocks: list[dict], biases: dict, dtype) -> dict:
     rope = {"rope_theta": spec.rope_theta, "rope_type": "default", **(spec.rope_scaling or {})}
     return {
         "architectures": ["DeciLMForCausalLM"],
@@ -219,9 +231,9 @@ def _decilm_config(config, spec: ModelSpec, blocks: list[dict], qkv_bias: bool, 
         "rope_parameters": rope,
         "rope_theta": spec.rope_theta,
         "tie_word_embeddings": spec.tied_embeddings,
-        "attention_bias": o_bias,
-        "qkv_bias": qkv_bias,
-        "mlp_bias": mlp_bias,
+        "attention_bias": biases["o"],
+        "qkv_bias": biases["qkv"],
+        "mlp_bias": biases["mlp"],
         "bos_token_id": getattr(config, "bos_token_id", None),
         "eos_token_id": getattr(config, "eos_token_id", None),
         "dtype": str(dtype).removeprefix("torch."),
