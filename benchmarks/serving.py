@@ -1,8 +1,9 @@
-"""Pruned models in real serving engines: SmolLM2 pruned by every method, exported, run in llama.cpp (and vLLM).
+"""Pruned models in real serving engines: tiny models with every op and SmolLM2 pruned by every method, exported,
+run in llama.cpp and vLLM.
 
-    python -m benchmarks.serving [--only TEXT ...] [--skip-vllm]   -> benchmarks/results/serving.{json,md}
+    python -m benchmarks.serving [--only TEXT ...] [--skip-vllm] [--readme]   -> benchmarks/results/serving.{json,md}
 
-For each row: prune SmolLM2-135M (small calibration: this measures the export, not the method), export GGUF F32
+For each SmolLM2 row: prune SmolLM2-135M (small calibration: this measures the export, not the method), export GGUF F32
 and Q8_0, and in llama.cpp (llama-cpp-python, built by ``make serve-deps``) compare next-token log-probs with the
 pruned model in transformers on 64 tokens of held-out text, compare 32-token greedy continuations, and time
 prefill and decode of dense and pruned files on this CPU. With vLLM's CPU build in its own virtualenv
@@ -130,27 +131,58 @@ def llama_cpp_speed(path: str | os.PathLike, ids: list[int], threads: int = 2) -
     return {"prefill_tok_s": SPEED_PROMPT / prefill, "decode_tok_s": SPEED_DECODE / (total - prefill)}
 
 
+TINY_ARCHS = ("llama", "mistral", "qwen2")
+
+
+def _key(row: dict) -> str:
+    return row["model"] if row.get("model", "").startswith("tiny") else _row_name(row["method"], row["settings"])
+
+
 def _row_name(method: str, settings: dict) -> str:
     return method + ("" if not settings else " " + json.dumps(settings, sort_keys=True))
 
 
 def run_row(method: str, settings: dict, out: Path, ids: list[int], calibration, vllm_python: str | None) -> dict:
+    """One SmolLM2 row: prune with ``method`` and check its exports."""
     import hf_pruning
     from benchmarks.assets import load_smollm2
-    from hf_pruning.export import ExportError, export
 
     model, tokenizer = load_smollm2()
     t0 = time.perf_counter()
     if method != "dense":
         spec = hf_pruning.get_method(method)
         hf_pruning.prune_(model, spec.config_class(**settings), calibration if spec.needs_calibration else None)
-    row: dict = {"method": method, "settings": settings, "prune_s": time.perf_counter() - t0}
-    reference = hf_reference(model, ids)
+    row = {"model": "SmolLM2-135M", "method": method, "settings": settings, "prune_s": time.perf_counter() - t0}
     folder = out / _row_name(method, settings).replace(" ", "_").replace('"', "").replace(":", "=")[:80]
+    return {**row, **check_exports(model, tokenizer, ids, folder, vllm_python, speed=True)}
+
+
+def tiny_row(arch: str, out: Path, vllm_python: str | None) -> dict:
+    """A tiny random model of ``arch`` (head size 32, as vLLM's CPU attention needs) with every op vLLM can carry
+    (tests/test_serving_engines.py: VLLM_OPS), checked in both engines."""
+    import hf_pruning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_serving_engines import VLLM_OPS, _ids
+    from tiny_models import tiny_bpe_tokenizer, tiny_export_model
+
+    tokenizer = tiny_bpe_tokenizer()
+    model = tiny_export_model(arch, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    hf_pruning.prune_(model, hf_pruning.PlanConfig(plan={"ops": VLLM_OPS}))
+    row = {"model": f"tiny {arch}", "method": "plan", "settings": {"ops": "VLLM_OPS"}}
+    return {**row, **check_exports(model, tokenizer, _ids(tokenizer), out / f"tiny-{arch}", vllm_python, speed=False)}
+
+
+def check_exports(model, tokenizer, ids: list[int], folder: Path, vllm_python: str | None, speed: bool) -> dict:
+    """Export ``model`` to GGUF F32 and Q8_0 (checked in llama.cpp) and for vLLM (checked when ``vllm_python``)."""
+    from hf_pruning.export import ExportError, export
+
+    reference = hf_reference(model, ids)
+    row: dict = {}
     for outtype in ("f32", "q8_0"):
         try:
             report = export(model, folder / f"gguf-{outtype}", "gguf", tokenizer=tokenizer, outtype=outtype,
-                            name="smollm2")
+                            name="model")
         except ExportError as e:
             row[f"gguf_{outtype}"] = {"error": str(e)}
             continue
@@ -158,13 +190,14 @@ def run_row(method: str, settings: dict, out: Path, ids: list[int], calibration,
         entry = {"architecture": report.architecture, "params_written": report.params_written,
                  "params_dense": report.params_dense, "notes": report.notes}
         entry.update(llama_cpp_check(gguf, ids, reference))
-        entry.update(llama_cpp_speed(gguf, ids))
+        if speed:
+            entry.update(llama_cpp_speed(gguf, ids))
         row[f"gguf_{outtype}"] = entry
     if vllm_python:
         np.savez(folder / "reference.npz", ids=np.array(ids), log_probs=reference["log_probs"],
                  greedy=np.array(reference["greedy"]))
         try:
-            report = export(model, folder / "vllm", "vllm", tokenizer=tokenizer, name="smollm2")
+            report = export(model, folder / "vllm", "vllm", tokenizer=tokenizer, name="model")
             row["vllm"] = {"architecture": report.architecture, "params_written": report.params_written,
                            "notes": report.notes, **_run_vllm(vllm_python, folder)}
         except ExportError as e:
@@ -183,33 +216,33 @@ def _run_vllm(python: str, folder: Path) -> dict:
 
 def table_lines(rows: list[dict]) -> list[str]:
     """The results table (markdown lines): also the README's generated ``serving`` block."""
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    base = dense["gguf_f32"] if dense and "error" not in dense.get("gguf_f32", {}) else None
-    q8_base = dense.get("gguf_q8_0") if dense else None
+    dense = next((r for r in rows if r["method"] == "dense"), {})
+    base, q8_base = dense.get("gguf_f32", {}), dense.get("gguf_q8_0", {})
     lines = [
-        "| method | llama.cpp arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode tok/s "
-        "| Q8_0 MB | Q8_0 decode tok/s | vLLM max abs diff | vLLM greedy equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | llama.cpp arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode "
+        "tok/s | Q8_0 MB | Q8_0 decode tok/s | vLLM arch | vLLM max abs diff | vLLM greedy equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def speed(entry, ref):
+        if "decode_tok_s" not in entry:
+            return "-"
+        rel = f" ({entry['decode_tok_s'] / ref['decode_tok_s']:.2f}x)" if "decode_tok_s" in ref else ""
+        return f"{entry['decode_tok_s']:.0f}{rel}"
+
     for r in rows:
         f32, q8, vl = r.get("gguf_f32", {}), r.get("gguf_q8_0", {}), r.get("vllm", {})
         name = _row_name(r["method"], r["settings"])
+        vllm = ["refused", "-", "-"] if "error" in vl and "architecture" not in vl else [
+            vl.get("architecture", "-"), f"{vl['max_abs_logprob_diff']:.1e}" if "max_abs_logprob_diff" in vl else
+            ("failed" if vl else "-"), str(vl.get("greedy_equal", "-"))]
         if "error" in f32:
-            lines.append(f"| {name} | refused: {f32['error'][:120]} |" + " |" * 9)
+            lines.append(f"| {r.get('model', '')} | {name} | refused | - | - | - | - | - | - | - | {' | '.join(vllm)} |")
             continue
-        rel = f"{f32['engine_params'] / base['engine_params']:.3f}" if base else "-"
-        dec = f"{f32['decode_tok_s']:.0f}" + (f" ({f32['decode_tok_s'] / base['decode_tok_s']:.2f}x)" if base else "")
-        q8dec = "-"
-        if "decode_tok_s" in q8:
-            q8dec = f"{q8['decode_tok_s']:.0f}"
-            if q8_base and "decode_tok_s" in q8_base:
-                q8dec += f" ({q8['decode_tok_s'] / q8_base['decode_tok_s']:.2f}x)"
-        vdiff = "refused" if "error" in vl else (f"{vl['max_abs_logprob_diff']:.1e}" if vl else "-")
-        vgreedy = str(vl["greedy_equal"]) if "greedy_equal" in vl else "-"
         lines.append(
-            f"| {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | {f32['greedy_equal']} | "
-            f"{f32['engine_params']:,} | {rel} | {dec} | {q8.get('file_bytes', 0) / 2**20:.1f} | {q8dec} | {vdiff} | "
-            f"{vgreedy} |")
+            f"| {r.get('model', '')} | {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | "
+            f"{f32['greedy_equal']} | {f32['engine_params']:,} | {f32['engine_params'] / f32['params_dense']:.3f} | "
+            f"{speed(f32, base)} | {q8.get('file_bytes', 0) / 2**20:.1f} | {speed(q8, q8_base)} | {' | '.join(vllm)} |")
     return lines
 
 
@@ -223,17 +256,18 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         f"file, F32 KV cache); vLLM, the max over each position's top 20 and actual next token. Greedy: "
         f"{GREEDY_TOKENS} new tokens identical to transformers' argmax decoding. Speed: llama.cpp greedy decode after "
         f"a {SPEED_PROMPT}-token prompt, {SPEED_DECODE} tokens, relative to the dense file of the same type. "
-        "'params in file' is llama.cpp's own count of the F32 file (padding included). Calibration: 4 x 128 tokens "
-        "for every method (this measures the export, not the methods).",
+        "'params in file' is llama.cpp's own count of the F32 file (padding included), 'vs dense' that count over "
+        "the unpruned model's. Calibration: 4 x 128 tokens for every method (this measures the export, not the "
+        "methods). The tiny rows are random models with every op vLLM can carry (the engine tests' plan).",
         "",
         *table_lines(rows),
     ]
-    notes = [(_row_name(r["method"], r["settings"]), r.get("gguf_f32", {}).get("notes")) for r in rows
+    notes = [(_key(r), r.get("gguf_f32", {}).get("notes")) for r in rows
              if r.get("gguf_f32", {}).get("notes")]
     if notes:
         lines += ["", "Padding written into the F32 GGUF files (from each export's report):", ""]
         lines += [f"- {m}: {'; '.join(n)[:600]}" for m, n in notes]
-    vnotes = [(_row_name(r["method"], r["settings"]), r["vllm"].get("notes") or r["vllm"].get("error"))
+    vnotes = [(_key(r), r["vllm"].get("notes") or r["vllm"].get("error"))
               for r in rows if r.get("vllm", {}).get("notes") or r.get("vllm", {}).get("error")]
     if vnotes:
         lines += ["", "vLLM padding, refusals and failures:", ""]
@@ -274,14 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     vllm_python = None if args.skip_vllm or not Path(args.vllm_python).exists() else args.vllm_python
     out_json = Path(args.out) / "serving.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
-    for method, row_settings in ROWS:
-        name = _row_name(method, row_settings)
+    order = [f"tiny {a}" for a in TINY_ARCHS] + [_row_name(*x) for x in ROWS]
+    key = {f"tiny {a}": (lambda a=a: tiny_row(a, Path(args.work), vllm_python)) for a in TINY_ARCHS}
+    key.update({_row_name(m, st): (lambda m=m, st=st: run_row(m, st, Path(args.work), ids, calibration, vllm_python))
+                for m, st in ROWS})
+    for name in order:
         if args.only and not any(o in name for o in args.only):
             continue
         logging.info("row %s", name)
-        row = run_row(method, row_settings, Path(args.work), ids, calibration, vllm_python)
-        rows = [r for r in rows if _row_name(r["method"], r["settings"]) != name] + [row]
-        rows.sort(key=lambda r: [_row_name(*x) for x in ROWS].index(_row_name(r["method"], r["settings"])))
+        row = key[name]()
+        rows = [r for r in rows if _key(r) != name] + [row]
+        rows.sort(key=lambda r: order.index(_key(r)))
         out_json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
         write_markdown(rows, Path(args.out) / "serving.md")
         if Path(args.out) == RESULTS:
