@@ -97,6 +97,8 @@ def test_demo_main_job_runs(tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     assert summary["pruned"]["kv_bytes_per_token"] < summary["dense"]["kv_bytes_per_token"]
     assert 20 < summary["dense"]["ppl"] < 60 and summary["pruned"]["ppl"] > summary["dense"]["ppl"]
+    gguf = Path(summary["gguf"]["file"])  # the demo ends with a Q8_0 GGUF export (value-only layers: deci)
+    assert gguf.exists() and summary["gguf"]["architecture"] == "deci" and gguf.stat().st_size < 150 * 2**20
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
