@@ -68,6 +68,16 @@ def test_llama_cpp_runs_the_pruned_model_as_transformers_does(tmp_path, bpe, arc
     assert result["engine_params"] == report.params_written < report.params_dense
 
 
+@pytest.mark.parametrize("outtype, tol", [("f16", 0.05), ("bf16", 0.3), ("q8_0", 0.3)])
+def test_llama_cpp_runs_the_smaller_types(tmp_path, bpe, outtype, tol):
+    _need_llama_cpp()
+    model = _pruned("llama", MIXED_OPS)
+    ids = _ids(bpe)
+    report = export(model, tmp_path, "gguf", tokenizer=bpe, outtype=outtype, name="tiny")
+    result = llama_cpp_check(tmp_path / report.files[0], ids, hf_reference(model, ids))
+    assert result["max_abs_logprob_diff"] <= tol and result["engine_params"] == report.params_written
+
+
 def test_llama_cpp_tokenizes_text_as_the_tokenizer_does(tmp_path, bpe):
     _need_llama_cpp()
     report = export(_pruned("llama", []), tmp_path, "gguf", tokenizer=bpe, name="tiny")
