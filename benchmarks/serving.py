@@ -46,6 +46,7 @@ EVAL_TOKENS = 64
 GREEDY_TOKENS = 32
 SPEED_PROMPT = 128
 SPEED_DECODE = 64
+SPEED_REPEATS = 3
 
 
 def log_probs(scores: np.ndarray) -> np.ndarray:
@@ -119,15 +120,17 @@ def llama_cpp_speed(path: str | os.PathLike, ids: list[int], threads: int = 2) -
     prompt = (ids * (SPEED_PROMPT // len(ids) + 1))[:SPEED_PROMPT]
     no_eos = {llm.token_eos(): -1e9}  # every run decodes exactly max_tokens tokens
     llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm up
-    timings = []
-    for max_tokens in (1, SPEED_DECODE + 1):
+
+    def seconds(max_tokens: int) -> float:
         llm.reset()
         t0 = time.perf_counter()
         done = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, logit_bias=no_eos)
-        timings.append(time.perf_counter() - t0)
         assert done["usage"]["completion_tokens"] == max_tokens, done["usage"]
+        return time.perf_counter() - t0
+
+    prefill = min(seconds(1) for _ in range(SPEED_REPEATS))  # best of SPEED_REPEATS
+    total = min(seconds(SPEED_DECODE + 1) for _ in range(SPEED_REPEATS))
     llm.close()
-    prefill, total = timings
     return {"prefill_tok_s": SPEED_PROMPT / prefill, "decode_tok_s": SPEED_DECODE / (total - prefill)}
 
 
@@ -136,6 +139,10 @@ TINY_ARCHS = ("llama", "mistral", "qwen2")
 
 def _key(row: dict) -> str:
     return row["model"] if row.get("model", "").startswith("tiny") else _row_name(row["method"], row["settings"])
+
+
+def _folder(method: str, settings: dict) -> str:
+    return _row_name(method, settings).replace(" ", "_").replace('"', "").replace(":", "=")[:80]
 
 
 def _row_name(method: str, settings: dict) -> str:
@@ -153,7 +160,7 @@ def run_row(method: str, settings: dict, out: Path, ids: list[int], calibration,
         spec = hf_pruning.get_method(method)
         hf_pruning.prune_(model, spec.config_class(**settings), calibration if spec.needs_calibration else None)
     row = {"model": "SmolLM2-135M", "method": method, "settings": settings, "prune_s": time.perf_counter() - t0}
-    folder = out / _row_name(method, settings).replace(" ", "_").replace('"', "").replace(":", "=")[:80]
+    folder = out / _folder(method, settings)
     return {**row, **check_exports(model, tokenizer, ids, folder, vllm_python, speed=True)}
 
 
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/hf_pruning/serving"))
     parser.add_argument("--vllm-python", default=os.path.expanduser("~/.cache/hf_pruning/vllm-venv/bin/python"))
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="re-time the GGUF files of the last run (quiet machine)")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README block and serving.md from serving.json")
     args = parser.parse_args(argv)
     if args.readme:
@@ -305,6 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     text = books(settings.data_dir, EVALUATION_BOOKS)
     ids = tokenizer(text[10_000:20_000])["input_ids"][:EVAL_TOKENS]
     calibration = settings.calibration(tokenizer, depth=True)
+    if args.speed_only:  # re-time the files the last run left in --work (on a quiet machine), keep the checks
+        out_json = Path(args.out) / "serving.json"
+        rows = json.loads(out_json.read_text())["rows"]
+        for r in rows:
+            if "decode_tok_s" not in r.get("gguf_f32", {}):
+                continue
+            for outtype in ("f32", "q8_0"):
+                gguf = next((Path(args.work) / _folder(r["method"], r["settings"]) / f"gguf-{outtype}").glob("*.gguf"))
+                logging.info("timing %s", gguf)
+                r[f"gguf_{outtype}"].update(llama_cpp_speed(gguf, ids))
+        out_json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        write_markdown(rows, Path(args.out) / "serving.md")
+        write_readme(rows)
+        return 0
     vllm_python = None if args.skip_vllm or not Path(args.vllm_python).exists() else args.vllm_python
     out_json = Path(args.out) / "serving.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
