@@ -38,9 +38,9 @@ def _disk_map(model) -> dict:
     return device_map
 
 
-def offloaded_model(arch: str, mode: str, folder: str, seed: int = 0):
-    """The tiny ``arch`` model (``tiny_model(arch, seed)``) with its weights placed as ``mode`` says."""
-    model = tiny_model(arch, seed)
+def offloaded_model(arch: str, mode: str, folder: str, seed: int = 0, model=None):
+    """The tiny ``arch`` model (``tiny_model(arch, seed)``, or ``model``) with its weights placed as ``mode`` says."""
+    model = tiny_model(arch, seed) if model is None else model
     if mode == "memory":
         return model
     if mode == "cpu":

@@ -267,3 +267,16 @@ def test_cli_exports_a_saved_model(tmp_path, bpe, capsys):
     assert (tmp_path / "gguf" / "saved-q8_0.gguf").exists()
     assert main(["export", str(tmp_path / "saved"), str(tmp_path / "vllm"), "--format", "vllm"]) == 2  # value-only
     assert "value_only_attention" in capsys.readouterr().err and not (tmp_path / "vllm").exists()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "disk"])
+def test_an_offloaded_model_exports_the_same_file(tmp_path, bpe, mode):
+    from offload_models import offload_hooks_in_place, offloaded_model
+
+    model = _pruned("llama", MIXED_OPS)
+    export(model, tmp_path / "memory", "gguf", tokenizer=bpe, outtype="q8_0", name="tiny")
+    offloaded = offloaded_model("llama", mode, str(tmp_path), model=_pruned("llama", MIXED_OPS))
+    assert offload_hooks_in_place(offloaded) > 0
+    export(offloaded, tmp_path / mode, "gguf", tokenizer=bpe, outtype="q8_0", name="tiny")
+    assert (tmp_path / mode / "tiny-q8_0.gguf").read_bytes() == (tmp_path / "memory" / "tiny-q8_0.gguf").read_bytes()
+    assert offload_hooks_in_place(offloaded) > 0  # still offloaded afterwards
