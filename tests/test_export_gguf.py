@@ -280,3 +280,18 @@ def test_an_offloaded_model_exports_the_same_file(tmp_path, bpe, mode):
     export(offloaded, tmp_path / mode, "gguf", tokenizer=bpe, outtype="q8_0", name="tiny")
     assert (tmp_path / mode / "tiny-q8_0.gguf").read_bytes() == (tmp_path / "memory" / "tiny-q8_0.gguf").read_bytes()
     assert offload_hooks_in_place(offloaded) > 0  # still offloaded afterwards
+
+
+def test_rope_scaling_travels_or_is_refused(tmp_path, bpe):
+    import gguf as g
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_export_model("llama", rope_parameters=llama3)
+    report = export(model, tmp_path / "l3", "gguf", tokenizer=bpe, name="tiny")
+    freqs = {t.name: t for t in g.GGUFReader(tmp_path / "l3" / report.files[0]).tensors}["rope_freqs.weight"]
+    factors = np.asarray(freqs.data)
+    assert factors.shape == (4,) and factors.min() == 1.0 and factors.max() == 8.0  # hd 8: 4 frequencies
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ExportError, match="rope scaling 'yarn'"):
+        export(tiny_export_model("llama", rope_parameters=yarn), tmp_path / "y", "gguf", tokenizer=bpe)

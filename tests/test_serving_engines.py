@@ -78,6 +78,19 @@ def test_llama_cpp_runs_the_smaller_types(tmp_path, bpe, outtype, tol):
     assert result["max_abs_logprob_diff"] <= tol and result["engine_params"] == report.params_written
 
 
+@pytest.mark.parametrize("ops", [[], MIXED_OPS], ids=["stock", "deci"])
+def test_llama3_rope_scaling_in_llama_cpp(tmp_path, bpe, ops):
+    """Llama-3.1's rope scaling travels as llama.cpp's rope_freqs tensor (computed with transformers' own rope code)."""
+    _need_llama_cpp()
+    scaling = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = _pruned("llama", ops, rope_parameters=scaling)
+    ids = _ids(bpe)
+    report = export(model, tmp_path, "gguf", tokenizer=bpe, name="tiny")
+    result = llama_cpp_check(tmp_path / report.files[0], ids, hf_reference(model, ids))
+    assert result["max_abs_logprob_diff"] <= 1e-3 and result["greedy_equal"]
+
+
 def test_llama_cpp_tokenizes_text_as_the_tokenizer_does(tmp_path, bpe):
     _need_llama_cpp()
     report = export(_pruned("llama", []), tmp_path, "gguf", tokenizer=bpe, name="tiny")
