@@ -262,6 +262,11 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _shorten(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     lines = [
         "# Pruned SmolLM2-135M in serving engines",
@@ -285,12 +290,12 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              if r.get("gguf_f32", {}).get("notes")]
     if notes:
         lines += ["", "Padding written into the F32 GGUF files (from each export's report):", ""]
-        lines += [f"- {m}: {'; '.join(n)[:600]}" for m, n in notes]
+        lines += [f"- {m}: {_shorten('; '.join(n))}" for m, n in notes]
     vnotes = [(_key(r), r["vllm"].get("notes") or r["vllm"].get("error"))
               for r in rows if r.get("vllm", {}).get("notes") or r.get("vllm", {}).get("error")]
     if vnotes:
         lines += ["", "vLLM padding, refusals and failures:", ""]
-        lines += [f"- {m}: {(n if isinstance(n, str) else '; '.join(n)).strip()[-600:]}" for m, n in vnotes]
+        lines += [f"- {m}: {_shorten(n if isinstance(n, str) else '; '.join(n))}" for m, n in vnotes]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
