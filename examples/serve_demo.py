@@ -33,6 +33,7 @@ def main(out_dir: str = "outputs/demo-smollm2-pruned", max_new_tokens: int = 30)
     seconds = time.perf_counter() - start
     text = demo_core.PROMPT + done["choices"][0]["text"]
     print(f"llama.cpp ({summary['gguf']['architecture']}, Q8_0): {text!r}")
+    print("(Q8_0 weights are 8-bit: a greedy continuation may part from the float32 one after a few tokens)")
     print(f"transformers (float32):      {summary['generated']!r}")
     print(f"{done['usage']['completion_tokens']} tokens in {seconds:.2f} s "
           f"({done['usage']['completion_tokens'] / seconds:.1f} tokens/s incl. the prompt)")
