@@ -276,7 +276,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         f"max over {EVAL_TOKENS} held-out tokens x the whole 49,152-token vocabulary of |engine - transformers| (F32 "
         f"file, F32 KV cache); beside it, the differences of llama.cpp and of transformers' float32 forward from the "
         f"same model run in float64 in transformers (where the first column exceeds 1e-3, these say which side is "
-        f"off); vLLM, the max over each position's top 20 and actual next token. "
+        f"off); vLLM, the same max over the whole vocabulary (float32). "
         f"Greedy: "
         f"{GREEDY_TOKENS} new tokens identical to transformers' argmax decoding. Speed: llama.cpp greedy decode after "
         f"a {SPEED_PROMPT}-token prompt, {SPEED_DECODE} tokens, relative to the dense file of the same type. "
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/hf_pruning/serving"))
     parser.add_argument("--vllm-python", default=os.path.expanduser("~/.cache/hf_pruning/vllm-venv/bin/python"))
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--vllm-only", action="store_true", help="re-run the vLLM checks of the last run")
     parser.add_argument("--speed-only", action="store_true", help="re-time the GGUF files of the last run (quiet machine)")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README block and serving.md from serving.json")
     args = parser.parse_args(argv)
@@ -345,6 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         write_readme(rows)
         return 0
     vllm_python = None if args.skip_vllm or not Path(args.vllm_python).exists() else args.vllm_python
+    if args.vllm_only:  # re-run vLLM on the checkpoints and references the last run left in --work
+        out_json = Path(args.out) / "serving.json"
+        rows = json.loads(out_json.read_text())["rows"]
+        for r in rows:
+            if "max_abs_logprob_diff" in r.get("vllm", {}) and (not args.only or any(o in _key(r) for o in args.only)):
+                folder = Path(args.work) / (_key(r).replace(" ", "-") if _key(r).startswith("tiny") else
+                                            _folder(r["method"], r["settings"]))
+                logging.info("vLLM on %s", folder)
+                r["vllm"].update(_run_vllm(vllm_python, folder))
+        out_json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        write_markdown(rows, Path(args.out) / "serving.md")
+        write_readme(rows)
+        return 0
     out_json = Path(args.out) / "serving.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
     order = [f"tiny {a}" for a in TINY_ARCHS] + [_row_name(*x) for x in ROWS]

@@ -3,8 +3,8 @@
     <vllm venv>/bin/python benchmarks/serving_vllm.py EXPORT_DIR REFERENCE.npz   -> one JSON line on stdout
 
 Runs in its own virtualenv (vLLM pins its own transformers), so it imports neither hf_pruning nor the benchmarks.
-Log-probs: vLLM returns the top-k of each prompt position (k = 20) plus the actual next token; the difference is
-the largest over those entries.
+Log-probs: vLLM returns every prompt position's log-probs over the whole vocabulary (``prompt_logprobs=-1``); the
+difference is the largest over all of them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def main(folder: str, reference: str) -> int:
 
     ref = np.load(reference)
     ids, ref_lp, ref_greedy = ref["ids"].tolist(), ref["log_probs"], ref["greedy"].tolist()
-    llm = LLM(folder, trust_remote_code=True, enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
+    llm = LLM(folder, trust_remote_code=True, enforce_eager=True, dtype="float32", max_model_len=256, seed=0,
+              max_logprobs=-1)
     prompt = TokensPrompt(prompt_token_ids=ids)
-    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=20, temperature=0.0))[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=-1, temperature=0.0))[0]
     diffs = []
     for pos, entries in enumerate(out.prompt_logprobs[1:]):  # entry p+1 holds P(token p+1 | tokens <= p)
         for tok, lp in entries.items():
