@@ -295,3 +295,10 @@ def test_rope_scaling_travels_or_is_refused(tmp_path, bpe):
     yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     with pytest.raises(ExportError, match="rope scaling 'yarn'"):
         export(tiny_export_model("llama", rope_parameters=yarn), tmp_path / "y", "gguf", tokenizer=bpe)
+
+
+def test_a_sliding_window_becomes_the_context_length(tmp_path, bpe):
+    model = tiny_export_model("mistral", sliding_window=7)
+    report = export(model, tmp_path, "gguf", tokenizer=bpe, name="tiny")
+    _, meta, _ = _read(tmp_path / report.files[0])
+    assert meta["context_length"] == 7 and any("sliding window (7 tokens)" in n for n in report.notes)

@@ -132,9 +132,9 @@ def tiny_export_model(arch: str, seed: int = 0, **sizes):
     ``sizes`` override config fields (vLLM's CPU attention needs head sizes of 32 and more)."""
     config = tiny_config(arch)
     config.vocab_size = BPE_VOCAB
-    for key, value in sizes.items():
-        setattr(config, key, value)
     if arch == "mistral":
         config.sliding_window = None
+    for key, value in sizes.items():
+        setattr(config, key, value)
     config._attn_implementation = "sdpa"
     return _build(arch, config, seed)

@@ -159,6 +159,9 @@ def plan_layout(spec: ModelSpec, outtype: str) -> Layout:
                           "are); serve this model in transformers or vLLM")
     arch = ("qwen2" if spec.arch == "qwen2" else "llama") if spec.uniform else "deci"
     d, notes = spec.hidden, []
+    if spec.sliding_window:
+        notes.append(f"the sliding window ({spec.sliding_window} tokens) is not expressed: context_length is set to it "
+                     "(exact up to that many tokens)")
     written = [b for b in spec.blocks if not b.is_identity]
     if not written:
         raise ExportError("every decoder layer of this model is empty (no attention, no MLP): nothing to export")
