@@ -302,3 +302,10 @@ def test_a_sliding_window_becomes_the_context_length(tmp_path, bpe):
     report = export(model, tmp_path, "gguf", tokenizer=bpe, name="tiny")
     _, meta, _ = _read(tmp_path / report.files[0])
     assert meta["context_length"] == 7 and any("sliding window (7 tokens)" in n for n in report.notes)
+
+
+def test_the_dense_count_includes_removed_layers(tmp_path, bpe):
+    dense = export(_pruned("llama", []), tmp_path / "d", "gguf", tokenizer=bpe, name="tiny")
+    depth = export(_pruned("llama", [{"op": "remove_layers", "layers": [1, 4]}]), tmp_path / "r", "gguf",
+                   tokenizer=bpe, name="tiny")
+    assert depth.params_dense == dense.params_dense == dense.params_written > depth.params_written

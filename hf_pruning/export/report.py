@@ -29,11 +29,11 @@ class ExportReport:
 
 
 def dense_params(spec: ModelSpec) -> int:
-    """Parameters of the same model with every layer at its original shape."""
+    """Parameters of the unpruned model: every layer of the base model (removed ones too) at its original shape."""
     full = Block(source=0, attention="full", q_heads=spec.num_heads, kv_heads=spec.num_kv_heads,
                  mlp_width=spec.intermediate_size, qkv_bias=spec.arch == "qwen2", o_bias=False, mlp_in_bias=False,
                  mlp_out_bias=False)
-    return _block_params(spec, full) * len(spec.blocks) + _global_params(spec)
+    return _block_params(spec, full) * max(spec.base_layers, len(spec.blocks)) + _global_params(spec)
 
 
 def _global_params(spec) -> int:
