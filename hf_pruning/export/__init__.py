@@ -15,8 +15,10 @@ import logging
 import os
 from pathlib import Path
 
+from ..accounting import parameter_count
+from ..publish.summary import dense_reference
 from .blocks import EXPORTABLE, ExportError, describe
-from .report import ExportReport, dense_params
+from .report import ExportReport
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; export writes a folder of files")
+    params_model, params_dense = parameter_count(model), parameter_count(dense_reference(model))
     stem = name or Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
     if format == "gguf":
         from .gguf_file import plan_layout, write_gguf
@@ -62,7 +65,7 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
         report = ExportReport(
             format="gguf", path=str(out), files=[file.name, "Modelfile", "README.md", REPORT_NAME],
             architecture=layout.arch, outtype=outtype, layers=layers, params_written=layout.num_params(),
-            params_model=sum(p.numel() for p in model.parameters()), params_dense=dense_params(spec),
+            params_model=params_model, params_dense=params_dense,
             notes=layout.notes, tokenizer=layout.tokenizer,
             command=f"llama-cli -m {file.name} -p 'Hello' -n 32",
         )
@@ -73,8 +76,7 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
         check_vllm(spec)
         out.mkdir(parents=True, exist_ok=True)
         report = write_vllm(model, spec, out, tokenizer=tokenizer, name=stem)
-        report.params_model = sum(p.numel() for p in model.parameters())
-        report.params_dense = dense_params(spec)
+        report.params_model, report.params_dense = params_model, params_dense
     from .card import export_card
 
     _write_text(out / "README.md", export_card(report, spec))

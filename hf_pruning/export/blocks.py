@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..engine.offload import onloaded
-from ..plan import get_plan
 from ..remote.hf_pruning_surgery import adapter_for, inspect_model, stock_model_type
 
 #: the architectures whose pruned layers a serving engine can express (llama.cpp ``deci``, vLLM ``nemotron-nas``)
@@ -68,7 +67,6 @@ class ModelSpec:
     sliding_window: int | None
     tied_embeddings: bool
     blocks: tuple[Block, ...] = field(default_factory=tuple)
-    base_layers: int = 0  # decoder layers of the unpruned model (before remove_layers)
 
     @property
     def uniform(self) -> bool:
@@ -131,7 +129,6 @@ def describe(model: nn.Module) -> ModelSpec:
         rms_eps=float(config.rms_norm_eps), rope_theta=theta, rope_scaling=scaling,
         context_length=int(config.max_position_embeddings), sliding_window=int(window) if window else None,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), blocks=tuple(blocks),
-        base_layers=int((get_plan(model).base or {}).get("num_hidden_layers") or len(blocks)),
     )
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..accounting import parameter_count
 from .blocks import Block, ExportError, ModelSpec, block_tensors, model_tensors
 from .report import ExportReport
 
@@ -103,10 +104,9 @@ def write_vllm(model, spec: ModelSpec, out: Path, *, tokenizer, name: str):
               for b in written]
     if stock:
         _stock_save(model, out, tokenizer)
-        params = sum(p.numel() for p in model.parameters())
         return ExportReport(format="vllm", path=str(out), files=["config.json", "model.safetensors"],
                             architecture=type(model).__name__, outtype=str(model.dtype).removeprefix("torch."),
-                            layers=layers, params_written=params, params_model=0, params_dense=0, notes=notes,
+                            layers=layers, params_written=parameter_count(model), params_model=0, params_dense=0, notes=notes,
                             tokenizer="saved" if tokenizer is not None else "", command=command)
     return _write_decilm(model, spec, out, written, tokenizer, notes, layers, command)
 
