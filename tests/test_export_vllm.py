@@ -127,3 +127,13 @@ def test_weights_are_sharded_as_they_are_written(tmp_path, bpe, monkeypatch):
     for f in shards:
         merged.update(load_file(tmp_path / f))
     assert set(merged) == set(index["weight_map"]) and "model.layers.4.mlp.down_proj.weight" in merged
+
+
+def test_a_tokenizer_folder_is_loaded_once_for_every_writer(tmp_path, bpe):
+    bpe.save_pretrained(tmp_path / "tok")
+    stock = _pruned("llama", [{"op": "remove_layers", "layers": [1]}])
+    export(stock, tmp_path / "stock", "vllm", tokenizer=str(tmp_path / "tok"))
+    export(_pruned("llama", VLLM_OPS), tmp_path / "deci", "vllm", tokenizer=tmp_path / "tok")
+    report = export(stock, tmp_path / "gguf", "gguf", tokenizer=str(tmp_path / "tok"), name="tiny")
+    assert (tmp_path / "stock" / "tokenizer.json").exists() and (tmp_path / "deci" / "tokenizer.json").exists()
+    assert report.tokenizer.startswith("gpt2 tokenizer, 320 tokens")

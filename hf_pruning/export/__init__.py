@@ -51,6 +51,10 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; export writes a folder of files")
+    if isinstance(tokenizer, (str, os.PathLike)):  # a folder or Hub name: loaded once, for every writer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     params_model, params_dense = parameter_count(model), parameter_count(dense_reference(model))
     stem = name or Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
     if format == "gguf":

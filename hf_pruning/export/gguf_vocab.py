@@ -46,10 +46,6 @@ def _load_tokenizer(tokenizer):
     if tokenizer is None:
         raise ExportError("a GGUF file carries its tokenizer: pass tokenizer=... (a transformers fast tokenizer, or "
                           "the folder or Hub name to load one from)")
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"{type(tokenizer).__name__} is a slow tokenizer; the GGUF export reads tokenizer.json: "
                           "load the tokenizer with use_fast=True")

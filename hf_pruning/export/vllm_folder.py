@@ -195,10 +195,6 @@ def _write_decilm(model, spec, out: Path, written: list[Block], tokenizer, notes
     names = shards.finish()
     shutil.copyfile(Path(__file__).with_name(CONFIG_CODE), out / CONFIG_CODE)
     if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         tokenizer.save_pretrained(out)
     else:
         notes.append("no tokenizer written: pass tokenizer=... (vLLM needs one next to the weights)")
