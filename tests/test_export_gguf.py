@@ -32,8 +32,8 @@ def bpe():
     return tiny_bpe_tokenizer()
 
 
-def _pruned(arch: str, ops: list[dict]):
-    model = tiny_export_model(arch)
+def _pruned(arch: str, ops: list[dict], **sizes):
+    model = tiny_export_model(arch, **sizes)
     if ops:
         hf_pruning.prune_(model, hf_pruning.PlanConfig(plan={"ops": ops}))
     return model

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export_gguf import MIXED_OPS
-from tiny_models import tiny_bpe_tokenizer, tiny_export_model
+from test_export_gguf import MIXED_OPS, _pruned
+from tiny_models import tiny_bpe_tokenizer
 
 import hf_pruning
 from benchmarks.serving import hf_reference, llama_cpp_check, open_gguf
@@ -46,13 +46,6 @@ def _ids(tokenizer, n: int = 64) -> list[int]:
     ids = tokenizer(TEXT * 8)["input_ids"][:n]
     assert len(ids) == n
     return ids
-
-
-def _pruned(arch, ops, **sizes):
-    model = tiny_export_model(arch, **sizes)
-    if ops:
-        hf_pruning.prune_(model, hf_pruning.PlanConfig(plan={"ops": ops}))
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
