@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibration.check import BUILD_HINT, CalibrationError, check_calibration
 from .config import ConfigError, PruningConfig
-from .engine import activations_on_disk, resumable
+from .engine import LAYER_BATCH, activations_on_disk, distributed, resumable
 from .engine.offload import edited, is_offloaded
 from .model_checks import check_model, clear_quantizer_
 from .model_methods import bind, model_method
@@ -209,17 +209,29 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     The model (:func:`check_model`), the config and the ids (:func:`hf_pruning.calibration.check_calibration`)
     are checked before anything changes: bad input raises and leaves the model as it was.
     """
-    check_model(model)
-    config = _as_config(config)
-    spec = get_method(config)
-    if calibration is not None:
-        calibration = check_calibration(model, calibration)
-    # method inputs (data besides calibration that a config declares in ``inputs``): one path for all of them
-    inputs = {k: v for k, v in {"compensation_calibration": compensation_calibration}.items() if v is not None}
-    check_inputs(config, inputs)
-    inputs = {name: check_calibration(model, ids, name=name) for name, ids in inputs.items()}
-    if spec.needs_calibration and calibration is None and config.calibration_required(inputs):
-        raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; {BUILD_HINT}")
+    with distributed.together("checking the model, config and calibration"):
+        check_model(model)
+        config = _as_config(config)
+        spec = get_method(config)
+        if calibration is not None:
+            calibration = check_calibration(model, calibration)
+        # method inputs (data besides calibration that a config declares in ``inputs``): one path for all of them
+        inputs = {k: v for k, v in {"compensation_calibration": compensation_calibration}.items() if v is not None}
+        check_inputs(config, inputs)
+        inputs = {name: check_calibration(model, ids, name=name) for name, ids in inputs.items()}
+        if spec.needs_calibration and calibration is None and config.calibration_required(inputs):
+            raise CalibrationError(f"method {spec.name!r} needs calibration token ids [n_samples, seq_len]; "
+                                   f"{BUILD_HINT}")
+        for ids in (calibration, *inputs.values()):
+            if ids is not None and distributed.active():
+                distributed.check_enough_rows(ids.shape[0], LAYER_BATCH)
+    if distributed.active():  # data parallel: the same call everywhere, each rank on its own rows
+        distributed.agree("model, config or calibration", distributed.fingerprint(
+            get_plan(model).to_json(), json.dumps(config.to_dict(), sort_keys=True, default=str),
+            distributed.model_sample(model), *(ids for ids in (calibration, *inputs.values()) if ids is not None)))
+        calibration = distributed.shard(calibration, LAYER_BATCH)
+        inputs = {name: distributed.shard(ids, LAYER_BATCH) for name, ids in inputs.items()}
+        checkpoint_dir = distributed.rank_folder(checkpoint_dir)
     with activations_on_disk(activations_dir), resumable(checkpoint_dir):
         result: PruningResult = spec.run(model, config, calibration, **inputs)
     if result.plan is not None and result.plan.ops:

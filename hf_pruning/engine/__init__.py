@@ -18,6 +18,7 @@ from .capture import (
     run_layer,
     substituted,
 )
+from . import distributed
 from .checkpoint import CheckpointMismatchError, resumable
 from .context import calibration_mode, hooks
 from .offload import execution_device, is_offloaded, offload_hook, onload_bound, onloaded, write_param
@@ -26,7 +27,7 @@ from .store import ActivationStore, activations_on_disk, spill_reserve
 
 __all__ = [
     "LAYER_BATCH", "ActivationStore", "CheckpointMismatchError", "Standin", "StopForward", "activations_on_disk",
-    "calibration_mode", "capture", "capture_layer_inputs", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onload_bound",
+    "calibration_mode", "capture", "distributed", "capture_layer_inputs", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onload_bound",
     "offload_hook", "onloaded", "pass_through", "propagate", "resumable", "run_layer", "sequential", "spill_reserve", "substituted",
     "write_param",
 ]

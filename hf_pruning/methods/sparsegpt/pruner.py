@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
-from ...engine import write_param
+from ...engine import distributed, write_param
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
@@ -26,6 +26,24 @@ def add_to_hessian(stat, x):  # x: [tokens, in], float32
     total = stat["n"] + n
     stat["h"].mul_(stat["n"] / total).add_(x.T @ x, alpha=2.0 / total)  # running 2/N * sum x x^T
     stat["n"] = total
+
+
+def new_rank_hessian(lin):
+    """Under a process group: sum x x^T per batch (float32), kept in float64 and summed over the ranks."""
+    return distributed.RankSum((lin.in_features, lin.in_features), lin.weight.device)
+
+
+def add_to_rank_hessian(stat, x):  # x: [tokens, in], float32
+    stat.add(x.T @ x, x.shape[0])
+
+
+def hessian_of(stat, pop: bool = False) -> torch.Tensor:
+    """The Hessian 2/N sum x x^T ``[in, in]`` (float32) of a statistic of either kind (``pop``: the running one
+    lets go of it)."""
+    if isinstance(stat, dict):
+        return stat.pop("h") if pop else stat["h"]
+    total, n = stat.reduced("the SparseGPT Hessian")
+    return total.mul_(2.0 / n).float()
 
 
 @torch.no_grad()
@@ -60,19 +78,32 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
     unpruned layer first (returns ``{}``)."""
     if config.one_pass:
         def prune_group(linears, stat):
-            hessian = stat.pop("h")  # [in, in] float32, freed before the sweeps: they need its factor only
-            dead = torch.diag(hessian) == 0  # [in]
-            factor = inverse_hessian_factor(hessian, config.percdamp)
-            del hessian
-            for lin in linears.values():
-                _solve_(lin, None, config, factor, dead)
+            held = [hessian_of(stat, pop=True)]  # [in, in] float32, freed before the sweeps: they need its factor
+            dead = torch.diag(held[0]) == 0  # [in]
+            factor = []  # made for the first linear this rank solves (a rank that solves none makes none)
 
-        return {}, prune_staged(layer, inputs, kwargs, new_hessian, add_to_hessian, prune_group, outputs=outputs,
+            def solve(name, lin):
+                if not factor:
+                    factor.append(inverse_hessian_factor(held.pop(), config.percdamp))
+                _solve_(lin, None, config, factor[0], dead)
+
+            distributed.split_by_module_(linears, solve)  # every linear here without a process group
+
+        return {}, prune_staged(layer, inputs, kwargs, *_statistic(), prune_group, outputs=outputs,
                                 plans=plans, block_outputs=block_outputs)
-    stats = collect_input_stats(layer, inputs, kwargs, new_hessian, add_to_hessian)
-    for name, lin in prunable_linears(layer).items():
-        _solve_(lin, stats.pop(name)["h"], config)
+    stats = collect_input_stats(layer, inputs, kwargs, *_statistic())
+    found: dict = {}  # linears that read one input share one statistic: reduced once
+    for stat in stats.values():
+        if id(stat) not in found:
+            found[id(stat)] = hessian_of(stat)
+    hessians = {name: found[id(stat)] for name, stat in stats.items()}
+    distributed.split_by_module_(prunable_linears(layer), lambda name, lin: _solve_(lin, hessians.pop(name), config))
     return {}
+
+
+def _statistic():
+    """``(new, update)`` of the Hessian statistic: running float32, or per rank in float64 under a group."""
+    return (new_rank_hessian, add_to_rank_hessian) if distributed.active() else (new_hessian, add_to_hessian)
 
 
 @register_method("sparsegpt", SparseGPTConfig)

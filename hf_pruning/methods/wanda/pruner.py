@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
-from ...engine import write_param
+from ...engine import distributed, write_param
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
@@ -44,20 +44,40 @@ def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plan
     ``({}, outputs)`` (``outputs``: the pruned layer's outputs, or None when ``outputs=False``; ``plans`` and
     ``block_outputs`` go to ``prune_staged``); otherwise statistics from the unpruned layer first (returns
     ``{}``; the caller runs the pruned layer)."""
-    if config.one_pass:
+    if distributed.active():  # data parallel: per-batch sums in float64, added over the ranks
+        def new_stat(lin):
+            return distributed.RankSum(lin.in_features, lin.weight.device)
+
+        def update(stat, x):  # x: [tokens, in] float32
+            stat.add(x.pow(2).sum(0))
+
+        def total(stat):
+            return stat.reduced("Wanda's input norms")[0].float()
+    else:
         tokens = inputs.rows() * inputs[0].shape[1]  # every calibration token, over all batches
 
         def new_stat(lin):  # the all-rows sum of squares, bit for bit (summation.py)
             return StreamedColumnSum(tokens, lin.in_features, lin.weight.device)
 
+        def update(stat, x):
+            stat.add(x.pow(2))
+
+        def total(stat):
+            return stat.total()
+
+    if config.one_pass:
         def prune_group(linears, stat):
-            sum_sq = stat.total()
+            sum_sq = total(stat)
             for lin in linears.values():
                 _mask_(lin, sum_sq, config)
 
-        return {}, prune_staged(layer, inputs, kwargs, new_stat, lambda stat, x: stat.add(x.pow(2)), prune_group,
+        return {}, prune_staged(layer, inputs, kwargs, new_stat, update, prune_group,
                                 outputs=outputs, plans=plans, block_outputs=block_outputs)
-    stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
+    if distributed.active():
+        stats = collect_input_stats(layer, inputs, kwargs, new_stat, update)
+        stats = {name: total(stat) for name, stat in stats.items()}
+    else:
+        stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
     for name, lin in prunable_linears(layer).items():
         _mask_(lin, stats[name], config)
     return {}

@@ -1,0 +1,128 @@
+"""One rank of a data-parallel test run (started by tests/test_distributed.py the way ``torchrun`` starts ranks:
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment, gloo on the CPU).
+
+``python tests/distributed_worker.py SCENARIO OUT`` runs a scenario and writes this rank's results to
+``OUT/rank<r>.pt``:
+
+- ``grid``: every method of :data:`CASES` on a tiny model of every architecture, each with the same full
+  calibration on every rank; per case the plan, the recorded config, the report, the pruned weights' digest, the
+  masks and the logits on a probe (or the error it raised).
+- ``bad_config``: rank 1 passes an impossible sparsity; ``other_calibration``: rank 1 passes other ids;
+  ``killed``: rank 1 dies in the middle of a run (``os._exit``). Each records the error every rank ends with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import torch
+from tiny_models import ARCHS, tiny_model, tokens
+
+import hf_pruning
+from hf_pruning.engine import distributed
+
+CALIB = tokens(batch=16, length=16, seed=3)  # 4 batches of LAYER_BATCH rows: 2 per rank at 2 ranks
+COMPENSATION = tokens(batch=8, length=16, seed=4)
+PROBE = tokens(batch=2, length=12, seed=9)
+CASES = {
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "wanda_2:4": {"method": "wanda", "pattern": "2:4"},
+    "wanda_two_pass": {"method": "wanda", "one_pass": False},
+    "sparsegpt": {"method": "sparsegpt", "blocksize": 32},
+    "sparsegpt_2:4": {"method": "sparsegpt", "blocksize": 32, "pattern": "2:4"},
+    "llm_barber": {"method": "llm_barber", "init": "wanda", "threshold": 0.5},
+    "llm_barber_sparsegpt": {"method": "llm_barber", "init": "sparsegpt", "blocksize": 32, "threshold": 0.3,
+                             "reconstruct": True},
+    "shortgpt": {"method": "shortgpt", "num_removals": 2},
+    "shortgpt_compensated": {"method": "shortgpt", "num_removals": 2, "compensate": True, "ridge": 0.1},
+    "sleb": {"method": "sleb", "num_removals": 2},
+    "finercut": {"method": "finercut", "num_removals": 3},
+    "taylor": {"method": "taylor", "num_removals": 2},
+    "gradmap": {"method": "gradmap", "num_removals": 2, "ridge": 0.1},
+    "gradmap_iterative": {"method": "gradmap", "num_removals": 2, "mode": "iterative", "compensate": False},
+    "flap": {"method": "flap", "ratio": 0.2},
+    "heads": {"method": "heads", "score": "wanda", "unit": "group", "per_layer": 1},
+    "harp": {"method": "harp", "num_layers": 2, "grid": [0.0, 0.5, 1.0]},
+    "harp_flap": {"method": "harp", "num_layers": 2, "grid": [0.0, 0.5, 1.0], "flap_ratio": 0.1},
+}
+
+
+def _digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _case(arch: str, config: dict) -> dict:
+    model = tiny_model(arch)
+    try:
+        hf_pruning.prune_(model, dict(config), calibration=CALIB)
+    except Exception as err:  # the same error must come out of every rank count
+        return {"error": f"{type(err).__name__}: {err}"}
+    with torch.no_grad():
+        logits = model(PROBE).logits.float()
+    masks = {name: (p == 0) for name, p in model.named_parameters() if p.dim() == 2}
+    return {"plan": hf_pruning.get_plan(model).to_json(), "record": model.config.pruning_config,
+            "report": repr(model.hf_pruning_report), "digest": _digest(model), "masks": masks, "logits": logits}
+
+
+def grid(only: str = "") -> dict:
+    """Every case of :data:`CASES` (or those named in ``only``, comma-separated) on every architecture."""
+    names = only.split(",") if only else list(CASES)
+    return {(case, arch): _case(arch, CASES[case]) for case in names for arch in ARCHS}
+
+
+def _failure(run) -> dict:
+    start = time.monotonic()
+    try:
+        run()
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def bad_config() -> dict:
+    sparsity = 1.5 if distributed.world()[0] == 1 else 0.5
+    return _failure(lambda: hf_pruning.prune_(tiny_model("llama"), {"method": "wanda", "sparsity": sparsity},
+                                              calibration=CALIB))
+
+
+def other_calibration() -> dict:
+    ids = CALIB.flip(0) if distributed.world()[0] == 1 else CALIB
+    return _failure(lambda: hf_pruning.prune_(tiny_model("llama"), {"method": "wanda"}, calibration=ids))
+
+
+def killed() -> dict:
+    rank = distributed.world()[0]
+    real = distributed.all_sum
+    calls = [0]
+
+    def dying_sum(tensor, what="a statistic"):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            os._exit(3)  # killed mid-run: no exception, no goodbye
+        return real(tensor, what)
+
+    distributed.all_sum = dying_sum
+    return _failure(lambda: hf_pruning.prune_(tiny_model("llama"), {"method": "sparsegpt", "blocksize": 32},
+                                              calibration=CALIB))
+
+
+def main(scenario: str, out: str, *args: str) -> None:
+    torch.set_num_threads(1)
+    assert distributed.init_from_env("gloo")
+    result = {"grid": grid, "bad_config": bad_config, "other_calibration": other_calibration,
+              "killed": killed}[scenario](*args)
+    torch.save(result, os.path.join(out, f"rank{distributed.world()[0]}.pt"))
+    if scenario != "killed":
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
