@@ -69,7 +69,7 @@ def _case(arch: str, config: dict) -> dict:
         logits = model(PROBE).logits.float()
     masks = {name: (p == 0) for name, p in model.named_parameters() if p.dim() == 2}
     return {"plan": hf_pruning.get_plan(model).to_json(), "record": model.config.pruning_config,
-            "report": repr(model.hf_pruning_report), "digest": _digest(model), "masks": masks, "logits": logits}
+            "report": model.hf_pruning_report, "digest": _digest(model), "masks": masks, "logits": logits}
 
 
 def grid(only: str = "") -> dict:

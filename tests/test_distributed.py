@@ -58,17 +58,46 @@ def grids(tmp_path_factory):
     return one[0], two
 
 
+#: report entries that describe one rank's work (time, passes it ran), not the result
+PER_RANK = ("seconds", "_s", "_forwards", "_backwards", "backward_passes")
+#: cases a model refuses by design (the same error from every rank count)
+REFUSED = {("shortgpt_compensated", "opt_postln"), ("gradmap", "opt_postln")}
+
+
+def same_report(got, ref, path: str = "report") -> None:
+    """The reports agree: the same keys and strings, numbers to 1e-6 relative (sums over ranks round
+    differently), the per-rank work entries left out."""
+    if isinstance(ref, dict):
+        keys = {k for k in ref if not str(k).endswith(PER_RANK)}
+        assert {k for k in got if not str(k).endswith(PER_RANK)} == keys, path
+        for k in keys:
+            same_report(got[k], ref[k], f"{path}[{k!r}]")
+    elif isinstance(ref, (list, tuple)):
+        assert len(got) == len(ref), path
+        for k, (a, b) in enumerate(zip(got, ref)):
+            same_report(a, b, f"{path}[{k}]")
+    elif isinstance(ref, float):
+        assert got == pytest.approx(ref, rel=1e-6, abs=1e-9), path
+    elif isinstance(ref, torch.Tensor):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9, msg=path)
+    else:
+        assert got == ref, path
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_prune_as_one(grids, case, arch):
     one, (rank0, rank1) = grids
     ref, got, other = one[(case, arch)], rank0[(case, arch)], rank1[(case, arch)]
-    assert "error" not in ref, ref.get("error")  # every case runs on every architecture
+    if (case, arch) in REFUSED:
+        assert "error" in ref and got == ref and other == ref
+        return
+    assert "error" not in ref, ref.get("error")  # every other case runs on every architecture
     assert got.get("error") is None and other.get("error") is None, (got.get("error"), other.get("error"))
     assert got["digest"] == other["digest"]  # every rank ends with the same weights, bit for bit
     assert got["plan"] == ref["plan"]
     assert got["record"] == ref["record"]
-    assert got["report"] == ref["report"]
+    same_report(got["report"], ref["report"])
     differ = [name for name in ref["masks"] if not torch.equal(got["masks"][name], ref["masks"][name])]
     assert not differ, differ
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-6)
