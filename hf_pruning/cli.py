@@ -8,6 +8,7 @@
     hf-prune recover MODEL OUT [--data SRC]  LoRA recovery fine-tuning, masks kept, merged and saved
     hf-prune verify MODEL                   reload MODEL in a fresh process without hf_pruning (runs its code)
     hf-prune export MODEL OUT --format gguf|vllm   for llama.cpp / vLLM, without remote code
+    torchrun --nproc_per_node N -m hf_pruning.cli prune ...   data parallel: rows split, one save (rank 0)
 
 Saving into OUT writes the model's files (each whole, staged inside OUT) and keeps every other file there; only
 out-of-date files of an earlier save go. Method flags come from the method's config dataclass (``hf-prune prune
@@ -22,7 +23,7 @@ import json
 import logging
 import sys
 
-from .cli_args import add_config_arguments, at_least, config_from_args, input_windows
+from .cli_args import add_config_arguments, at_least, config_from_args, input_windows, silence_tqdm
 from .export.command import add_export_command
 
 logger = logging.getLogger("hf_pruning.cli")
@@ -341,20 +342,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _silence_tqdm(cls) -> None:
-    """Force ``disable=True`` on every progress bar, also where a library passes ``disable=`` itself."""
-    if getattr(cls.__init__, "_hf_pruning_quiet", False):
-        return
-    original = cls.__init__
-
-    def quiet_init(self, *args, **kwargs):
-        kwargs["disable"] = True
-        original(self, *args, **kwargs)
-
-    quiet_init._hf_pruning_quiet = True
-    cls.__init__ = quiet_init
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -373,11 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as done:  # argparse printed its usage and error (code 2), or --help (code 0)
         return done.code if isinstance(done.code, int) else 2
+    from hf_pruning.engine.distributed import init_for_cli
+
+    if init_for_cli():  # under torchrun: rank 0 alone prints, shows progress and saves
+        args.quiet = True
     if args.quiet:  # no progress bars either (ours, transformers', lm-eval's: all tqdm)
         import tqdm
         from transformers.utils import logging as hf_logging
 
-        _silence_tqdm(tqdm.tqdm)
+        silence_tqdm(tqdm.tqdm)
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

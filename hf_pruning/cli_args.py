@@ -83,3 +83,17 @@ def input_windows(config_cls, args, windows) -> dict:
 def config_from_args(config_cls, args):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name, None) is not None}
     return config_cls(**values)
+
+
+def silence_tqdm(cls) -> None:
+    """Force ``disable=True`` on every progress bar, also where a library passes ``disable=`` itself."""
+    if getattr(cls.__init__, "_hf_pruning_quiet", False):
+        return
+    original = cls.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    quiet_init._hf_pruning_quiet = True
+    cls.__init__ = quiet_init

@@ -126,3 +126,33 @@ def test_a_killed_rank_ends_the_others_with_an_error(tmp_path):
     assert r0["error"].startswith("DistributedError: rank 0 of 2:"), r0["error"]
     assert "another rank stopped answering" in r0["error"]
     assert r0["seconds"] < TIMEOUT  # the lost peer is noticed, not waited for
+
+
+def _torchrun(nproc: int, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_PRUNING_DIST_TIMEOUT": str(TIMEOUT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "hf_pruning.cli",
+                           *argv], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_hf_prune_under_torchrun_saves_once_what_one_rank_saves(tmp_path):
+    """``torchrun --nproc_per_node 2 -m hf_pruning.cli prune ...``: one progress bar, one "saved" line, one save
+    (rank 0), and the saved model is the one a 1-process launch saves."""
+    from tiny_models import tiny_model, tiny_tokenizer, tokens
+
+    import hf_pruning
+
+    hf_pruning.save_pretrained(tiny_model("qwen2"), tmp_path / "dense", tokenizer=tiny_tokenizer())
+    common = ["--method", "sparsegpt", "--blocksize", "32", "--n-samples", "8", "--seq-len", "16"]
+    runs = {n: _torchrun(n, "prune", str(tmp_path / "dense"), str(tmp_path / f"out{n}"), *common) for n in (1, 2)}
+    for n, run in runs.items():
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        assert run.stdout.count("saved PrunedQwen2ForCausalLM") + run.stdout.count("saved Qwen2ForCausalLM") == 1, n
+        assert run.stderr.count("sparsegpt:   0%") == 1, run.stderr[-3000:]  # one bar: rank 0's
+        assert not list((tmp_path / f"out{n}").glob(".hf_pruning-save-*"))
+    ids = tokens(2, 12)
+    one, two = (hf_pruning.from_pretrained(tmp_path / f"out{n}") for n in (1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(two(ids).logits, one(ids).logits, rtol=0, atol=1e-6)
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        assert torch.equal(a == 0, b == 0), name

@@ -20,6 +20,7 @@ with a timeout (``HF_PRUNING_DIST_TIMEOUT`` seconds, default 600).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import hashlib
 import logging
@@ -74,6 +75,21 @@ def init_from_env(backend: str | None = None) -> bool:
     torch.distributed.init_process_group(backend, timeout=timeout)
     rank, size = world()
     logger.info("rank %d of %d (%s), collectives time out after %s", rank, size, backend, timeout)
+    return True
+
+
+def init_for_cli() -> bool:
+    """:func:`init_from_env` for the command line: the group is closed at exit, and every rank but 0 writes
+    nothing to standard output. Returns whether this rank must keep quiet (no progress bars, warnings only)."""
+    if not init_from_env():
+        return False
+    import atexit
+    import sys
+
+    atexit.register(lambda: torch.distributed.destroy_process_group() if active() else None)
+    if is_main():
+        return False
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     return True
 
 
@@ -282,3 +298,81 @@ def model_sample(model) -> torch.Tensor | None:
     weights, without reading the model."""
     weight = model.get_input_embeddings().weight
     return None if weight.device.type == "meta" else weight[:8].detach()
+
+
+#: set while rank 0 runs a :func:`main_rank_only` function alone (the calls it makes run plainly)
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_pruning_rank0_alone", default=False)
+
+
+def main_rank_only(what: str):
+    """Decorator: under a process group the function runs on rank 0 only (one save, one export, one push) and
+    every rank returns when it is done (the others get None), raising on every rank when it failed on rank 0;
+    without a group, a plain call."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if not active() or _ALONE.get():  # no group, or inside another one (rank 0 alone is running)
+                return fn(*args, **kwargs)
+            result = None
+            with together(what):
+                if is_main():
+                    token = _ALONE.set(True)
+                    try:
+                        result = fn(*args, **kwargs)
+                    finally:
+                        _ALONE.reset(token)
+            return result
+
+        return run
+
+    return wrap
+
+
+# --- data-parallel training (LoRA recovery): every rank a contiguous share of each batch, gradients averaged ---
+
+
+def batch_share(rows: int) -> slice:
+    """This rank's rows of a training batch of ``rows`` rows: a contiguous run, the sizes as even as they go
+    (they differ by at most one; a rank gets none when ``rows`` is under the world size). All rows without a group."""
+    rank, size = world()
+    return slice(rank * rows // size, (rank + 1) * rows // size)
+
+
+def data_parallel(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> torch.nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` (gradients averaged over the ranks in backward), after
+    rank 0's ``params`` (the trainable ones, the only ones DDP syncs) were sent to the others; ``module`` itself
+    without a process group. Frozen weights and buffers are not sent: the caller checks that every rank holds the
+    same model. The whole model must fit each rank's device (FSDP is not supported)."""
+    if not active():
+        return module
+    device = params[0].device
+    if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+        raise ValueError(f"the model is on {device} but the process group uses NCCL: move it to the rank's GPU "
+                         "(cuda:LOCAL_RANK) first, or start the group with gloo")
+    for k, param in enumerate(params):
+        broadcast_(param.data, 0, f"trainable parameter {k}")
+    with collective("wrapping the model in DistributedDataParallel"):
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False,
+            broadcast_buffers=False)
+
+
+def same_on_every_rank(value: float, what: str = "a number") -> float:
+    """Rank 0's ``value`` on every rank (a float64 broadcast); ``value`` without a process group."""
+    if not active():
+        return value
+    return float(broadcast_(torch.tensor([float(value)], dtype=torch.float64), 0, what)[0])
+
+
+def check_identical(what: str, *tensors: torch.Tensor) -> None:
+    """Every rank must hold the same ``tensors`` bit for bit (after data-parallel training); otherwise every
+    rank raises a :class:`DistributedError` naming ``what`` and the ranks that differ."""
+    if not active():
+        return
+    said = gather_objects(fingerprint(*tensors), what)
+    differ = [rank for rank, other in enumerate(said) if other != said[0]]
+    if differ:
+        raise DistributedError(f"ranks {differ} ended with different {what} from rank 0 after data-parallel "
+                               "training (a non-deterministic collective or kernel); every rank stops")

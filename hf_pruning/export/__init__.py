@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from ..accounting import parameter_count
+from ..engine.distributed import main_rank_only
 from ..publish.summary import dense_reference
 from .blocks import EXPORTABLE, ExportError, describe
 from .report import ExportReport
@@ -32,6 +33,7 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+@main_rank_only("the export")
 def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=None, outtype: str = "f32",
            name: str | None = None) -> ExportReport:
     """Export ``model`` (LLaMA, Mistral or Qwen2, pruned by any method, or not pruned) into the folder ``path``.
@@ -43,7 +45,8 @@ def export(model, path: str | os.PathLike, format: str = "gguf", *, tokenizer=No
     tokenizer, or a folder / Hub name) is written with the model; GGUF requires one.
 
     Each file appears whole (written under a temporary name, then renamed). Raises :class:`ExportError` for what
-    the format cannot carry, before anything is written.
+    the format cannot carry, before anything is written. Under a ``torch.distributed`` process group only rank 0
+    writes (the others return None once it is done).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..api import from_pretrained
+from ..engine.distributed import main_rank_only
 from ..model_methods import model_method
 from ..saving import CARD_NAME, is_generated_card
 from .save import save_pretrained
@@ -62,6 +63,7 @@ def _remote_user_card(api, repo_id: str, revision: str | None, folder: Path) -> 
 
 
 @model_method
+@main_rank_only("the push to the Hub")
 def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, token: str | None = None,
                 private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
                 create_pr: bool = False, evaluation: dict | None = None, card=None, base_model: str | None = None,

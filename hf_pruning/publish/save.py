@@ -9,6 +9,7 @@ import os
 
 from torch import nn
 
+from ..engine.distributed import main_rank_only
 from ..engine.streaming import needs_streaming, save_streamed
 from ..model_methods import model_method
 from ..saving import (
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @model_method
+@main_rank_only("the save")
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, tokenizer=None, card=None,
                     evaluation: dict | None = None, repo_id: str | None = None, base_model: str | None = None,
                     **kwargs) -> None:
@@ -64,6 +66,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     ``ValueError`` naming the key, before anything is written.
 
     Raises ``NotADirectoryError`` when ``save_directory`` is an existing file (nothing is written then).
+
+    Under a ``torch.distributed`` process group (``torchrun``) only rank 0 writes; every rank returns once the
+    save is done, and raises when it failed.
     """
     if kwargs.get("push_to_hub"):
         raise ValueError("push_to_hub=True is not supported by hf_pruning.save_pretrained; save locally and call "
