@@ -13,6 +13,7 @@ from ..engine import (
     ActivationStore,
     calibration_mode,
     capture,
+    distributed,
     execution_device,
     hooks,
     onloaded,
@@ -56,6 +57,26 @@ def _owners(layers: nn.ModuleList, linears: dict) -> dict[int, list]:
     return owners
 
 
+def _summed_over_ranks(stats: dict, linears: dict) -> dict:
+    """Under a process group: each key's moments (count, total, squares) summed over the ranks, one collective
+    per key in ``linears``' order (the same on every rank); a key no rank measured stays out. Without a
+    process group ``stats`` itself."""
+    if not distributed.active():
+        return stats
+    out: dict = {}
+    for key, module in linears.items():
+        m = stats.get(key)
+        if m is None:  # this rank measured nothing there: it adds zeros
+            width = module.in_features
+            m = Moments(0, torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+        both = torch.cat([m.total.new_tensor([float(m.count)]), m.total, m.squares])  # [1 + 2 * in] float64
+        both = distributed.all_sum(both, f"the input moments of {key}")
+        count = int(round(float(both[0])))
+        if count:
+            out[key] = Moments(count, *both[1:].chunk(2))
+    return out
+
+
 @torch.no_grad()
 def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: int = LAYER_BATCH,
                   progress: bool = False, store_folder: str | bool | None = None) -> dict:
@@ -66,7 +87,8 @@ def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: i
     with ``store_folder``), then layer by layer (each onloaded once) and batch by batch (``batch_size`` rows on
     the execution device at a time) up to the last layer holding one of ``linears``; no head, no layer above.
     The decoder's current entries run, so layers substituted for the duration (``engine.substituted``) are
-    measured as they stand in.
+    measured as they stand in. Under a process group each rank measures its own rows and the moments are
+    summed over the ranks at the end (:func:`_summed_over_ranks`): every rank returns the all-rows moments.
     """
     from tqdm.auto import tqdm
 
@@ -108,4 +130,4 @@ def input_moments(model, calibration: torch.Tensor, linears: dict, batch_size: i
         finally:
             if inputs is not None:
                 inputs.close()
-    return stats
+    return _summed_over_ranks(stats, linears)

@@ -6,6 +6,7 @@ skipped through stand-in entries (:func:`substituted`), never by assigning ``for
 through :func:`write_param`.
 """
 
+from . import distributed
 from .capture import (
     LAYER_BATCH,
     Standin,
@@ -18,7 +19,6 @@ from .capture import (
     run_layer,
     substituted,
 )
-from . import distributed
 from .checkpoint import CheckpointMismatchError, resumable
 from .context import calibration_mode, hooks
 from .offload import execution_device, is_offloaded, offload_hook, onload_bound, onloaded, write_param

@@ -7,6 +7,9 @@ search runs every layer per grid point (what re-evaluating perplexity from scrat
 layers the plan will produce (:func:`replacement_layer` applies the adapter's own ops to a copy), so they pick
 the same alphas, and the chosen scores are the perplexity of the saved model on the calibration rows.
 Work is counted in layer-forwards (one decoder layer over the whole calibration set) and head-forwards.
+
+Under a process group each rank runs its own rows; per grid point the ranks' summed NLLs (and whether a rank
+abandoned the point) are added over the ranks before the point is compared, so every rank picks the same alpha.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ...engine import (
     ActivationStore,
     calibration_mode,
     capture,
+    distributed,
     execution_device,
     head_forward,
     onloaded,
@@ -102,7 +106,9 @@ class AlphaSearch:
         self.adapter = adapter_for(model)
         self.decoder = self.adapter.decoder_layers(model)
         self.ids = calibration
-        self.n = calibration.shape[0]
+        self.n = calibration.shape[0]  # this rank's rows (all of them without a process group)
+        #: the calibration rows over every rank (one collective)
+        self.rows = int(distributed.all_sum(torch.tensor(self.n), "the calibration rows"))
         self.layers = sorted(layers)
         self.grid = list(grid)
         self.mode = mode
@@ -162,7 +168,8 @@ class AlphaSearch:
 
         ``bound``: a total already achieved by another grid point; the rows' NLLs are non-negative, so once the
         running sum exceeds it this point cannot win and None is returned (the remaining head batches are
-        skipped).
+        skipped). Under a process group the ranks' sums are added (:meth:`_over_ranks`) and the point is
+        abandoned when a rank abandoned it or the total exceeds ``bound``.
         """
         hidden = self.cache[start]
         for idx in range(start, len(self.decoder)):
@@ -183,11 +190,22 @@ class AlphaSearch:
                         total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))  # a float, row order
                         del logits
                         if total > bound:
-                            return None
+                            return self._over_ranks(total, True, bound)
                     row += final.shape[0]
         finally:
             hidden.close()
-        return total
+        return self._over_ranks(total, False, bound)
+
+    @staticmethod
+    def _over_ranks(total: float, abandoned: bool, bound: float) -> float | None:
+        """This rank's NLL sum (or that it abandoned the point) made the all-rows one: summed over the ranks
+        with the abandon flags (one collective of 2 numbers); None when abandoned. Without a process group
+        ``total``, or None when ``abandoned``."""
+        if distributed.active():
+            both = distributed.all_sum(torch.tensor([total, float(abandoned)], dtype=torch.float64),
+                                       "HARP's calibration loss")
+            total, abandoned = float(both[0]), bool(both[1] > 0) or float(both[0]) > bound
+        return None if abandoned else total
 
     def run(self, progress: bool = True) -> tuple[dict[int, float], list[dict], dict[int, nn.Module]]:
         """Top-down greedy search. Returns alpha per layer, a trace (calibration ppl of every grid point per
@@ -209,7 +227,7 @@ class AlphaSearch:
         return alphas, trace, fixed
 
     def _search(self, fixed: dict, alphas: dict, trace: list, progress: bool) -> None:
-        tokens = self.n * (self.ids.shape[1] - 1)
+        tokens = self.rows * (self.ids.shape[1] - 1)  # every rank's
         bar = tqdm(total=len(self.layers) * len(self.grid), desc="HARP alpha search", unit="point",
                    disable=not progress)
         previous = len(self.grid) - 1
@@ -236,4 +254,4 @@ class AlphaSearch:
     def cost(self) -> dict:
         return {"search_s": getattr(self, "seconds", None), "search_layer_forwards": self.layer_forwards,
                 "search_head_forwards": self.head_forwards, "mode": self.mode,
-                "grid_points": len(self.layers) * len(self.grid), "calibration_tokens": int(self.ids.numel())}
+                "grid_points": len(self.layers) * len(self.grid), "calibration_tokens": self.rows * self.ids.shape[1]}

@@ -3,6 +3,8 @@
 A block's inputs and outputs are captured into :class:`~hf_pruning.engine.ActivationStore`\\ s (one batch on
 the device at a time), blocks whose outputs are already known are replayed by stand-in modules put in the
 layer for the duration (``masks/replay.py``, never by assigning ``forward``), and every weight edit goes through ``write_param``.
+Under a process group the Hessians of ``reconstruct`` are summed over the ranks (SparseGPT's statistic) and the
+fixed-mask solves are split by linear (:func:`~hf_pruning.engine.distributed.split_by_module_`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,16 @@ import torch
 from torch import nn
 
 from ...accounting import prunable_linears
-from ...engine import ActivationStore, StopForward, execution_device, hooks, run_layer, write_param
+from ...engine import ActivationStore, StopForward, distributed, execution_device, hooks, run_layer, write_param
 from ..masks.layerwise import input_stat_hooks
-from ..sparsegpt.pruner import add_to_hessian, new_hessian, solve_linear_
+from ..sparsegpt.pruner import (
+    add_to_hessian,
+    add_to_rank_hessian,
+    hessian_of,
+    new_hessian,
+    new_rank_hessian,
+    solve_linear_,
+)
 from ..sparsegpt.scoring import inverse_hessian_factor
 from .scoring import block_error
 
@@ -70,6 +79,12 @@ def out_linear_name(adapter, layer, name: str) -> str:
     return f"{adapter.mlp_name}.{adapter.mlp_out_name}" if adapter.mlp_name else adapter.mlp_out_name
 
 
+def hessian_statistic():
+    """``(new, update)`` of SparseGPT's Hessian statistic: running float32, or per rank in float64 (summed over
+    the ranks by ``hessian_of``) under a process group."""
+    return (new_rank_hessian, add_to_rank_hessian) if distributed.active() else (new_hessian, add_to_hessian)
+
+
 def pairs(a: ActivationStore, b: ActivationStore, device):
     """Batch ``i`` of ``a`` and of ``b`` on ``device``, one pair at a time."""
     for i in range(len(a)):
@@ -115,14 +130,17 @@ def capture_block_io(layer, inputs: ActivationStore, kwargs: dict, block: dict, 
                 lambda mod, args, out: linear_out.append(out) if not linear_out else None))
         handles.append(block["in"].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block["out"].register_forward_hook(post))
-        stats = input_stat_hooks(handles, hessians or {}, new_hessian, add_to_hessian)
+        stats = input_stat_hooks(handles, hessians or {}, *hessian_statistic())
         for i in range(len(inputs)):
             try:
                 run_layer(layer, inputs.get(i, device), kwargs)
             except StopForward:
                 pass
-    if hessians is not None:
-        hessians.update({name: st["h"] for name, st in stats.items()})
+    found: dict = {}  # linears that read one input share one statistic: one Hessian (reduced once)
+    for name, st in stats.items():
+        if id(st) not in found:
+            found[id(st)] = hessian_of(st)  # [in, in] float32
+        hessians[name] = found[id(st)]
     return xs, ys, call_kwargs
 
 
@@ -148,17 +166,17 @@ def reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians,
         solve_linear_(linears[n], hessian, config.sparsity, config.nm, FIXED_MASK_BLOCKSIZE, config.percdamp,
                       fixed_mask=masks[n], factor=factors[id(hessian)], start=dense_linears[n].weight)
 
-    for n in hessians:
-        solve(n, hessians[n])
+    distributed.split_by_module_({n: linears[n] for n in hessians}, lambda n, lin: solve(n, hessians[n]))
     if out_name not in linears:
         return None
     out_linear = linears[out_name]
     forward = block_forward(adapter, layer, name, call_kwargs)  # the live (sparse, updated) block
-    zs, stat = xs.like(), new_hessian(out_linear)  # zs: the projection's inputs [b, T, in]
+    new_stat, add_to_stat = hessian_statistic()
+    zs, stat = xs.like(), new_stat(out_linear)  # zs: the projection's inputs [b, T, in]
 
     def stop_at_projection(mod, args):
         zs.append(args[0])
-        add_to_hessian(stat, args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        add_to_stat(stat, args[0].detach().reshape(-1, args[0].shape[-1]).float())
         raise StopForward
 
     device = execution_device(layer)
@@ -172,7 +190,8 @@ def reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians,
     if len(zs) != len(xs):
         zs.close()
         raise RuntimeError(f"llm_barber: the {name} block's forward did not reach {out_name} once per batch")
-    solve(out_name, stat["h"])
+    hessian = hessian_of(stat)  # [in, in] float32, every rank's rows
+    distributed.split_by_module_({out_name: out_linear}, lambda n, lin: solve(n, hessian))
     rebuilt = outputs_of(out_linear, zs, device) if direct else None
     zs.close()
     return rebuilt
