@@ -5,10 +5,17 @@ update is multiplied by the keep-mask inside the forward pass during training, s
 is exactly the model that merging produces (``(W + s B A) * M = W + s (B A) * M`` because ``W * M = W``);
 after ``merge_and_unload`` the mask is applied once more to the merged weight, so no pruned weight comes back.
 Structural pruning needs nothing special: the targets are the linears that exist in the pruned layers.
+
+Data parallel (``torchrun``, any initialized ``torch.distributed`` group): every rank calls the same ``recover_``
+with the same model and data; each step's batch (the same rows on every rank, from the same seeded order) is split
+into contiguous per-rank shares and the PEFT model is trained under ``DistributedDataParallel``, which averages the
+LoRA gradients, so every rank ends with the same weights, those of the one-process run (up to float rounding). The
+whole model must fit each rank's device: FSDP (sharded or offloaded models) is not done.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,6 +31,7 @@ from tqdm.auto import tqdm
 from .api import lora_target_modules, record_pruning
 from .calibration.check import CalibrationError, check_calibration
 from .config import ConfigError, check_field_types
+from .engine import distributed
 from .evaluation import perplexity
 from .model_checks import check_model
 from .plan import get_plan
@@ -158,27 +166,29 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     ``config`` (:class:`RecoveryConfig`) with keyword ``overrides``. With ``eval_ids`` the report holds the
     perplexity before and after. The model keeps its class, plan and sparsity; ``pruning_config`` records the
     recovery. Raises :class:`NoTrainableTargetError` when no linear matches the targets.
+
+    Under a process group (``torchrun``) training is data parallel: every rank passes the same model, settings and
+    data (checked; ranks that differ all raise :class:`~hf_pruning.engine.distributed.DistributedError`), takes its
+    contiguous share of each step's ``batch_size`` rows, and DDP averages the LoRA gradients. Shares differ by one
+    row when ``batch_size`` is not a multiple of the world size: each rank's loss is then weighted by its share of
+    the rows, so the gradient is still the whole batch's; a ``batch_size`` under the world size is refused. The
+    logged losses are the whole batches' (summed over the ranks), the same on every rank; the perplexities are
+    computed by every rank on all of ``eval_ids`` and rank 0's number is reported by all. Every rank ends with the
+    same weights, bit for bit (the adapters are compared), those of one process up to float rounding. Dropout
+    (``lora_dropout`` > 0, or the model's own, e.g. OPT's) draws other masks on each rank's rows than one process
+    would: the result is then equal in distribution only. A model offloaded to CPU or disk is refused, as without
+    a group: sharded training (FSDP) is not done.
     """
     from peft import LoraConfig
 
-
-    check_model(model, offload_ok=False)
-    config = _settings(config, overrides)
-    ids = _token_batches(model, data, tokenizer, config.seq_len)
-    if eval_ids is not None:
-        eval_ids = check_calibration(model, eval_ids, name="eval_ids")
-    targets = lora_target_modules(model, config.target_modules)
-    if not targets:
-        raise NoTrainableTargetError(
-            f"no linear layer in the decoder layers matches target_modules={config.target_modules}; this pruned "
-            "model has none of them (e.g. q_proj is gone from value-only layers). Pass other names, or None for "
-            "every linear projection"
-        )
+    config, ids, eval_ids, targets = _checked_inputs(model, data, tokenizer, config, eval_ids, overrides)
     masks = _keep_masks(model, targets) if config.preserve_sparsity else {}
     report = {"targets": len(targets), "masked_targets": len(masks), "data_tokens": int(ids.numel()),
               "trained_tokens": config.steps * config.batch_size * int(ids.shape[1]), "settings": asdict(config)}
+    if distributed.active():
+        report["ranks"] = distributed.world()[1]
     if eval_ids is not None:
-        report["ppl_before"] = perplexity(model, eval_ids)
+        report["ppl_before"] = _perplexity(model, eval_ids)
 
     torch.manual_seed(config.seed)
     was_training = model.training
@@ -196,13 +206,48 @@ def recover_(model: nn.Module, data, tokenizer=None, config: RecoveryConfig | No
     report["losses"] = losses
     report["loss_first"], report["loss_last"] = losses[0], losses[-1]
     if eval_ids is not None:
-        report["ppl_after"] = perplexity(model, eval_ids)
+        report["ppl_after"] = _perplexity(model, eval_ids)
     entry = {"method": "lora_recovery", **{k: v for k, v in asdict(config).items() if k != "gradient_checkpointing"}}
     record_pruning(model, get_plan(model), pruning_config=entry)
     model.hf_pruning_evaluation = None
     logger.info("LoRA recovery: %d targets (%d masked), %d steps, loss %.3f -> %.3f", len(targets), len(masks),
                 config.steps, losses[0], losses[-1])
     return report
+
+
+def _checked_inputs(model: nn.Module, data, tokenizer, config: RecoveryConfig | None, eval_ids, overrides: dict):
+    """``(settings, training ids, eval ids, target names)``, checked before anything changes; under a process
+    group a failure on one rank raises on every rank, and the ranks must agree on the model, settings and data."""
+    with distributed.together("checking the recovery model, settings and data"):
+        check_model(model, offload_ok=False)
+        config = _settings(config, overrides)
+        ids = _token_batches(model, data, tokenizer, config.seq_len)
+        if eval_ids is not None:
+            eval_ids = check_calibration(model, eval_ids, name="eval_ids")
+        targets = lora_target_modules(model, config.target_modules)
+        if not targets:
+            raise NoTrainableTargetError(
+                f"no linear layer in the decoder layers matches target_modules={config.target_modules}; this pruned "
+                "model has none of them (e.g. q_proj is gone from value-only layers). Pass other names, or None for "
+                "every linear projection"
+            )
+        ranks, rows = distributed.world()[1], min(config.batch_size, int(ids.shape[0]))
+        if rows < ranks:
+            raise ConfigError(f"recovery batches of {rows} row(s) (batch_size={config.batch_size}, {ids.shape[0]} "
+                              f"data rows) cannot be split among {ranks} ranks (each trains on a share of every "
+                              f"batch): use batch_size >= {ranks} and as many data rows, or launch fewer processes")
+    if distributed.active():  # data parallel: the same call everywhere, each rank on its share of every batch
+        distributed.check_same("model, settings or recovery data", distributed.fingerprint(
+            get_plan(model).to_json(), json.dumps(asdict(config), sort_keys=True, default=str), targets,
+            distributed.model_sample(model), ids, *([] if eval_ids is None else [eval_ids])),
+            "every rank must call recover_ with the same model, settings, data and eval_ids (each trains on its "
+            "share of every batch)")
+    return config, ids, eval_ids, targets
+
+
+def _perplexity(model: nn.Module, eval_ids: torch.Tensor) -> float:
+    """:func:`perplexity` on all of ``eval_ids`` (by every rank under a process group: rank 0's number for all)."""
+    return distributed.same_on_every_rank(perplexity(model, eval_ids), "the perplexity")
 
 
 def _settings(config: RecoveryConfig | None, overrides: dict) -> RecoveryConfig:
@@ -231,7 +276,8 @@ def _keep_masks(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]
 
 def _train(peft_model, ids: torch.Tensor, config: RecoveryConfig, report: dict) -> list[float]:
     """``config.steps`` AdamW steps on batches of ``ids`` ``[n, seq_len]`` (reshuffled every epoch); the
-    losses. Adds ``trainable_params`` and ``train_s`` to ``report``."""
+    losses. Adds ``trainable_params`` and ``train_s`` to ``report``. Under a process group each rank runs the
+    forward and backward of its share of every batch in ``DistributedDataParallel``."""
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
@@ -241,25 +287,48 @@ def _train(peft_model, ids: torch.Tensor, config: RecoveryConfig, report: dict) 
     g = torch.Generator().manual_seed(config.seed)
     losses = []
     peft_model.train()
+    step_model = distributed.data_parallel(peft_model, trainable)  # peft_model itself without a process group
+    rank, ranks = distributed.world()
+    if ranks > 1:  # other dropout draws on each rank's rows (the LoRA weights were drawn alike, then synced)
+        torch.manual_seed(config.seed + 7919 * rank)
     start = time.perf_counter()
     order = torch.randperm(ids.shape[0], generator=g)
     cursor = 0
-    for _ in tqdm(range(config.steps), desc="LoRA recovery", unit="step", leave=False):
+    for _ in tqdm(range(config.steps), desc="LoRA recovery", unit="step", leave=False,
+                  disable=not distributed.is_main()):
         if cursor + config.batch_size > order.numel():  # a new epoch: reshuffle
             order, cursor = torch.randperm(ids.shape[0], generator=g), 0
-        batch = ids[order[cursor: cursor + config.batch_size]]  # [batch, seq_len]
+        batch = ids[order[cursor: cursor + config.batch_size]]  # [batch, seq_len], the same on every rank
         cursor += config.batch_size
-        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the recovery loss became {loss.item()}; lower lr (now {config.lr})")
-        loss.backward()
+        losses.append(_step(step_model, batch, config))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
     report["train_s"] = time.perf_counter() - start
+    del step_model
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_disable()
+    distributed.check_same("LoRA weights", distributed.fingerprint(*trainable),
+                           "data-parallel training must end with the same weights on every rank (a "
+                           "non-deterministic collective or kernel?); every rank stops")
     return losses
+
+
+def _step(step_model: nn.Module, batch: torch.Tensor, config: RecoveryConfig) -> float:
+    """Forward and backward of this rank's rows of ``batch`` (all of them without a process group); returns the
+    whole batch's loss. A share of ``k`` of the ``n`` rows is weighted ``k / n`` (times the world size, as DDP
+    averages the gradients over the ranks), so the averaged gradient is the whole batch's even when the shares
+    differ: every row has the same number of tokens, so the batch's mean token loss is the rows' weighted mean."""
+    rows, ranks = distributed.batch_share(batch.shape[0]), distributed.world()[1]
+    share = batch[rows]  # [k, seq_len], contiguous
+    loss = step_model(input_ids=share, labels=share, use_cache=False).loss
+    value = loss.item()
+    if distributed.active():  # the whole batch's loss, the same number on every rank
+        value = distributed.all_sum_scalar(value * share.shape[0] / batch.shape[0], "the training loss")
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the recovery loss became {value}; lower lr (now {config.lr})")
+    scale = share.shape[0] * ranks / batch.shape[0]
+    (loss if scale == 1 else loss * scale).backward()
+    return value
 
 
 def _unload_unmerged(peft_model, masks: dict[str, torch.Tensor]) -> None:

@@ -366,13 +366,12 @@ def same_on_every_rank(value: float, what: str = "a number") -> float:
     return float(broadcast_(torch.tensor([float(value)], dtype=torch.float64), 0, what)[0])
 
 
-def check_identical(what: str, *tensors: torch.Tensor) -> None:
-    """Every rank must hold the same ``tensors`` bit for bit (after data-parallel training); otherwise every
-    rank raises a :class:`DistributedError` naming ``what`` and the ranks that differ."""
+def check_same(what: str, value: str, hint: str) -> None:
+    """Every rank must hold the same ``value`` (a :func:`fingerprint`); otherwise every rank raises a
+    :class:`DistributedError` naming ``what`` and the ranks that differ, followed by ``hint`` (what to do)."""
     if not active():
         return
-    said = gather_objects(fingerprint(*tensors), what)
+    said = gather_objects(value, what)
     differ = [rank for rank, other in enumerate(said) if other != said[0]]
     if differ:
-        raise DistributedError(f"ranks {differ} ended with different {what} from rank 0 after data-parallel "
-                               "training (a non-deterministic collective or kernel); every rank stops")
+        raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; {hint}")
