@@ -5,7 +5,8 @@
 - :mod:`.config`: :class:`DepthConfig`, the budget, order and compensation fields every depth method has;
 - :mod:`.budget`: budgets resolved to a number of removals, a given order cut to the budget;
 - :mod:`.compensation`: GradMAP's stage 2, a fused projection after any depth method;
-- :mod:`.method`: the search-or-order -> result body, once; :func:`register_depth_method`.
+- :mod:`.method`: the search-or-order -> result body, once; :func:`register_depth_method`;
+- :mod:`.ranks`: data parallel (``engine.distributed``): this rank's row and token counts made every rank's.
 
 A method folder holds its config (a :class:`DepthConfig`) and its search, registered with
 ``register_depth_method(name, config_class, search)``.

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from ...engine import ActivationStore, calibration_mode
+from ...engine import ActivationStore, calibration_mode, distributed
 from ...plan import AddLinear, RemoveLayers
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .candidates import Candidate, plan_for
@@ -142,7 +142,11 @@ class _Shortlist:
     in ``folder``) until the pass ends, when the members are known: exactly those of ranking every shift first.
     Then (``validate``) each member, in layer order, is screened (its best held-out error over the identity's on
     ``SCREEN_FOLDS`` groups of folds) and the lowest ratio wins (ties: the lower layer); without ``validate`` (a
-    fixed ridge: ``size`` 1) the one member is chosen. On the device: the statistics screened and the best so far."""
+    fixed ridge: ``size`` 1) the one member is chosen. On the device: the statistics screened and the best so far.
+
+    Under a process group the shifts come from moments summed over the ranks (every rank keeps the same
+    members); the statistics stay per rank until :meth:`chosen` sums them (a member's screening groups, then the
+    chosen member's folds)."""
 
     def __init__(self, size: int, feeds: dict[int, int], relative: bool, validate: bool, folder=None):
         self.size, self.feeds, self.relative, self.validate, self.folder = size, feeds, relative, validate, folder
@@ -179,12 +183,12 @@ class _Shortlist:
         for j in sorted(self.stats):
             stats, gain = self._load(j), 0.0
             if self.validate:
-                _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS), RIDGE_GRID)
+                _, screen = choose_ridge_from_stats(stats.grouped(SCREEN_FOLDS).reduced(), RIDGE_GRID)
                 gain = min(screen["ridge_validation_mse"].values()) / max(screen["identity_validation_mse"], 1e-300)
                 validation[j] = gain
             if best is None or gain < best[2]:
                 best = (j, stats, gain)
-        return None if best is None else (best[0], best[1], validation)
+        return None if best is None else (best[0], best[1].reduced(), validation)
 
     def close(self) -> None:
         """Drop every member's stored statistics."""
@@ -221,7 +225,9 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
 
     ``removed`` are the candidates the depth method chose; the op's layer index is that of the pruned model
     (after the plan's ``remove_layers``), so the op goes after the removal ops. ``store_folder``: keep the
-    streams' activations on disk there (``True``: a temporary folder).
+    streams' activations on disk there (``True``: a temporary folder). Under a process group ``calibration`` is
+    this rank's share of the rows: the moments and statistics are summed over the ranks before each decision
+    (:class:`Lockstep`, :meth:`_Shortlist.chosen`) and rank 0's ``P`` is sent to the others.
     """
     start = time.perf_counter()
     if not removed:
@@ -240,7 +246,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
             return [], {"skipped": "no kept layer with a sublayer left drifted from the dense model",
                         "shifts": shifts}
         j, stats, validation = best
-        report = {"folds": fold_count(calibration.shape[0]), "fitted_layers": shortlist.fitted}
+        report = {"folds": fold_count(walk.rows), "fitted_layers": shortlist.fitted}
         if ridge is None:
             ridge, chosen = choose_ridge_from_stats(stats, RIDGE_GRID)
             report.update(chosen, validated_error_ratio=validation)
@@ -251,6 +257,7 @@ def fit_compensation(model, removed: list[Candidate], calibration: torch.Tensor,
                         "layer": j, "shifts": shifts, **report, "compensation_s": time.perf_counter() - start,
                         "layer_forwards": walk.layer_forwards}
         p, info, before, after = _projection(stats, j, ridge, solver, steps)
+        distributed.broadcast_(p, 0, "the compensation projection")  # bit for bit the same weights on every rank
     new_index = j - sum(1 for i in whole if i < j)
     op = AddLinear(layer=new_index, sublayer=carrier[j], bias=False, tensors={"weight": p.float()})
     report.update({"layer": j, "pruned_layer_index": new_index, "sublayer": carrier[j], "shift": shifts[j],

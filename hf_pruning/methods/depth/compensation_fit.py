@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...engine import distributed
+
 
 @dataclass
 class FitStats:
@@ -62,6 +64,14 @@ class FitStats:
         for field in ("gram", "cross", "b_sq", "identity_sq", "drift_sq", "tokens"):
             getattr(merged, field).index_add_(0, index, getattr(self, field))
         return merged
+
+    def reduced(self) -> FitStats:
+        """The statistics summed over the ranks (each rank's from its own rows; ``K (2 d^2 + 4)`` float64, a
+        reduction per field); ``self`` without a process group."""
+        if not distributed.active():
+            return self
+        return FitStats(*(distributed.all_sum(getattr(self, name), f"the compensation's {name} statistics")
+                          for name in ("gram", "cross", "b_sq", "identity_sq", "drift_sq", "tokens")))
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """``G``, ``C`` (``[d, d]``), ``||B||^2`` and the token count over every fold."""

@@ -18,9 +18,10 @@ import functools
 
 import torch
 
-from ...engine import LAYER_BATCH, ActivationStore, capture, execution_device, hooks, onloaded, run_layer
+from ...engine import LAYER_BATCH, ActivationStore, capture, distributed, execution_device, hooks, onloaded, run_layer
 from ...remote.hf_pruning_surgery import adapter_for, inspect_model
 from .compensation_fit import FitStats
+from .ranks import row_offset
 from .runner import dropped_sublayers
 
 #: most folds of the ridge validation (rows in fold ``row % K``; fewer rows: one row per fold)
@@ -41,7 +42,12 @@ def contribution_module(adapter, layer, sublayer: str):
 
 class Lockstep:
     """The dense and pruned streams of ``model`` on ``calibration`` ``[n, T]`` with ``parts`` (layer -> dropped
-    sublayers) dropped and layers ``whole`` passed through. ``store_folder``: activations on disk there."""
+    sublayers) dropped and layers ``whole`` passed through. ``store_folder``: activations on disk there.
+
+    Under a process group ``calibration`` is this rank's share of the rows: the running moments are summed over
+    the ranks at each stream position (one reduction of ``2 (d + 2)`` float64 per layer) and the folds are those
+    of the global rows, so the shifts and every fold's statistics (summed over the ranks by the caller) are those
+    of all the rows."""
 
     def __init__(self, model, calibration: torch.Tensor, parts: dict[int, set[str]], whole: list[int],
                  store_folder: str | bool | None = None, batch_size: int = LAYER_BATCH):
@@ -55,6 +61,7 @@ class Lockstep:
         self.folder = store_folder
         self.layer_forwards = 0.0
         self.kwargs: list[dict] = []
+        self.first_row, self.rows = row_offset(calibration.shape[0])  # this rank's first global row, every rank's
 
     # ----- one layer on one stream -----------------------------------------------------------------------
     def dropped(self, idx: int):
@@ -99,12 +106,13 @@ class Lockstep:
 
     def folds_of(self, batch: int, tokens: int) -> list[tuple[int, slice, slice]]:
         """``(fold, rows, tokens)`` slices of batch ``batch`` (rows within the batch, token positions)."""
-        n, k = self.ids.shape[0], fold_count(self.ids.shape[0])
-        if n == 1:
+        n, k = self.ids.shape[0], fold_count(self.rows)
+        if self.rows == 1:
             return [(0, slice(0, 1), slice(0, tokens // 2)), (1, slice(0, 1), slice(tokens // 2, tokens))]
         first_row = batch * self.batch_size
         rows = min(self.batch_size, n - first_row)
-        return [(f, slice(r, r + 1), slice(0, tokens)) for r in range(rows) for f in [(first_row + r) % k]]
+        return [(f, slice(r, r + 1), slice(0, tokens)) for r in range(rows)
+                for f in [(self.first_row + first_row + r) % k]]
 
     # ----- the pass: running moments and, as each fit's data completes, its statistics ----------------------
     def walk(self, carrier: dict[int, str], feeds: dict[int, int], arrive) -> tuple[dict, dict, dict]:
@@ -118,9 +126,10 @@ class Lockstep:
         ``H`` the pruned output and ``D`` the dense stream at ``feeds[j]``; no layer runs)."""
         device = execution_device(self.layers[0])
         dense, pruned = self._start(), None
-        start = _Moments(device)
+        start = _Moments(device, self.hidden)
         for b in range(len(dense)):
             start.add(dense.get(b, device))
+        _reduce(start)
         dense_mean, pruned_mean, dense_norm = {0: start.mean()}, {0: start.mean()}, {0: start.norm()}
         moments = (dense_mean, pruned_mean, dense_norm)
         pending: dict[int, ActivationStore] = {}  # kept layer -> its carrier's contribution per batch
@@ -130,8 +139,9 @@ class Lockstep:
                 if k in carrier and k >= self.first - 1:
                     pending[k] = ActivationStore(self.folder)
                     hook = _contribution_hook(self.adapter, carrier[k], pending[k])
-                sums = (_Moments(device), _Moments(device) if k >= self.first else None)
+                sums = (_Moments(device, self.hidden), _Moments(device, self.hidden) if k >= self.first else None)
                 dense_next, pruned_next = self._step(k, dense, pruned, hook, moments=sums)
+                _reduce(*(s for s in sums if s is not None))
                 self._drop(dense, pruned, dense_next, pruned_next)
                 dense, pruned = dense_next, pruned_next
                 dense_mean[k + 1], dense_norm[k + 1] = sums[0].mean(), sums[0].norm()
@@ -163,7 +173,7 @@ class Lockstep:
 
     def _accumulate(self, contributions: ActivationStore, dense: ActivationStore, pruned: ActivationStore,
                     device) -> FitStats:
-        stats = FitStats.zeros(fold_count(self.ids.shape[0]), self.hidden, device)
+        stats = FitStats.zeros(fold_count(self.rows), self.hidden, device)
         for b in range(len(dense)):
             h = pruned.get(b, device)  # [b, T, d] the pruned layer's output (passed through any removed span)
             a = contributions.get(b, device).reshape(h.shape)  # [b, T, d] the carrier's contribution (OPT: [bT, d])
@@ -190,12 +200,13 @@ def _contribution_hook(adapter, sublayer: str | None, sink: ActivationStore):
 class _Moments:
     """Running float64 sums of a stream's tokens: their sum ``[d]``, the sum of their norms and their count."""
 
-    def __init__(self, device):
-        self.total, self.norms, self.count, self.device = None, 0.0, 0, device
+    def __init__(self, device, d: int):
+        self.total = torch.zeros(d, dtype=torch.float64, device=device)  # [d]
+        self.norms, self.count, self.device = 0.0, 0, device
 
     def add(self, hidden: torch.Tensor) -> None:
         h = hidden.double().reshape(-1, hidden.shape[-1])  # [b*T, d]
-        self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
+        self.total = self.total + h.sum(0)
         self.norms += float(torch.linalg.vector_norm(h, dim=-1).sum())
         self.count += h.shape[0]
 
@@ -204,3 +215,14 @@ class _Moments:
 
     def norm(self) -> float:
         return self.norms / max(self.count, 1)
+
+
+def _reduce(*moments: _Moments) -> None:
+    """Sum ``moments`` over the ranks, in place, in one reduction (``[d + 2]`` float64 each); a no-op without a
+    process group."""
+    if not distributed.active():
+        return
+    parts = [torch.cat([m.total, m.total.new_tensor([m.norms, float(m.count)])]) for m in moments]
+    summed = distributed.all_sum(torch.cat(parts), "the streams' running moments")
+    for m, part in zip(moments, summed.split([p.numel() for p in parts])):
+        m.total, m.norms, m.count = part[:-2], float(part[-2]), int(round(float(part[-1])))

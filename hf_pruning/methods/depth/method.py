@@ -17,6 +17,7 @@ from .budget import removal_from_order
 from .candidates import Candidate, plan_for
 from .compensation import fit_compensation
 from .config import DepthConfig
+from .ranks import total_count
 
 #: shortest calibration row a search accepts (FinerCut's fast search screens on a prefix of it)
 MIN_TOKENS = 16
@@ -46,7 +47,7 @@ def depth_result(model, config: DepthConfig, removed: list[Candidate], calibrati
         if fit_on is None:
             raise ValueError("compensate=True fits on calibration data: pass calibration token ids")
         ops, report["compensation"] = fit_compensation(model, removed, fit_on, config.ridge, config.solver)
-        report["compensation"]["calibration_tokens"] = int(fit_on.numel())
+        report["compensation"]["calibration_tokens"] = total_count(fit_on.numel(), "calibration tokens")
         plan.ops.extend(ops)
     freed, total = removal_params(model)
     order = [str(c) for c in removed]

@@ -18,6 +18,7 @@ from ..depth import (
     named_candidates,
     register_depth_method,
 )
+from ..depth.ranks import total_count
 from .config import FinerCutConfig
 from .metrics import Metric
 from .search import GreedySearch, score_rows
@@ -68,7 +69,7 @@ def finercut_search(model, config: FinerCutConfig, calibration: torch.Tensor, pr
         raise ValueError(f"the search stopped after {len(removed)} removals without reaching param_ratio="
                          f"{config.param_ratio}; choose a smaller ratio")
     return {"steps": steps, "candidates": candidates, "budget": budget,
-            "calibration_tokens": int(calibration.numel())}
+            "calibration_tokens": total_count(calibration.numel(), "calibration tokens")}
 
 
 def removal_score(model, calibration: torch.Tensor, removed, metric: str = "js_code") -> float:

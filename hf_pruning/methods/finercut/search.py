@@ -17,6 +17,12 @@ Three modes select candidates with the same scores:
 With ``weights`` (parameters per candidate: the ``cost_aware`` option) a step removes the candidate with the
 smallest score *increase per weight*, ``(S(removed + c) - S(removed)) / w_c``, instead of the smallest score.
 Early abandoning stays exact: a candidate is out once its partial sum exceeds ``S(removed) + best * w_c``.
+
+Under a process group (``engine.distributed``) each rank scores its own rows. The chunks are taken in *rounds*
+(round ``r``: every rank's ``r``-th chunk, or none on a rank that has fewer) and after each round the partial sums
+and row counts of the candidates still alive are summed over the ranks (``2 x alive`` float64), so every rank
+abandons, completes and chooses from the same all-row sums (without pruning: one reduction after the last round).
+Without a process group a round is one chunk and nothing changes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ...engine import distributed
 from ..depth import Candidate, DepthRunner
 from .metrics import Metric
 
@@ -100,6 +107,13 @@ class GreedySearch:
             if ts < t:
                 self.screen = DepthRunner(model, calibration[:, :ts], token_weight=ts / t, **options)
                 self.screen_metric = self._metric(metric, self.screen)
+        # every rank's rows and the rounds of chunks (the most chunks a rank has), per runner
+        said = distributed.gather_objects((self.runner.n, len(self.runner.chunks()),
+                                           len(self.screen.chunks()) if self.screen else 0), "the ranks' chunks")
+        self.rows = sum(n for n, _, _ in said)
+        self.rounds = {id(self.runner): max(r for _, r, _ in said)}
+        if self.screen is not None:
+            self.rounds[id(self.screen)] = max(r for _, _, r in said)
 
     @staticmethod
     def _metric(name: str, runner: DepthRunner) -> Metric:
@@ -138,47 +152,64 @@ class GreedySearch:
         updated) picks pilots.
 
         Layer-major per chunk of rows (:meth:`DepthRunner.candidate_finals`: each layer onloaded once per chunk
-        for all candidates). With ``prune``: every candidate is scored on the first chunk; the pilots (the
-        ``keep`` lowest by ``hint`` and the ``keep`` lowest on that chunk) are completed; then the others go on
-        chunk by chunk, each abandoned once its partial sum passes the ``keep``-th best complete key (exact:
-        the per-row values are non-negative, so an abandoned candidate cannot be among the ``keep`` best)."""
+        for all candidates). With ``prune``: every candidate is scored on the first round of chunks; the pilots
+        (the ``keep`` lowest by ``hint`` and the ``keep`` lowest on that round) are completed; then the others go on
+        round by round, each abandoned once its partial sum passes the ``keep``-th best complete key (exact:
+        the per-row values are non-negative, so an abandoned candidate cannot be among the ``keep`` best). The
+        decisions read ``tally``, the sums over every rank's rows (:meth:`_reduce`)."""
         best: list[tuple[float, float, Candidate]] = []  # sorted by (key, sum, candidate): ties go to the lower one
         base = self.base.get(id(runner), 0.0)
-        tally = {c: [0.0, 0] for c in cands}  # candidate -> [partial sum, rows scored]
+        local = {c: [0.0, 0] for c in cands}  # candidate -> [partial sum, rows scored] on this rank's rows
+        tally = local if not distributed.active() else {c: [0.0, 0] for c in cands}  # ... on every rank's rows
 
         def bound(c: Candidate) -> float:  # the sum at which c's key passes the keep-th best key
             if not prune or len(best) < keep:
                 return math.inf
             return best[keep - 1][0] if self.weights is None else base + best[keep - 1][0] * self.weights[c]
 
-        def run(group: list[Candidate], chunks) -> None:
+        def run(group: list[Candidate], rounds) -> None:
             alive = [c for c in group if tally[c][0] <= bound(c)]
-            for chunk in chunks:
+            for r, chunks in enumerate(rounds):
                 if not alive:
                     break
-                self._chunk(runner, metric, chunk, alive, tally)
+                for chunk in chunks:
+                    self._chunk(runner, metric, chunk, alive, local)
+                if prune or r == len(rounds) - 1:
+                    self._reduce(local, tally, alive)
                 alive = [c for c in alive if tally[c][0] <= bound(c)]
             for c in alive:
-                if tally[c][1] == runner.n:
+                if tally[c][1] == self.rows:
                     bisect.insort(best, (self._key(runner, tally[c][0], c), tally[c][0], c))
                     del best[keep:]
 
         chunks = runner.chunks()
+        rounds = [chunks[r : r + 1] for r in range(self.rounds[id(runner)])]  # this rank's chunk of each round
         order = sorted(cands, key=lambda c: (hint.get(c, math.inf), c))
-        if prune and len(chunks) > 1 and len(order) > keep:
-            for chunk in chunks[:1]:
-                self._chunk(runner, metric, chunk, order, tally)
-            estimate = {c: tally[c][0] / tally[c][1] for c in order}  # the mean per row on the first chunk
+        if prune and len(rounds) > 1 and len(order) > keep:
+            for chunk in rounds[0]:
+                self._chunk(runner, metric, chunk, order, local)
+            self._reduce(local, tally, order)
+            estimate = {c: tally[c][0] / tally[c][1] for c in order}  # the mean per row on the first round
             pilots = order[:keep] if hint else []
-            pilots += [c for c in sorted(order, key=lambda c: (self._key(runner, estimate[c] * runner.n, c), c))
+            pilots += [c for c in sorted(order, key=lambda c: (self._key(runner, estimate[c] * self.rows, c), c))
                        if c not in pilots][: keep]
-            run(pilots, chunks[1:])
-            run([c for c in order if c not in pilots], chunks[1:])
+            run(pilots, rounds[1:])
+            run([c for c in order if c not in pilots], rounds[1:])
         else:
-            run(order, chunks)
+            run(order, rounds)
         for c in cands:  # an estimate when abandoned
-            hint[c] = self._key(runner, tally[c][0] * runner.n / tally[c][1], c)
+            hint[c] = self._key(runner, tally[c][0] * self.rows / tally[c][1], c)
         return [(total, c) for _, total, c in best]
+
+    @staticmethod
+    def _reduce(local: dict, tally: dict, cands: list[Candidate]) -> None:
+        """``tally[c]`` = ``local[c]`` ([partial sum, rows]) summed over the ranks, for ``cands`` (one reduction of
+        ``2 x len(cands)`` float64); nothing to do without a process group (``tally`` is ``local``)."""
+        if tally is local or not cands:
+            return
+        sums = distributed.all_sum(torch.tensor([local[c] for c in cands], dtype=torch.float64), "candidate scores")
+        for c, (total, rows) in zip(cands, sums.tolist()):
+            tally[c] = [total, int(round(rows))]
 
     def _chunk(self, runner: DepthRunner, metric: Metric, chunk, cands: list[Candidate], tally: dict) -> None:
         """Add each candidate's per-row values on ``chunk``'s rows to ``tally`` (:func:`score_rows`)."""
@@ -195,7 +226,7 @@ class GreedySearch:
         self.base[id(self.runner)] = total
         if chosen in screened:
             self.base[id(self.screen)] = screened[chosen]
-        return chosen, total / self.runner.n
+        return chosen, total / self.rows
 
     def _remove(self, c: Candidate) -> None:
         self.runner.remove(c, refresh=self.mode != "naive")
@@ -216,7 +247,7 @@ class GreedySearch:
         one_shot_order = None
         if one_shot:  # score every candidate once, with nothing removed, and remove in ascending order
             scored = self._score(self.runner, self.metric, candidates, len(candidates), False, hint)
-            one_shot_order = [(c, total / self.runner.n) for total, c in scored]
+            one_shot_order = [(c, total / self.rows) for total, c in scored]
         bar = tqdm(total=max_steps, desc=f"greedy removal ({self.mode})", unit="removal", disable=not progress)
         while len(removed) < max_steps and not stop(removed):
             admitted = len(removed) >= readmit_after

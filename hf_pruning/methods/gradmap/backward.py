@@ -8,7 +8,9 @@ onloaded once and recomputed with gradients on its stored input, batch by batch:
 the layer's weights, and a visitor reduces what it needs to scalars in that step, so no weight gradient outlives
 its layer. Peak memory: one layer's weights and fp32 weight gradients, one batch on the execution device, the
 stores (each the size of the calibration hidden states) and one row's logits. The sum of ``loss_row / n`` is the
-mean of the rows' losses, exactly the loss of the whole-model backward it replaces.
+mean of the rows' losses, exactly the loss of the whole-model backward it replaces. Under a process group ``n``
+counts every rank's rows: each rank's gradients are its rows' share, and their sum over the ranks is the gradient
+of the mean loss over all rows.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ...engine import (
     substituted,
 )
 from ...remote.hf_pruning_surgery import adapter_for
+from ..depth.ranks import total_count
 
 
 @dataclass
@@ -116,7 +119,7 @@ def blockwise_backward(model, calibration: torch.Tensor, skip: set[int], tuple_o
         return kept
     inputs, top_input, kwargs = _forward(model, layers, kept[:-1], calibration, batch_size, store_folder, counts)
     inputs[kept[-1]] = top_input
-    n = calibration.shape[0]
+    n = total_count(calibration.shape[0], "calibration rows")  # every rank's rows: the loss is their mean
 
     def from_head(b: int, h_out: torch.Tensor) -> torch.Tensor:
         ids = calibration[b * batch_size : b * batch_size + h_out.shape[0]]  # [b, T]

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..depth import Candidate, candidates_for, config_budget, layers_return_tuple, register_depth_method
+from ..depth.ranks import total_count
 from .config import GradMAPConfig
 from .scoring import check_token_ids, gradient_scores
 
@@ -41,7 +42,8 @@ def rank_blocks(model, calibration: torch.Tensor, config, score: str, mode: str)
     bar.close()
     search = {"search_s": time.perf_counter() - start, "backward_passes": backward_passes,
               "search_layer_forwards": counts["layer_forwards"], "search_layer_backwards": counts["layer_backwards"],
-              "calibration_tokens": int(calibration.numel()), "score": score, "mode": mode}
+              "calibration_tokens": total_count(calibration.numel(), "calibration tokens"), "score": score,
+              "mode": mode}
     return removed, {"history": history, "search": search}
 
 

@@ -16,6 +16,11 @@ own backward step, so weight gradients never outlive their layer (fp32 accumulat
   estimate of the loss increase from removing the block's update: at a trained model the first-order terms
   average out, and the squared terms weight the large, consistent effects that make a removal costly.
 
+Under a process group each rank backpropagates its own rows (its share of the mean loss, see
+:mod:`.backward`): the activation scores are sums over tokens, summed over the ranks in one reduction at the end of
+the pass (a float64 per block); the parameter scores are not linear in the gradient, so each layer's gradient
+(float64 sums of the per-batch parts) is summed over the ranks in its own step, before it is reduced to a score.
+
 Only the parameters of the remaining decoder blocks get gradients (``grad``/``taylor`` only); embeddings, final
 norm and LM head do not. Removed blocks pass their input through, so the loss is that of the pruned model.
 """
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine import LAYER_BATCH, calibration_mode
+from ...engine import LAYER_BATCH, calibration_mode, distributed
 from ...remote.hf_pruning_surgery import adapter_for
 from .backward import LayerGrad, blockwise_backward
 
@@ -45,18 +50,22 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
     ``store_folder``: keep the layer inputs and gradients on disk there (``True``: a temporary folder);
     ``counts``: adds the pass's layer forwards and backwards (see :func:`.backward.blockwise_backward`)."""
     on_params = score in ("grad", "taylor")
-    acc: dict[int, object] = {}  # layer -> float64 sum (activation scores) or fp32 gradient sums (parameter ones)
+    acc: dict[int, object] = {}  # layer -> float64 sum (activation scores) or gradient sums (parameter ones)
+    # gradient sums: fp32; float64 under a process group (per-batch parts, then summed over the ranks)
+    grad_dtype = torch.float64 if distributed.active() else torch.float32
     scores: dict[int, float] = {}
 
     def visit(step: LayerGrad) -> None:
         i = step.layer
-        if on_params:  # sum dL/dθ over the batches in fp32; reduced to a scalar after the layer's last batch
+        if on_params:  # sum dL/dθ over the batches; reduced to a scalar after the layer's last batch
             if i not in acc:
-                acc[i] = [torch.zeros_like(g, dtype=torch.float32) for g in step.param_grads]
+                acc[i] = [torch.zeros_like(g, dtype=grad_dtype) for g in step.param_grads]
             for total, g in zip(acc[i], step.param_grads):
                 total += g.float()
-            if step.batch == n_batches - 1:
-                scores[i] = _parameter_score(layers[i], acc.pop(i), score)
+            if step.batch == n_batches - 1:  # every rank's gradient of this layer: one reduction per parameter
+                grads = [distributed.all_sum(g, f"layer {i}'s gradients") if distributed.active() else g
+                         for g in acc.pop(i)]
+                scores[i] = _parameter_score(layers[i], grads, score)
             return
         g = step.g_out.double()  # [b, T, d] dL/dh_out
         if score == "output":
@@ -72,6 +81,10 @@ def gradient_scores(model, calibration: torch.Tensor, skip: set[int], score: str
         kept = blockwise_backward(model, calibration, skip, tuple_out, visit, on_params,
                                   LAYER_BATCH, store_folder, counts)
     if not on_params:
+        if distributed.active():  # every rank's sums: one reduction of a float64 per kept block
+            sums = distributed.all_sum(torch.tensor([acc.get(i, 0.0) for i in kept], dtype=torch.float64),
+                                       "the blocks' gradient scores")
+            acc = dict(zip(kept, sums.tolist()))
         scores = {i: acc.get(i, 0.0) ** 0.5 if score == "output" else acc.get(i, 0.0) for i in kept}
     return {i: scores[i] for i in kept}
 
