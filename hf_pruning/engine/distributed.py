@@ -375,3 +375,39 @@ def check_same(what: str, value: str, hint: str) -> None:
     differ = [rank for rank, other in enumerate(said) if other != said[0]]
     if differ:
         raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; {hint}")
+
+
+def row_shares(rows: int) -> list[slice]:
+    """Every rank's contiguous rows of a ``rows``-row matrix, as even as they go (rank order)."""
+    size = world()[1]
+    return [slice(r * rows // size, (r + 1) * rows // size) for r in range(size)]
+
+
+def gather_rows(part: torch.Tensor, rows: int, what: str = "rows") -> torch.Tensor:
+    """The ranks' parts (rank r holds rows ``row_shares(rows)[r]`` of a ``[rows, ...]`` tensor) put together on
+    every rank; without a process group, ``part``."""
+    if not active():
+        return part
+    shares = row_shares(rows)
+    longest = max(s.stop - s.start for s in shares)
+    device, dtype = _comm_device(), torch.uint8 if part.dtype == torch.bool else part.dtype
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=dtype, device=device)
+    padded[: part.shape[0]] = part.to(device, dtype)
+    pieces = [torch.empty_like(padded) for _ in shares]
+    with collective(f"gathering {what}"):
+        torch.distributed.all_gather(pieces, padded)
+    return torch.cat([p[: s.stop - s.start] for p, s in zip(pieces, shares)]).to(part.device, part.dtype)
+
+
+def split_rows_(modules: dict, compute, attr: str = "weight") -> None:
+    """For work whose output rows are independent (a per-row mask, a row-wise solve): ``compute(name, module,
+    rows)`` returns the new rows ``rows`` (a slice) of ``module.<attr>``; each rank computes its share of every
+    module's rows (:func:`row_shares`), the shares are gathered and written (``write_param``) on every rank.
+    Without a process group, each module's rows are computed whole here."""
+    from .offload import write_param
+
+    for name, module in modules.items():
+        rows = getattr(module, attr).shape[0]
+        mine = row_shares(rows)[world()[0]] if active() else slice(0, rows)
+        new = gather_rows(compute(name, module, mine), rows, f"{name}.{attr}")
+        write_param(module, attr, new)

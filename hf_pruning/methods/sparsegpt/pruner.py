@@ -14,7 +14,7 @@ from ..masks.layerwise import (
     sequential,
 )
 from .config import SparseGPTConfig
-from .scoring import inverse_hessian_factor, sparsegpt_solve_
+from .scoring import block_mask, inverse_hessian_factor, sparsegpt_solve_
 
 
 def new_hessian(lin):
@@ -61,10 +61,26 @@ def solve_linear_(lin, hessian: torch.Tensor, sparsity: float, nm, blocksize: in
     return mask
 
 
-def _solve_(lin, hessian: torch.Tensor | None, config, factor: torch.Tensor | None = None,
-            dead: torch.Tensor | None = None) -> None:
-    solve_linear_(lin, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor,
-                  dead=dead)
+def _solved_rows(lin, rows: slice, config, hessian: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+                 dead: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``rows`` of ``lin``'s weight after :func:`sparsegpt_solve_` (rows only mix in the unstructured
+    choice of each block, which is then made over every rank's rows: :func:`_shared_block_mask`)."""
+    w = lin.weight[rows].detach().to(lin.weight.dtype, copy=True)  # [r, in]
+    whole = w.shape[0] == lin.weight.shape[0]
+    hessian = None if hessian is None else hessian.to(w.device)
+    sparsegpt_solve_(w, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor,
+                     dead=dead, select_block=None if whole else _shared_block_mask(lin.weight.shape[0], rows))
+    return w
+
+
+def _shared_block_mask(rows_total: int, mine: slice):
+    """A ``select_block`` that chooses over the whole block, every rank's rows gathered, and keeps ``mine``."""
+    def select(score, already_zero, sparsity):
+        full = block_mask(distributed.gather_rows(score, rows_total, "block scores"),
+                          distributed.gather_rows(already_zero, rows_total, "block zeros"), sparsity)
+        return full[mine]
+
+    return select
 
 
 def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plans: dict | None = None,
@@ -78,16 +94,12 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
     unpruned layer first (returns ``{}``)."""
     if config.one_pass:
         def prune_group(linears, stat):
-            held = [hessian_of(stat, pop=True)]  # [in, in] float32, freed before the sweeps: they need its factor
-            dead = torch.diag(held[0]) == 0  # [in]
-            factor = []  # made for the first linear this rank solves (a rank that solves none makes none)
-
-            def solve(name, lin):
-                if not factor:
-                    factor.append(inverse_hessian_factor(held.pop(), config.percdamp))
-                _solve_(lin, None, config, factor[0], dead)
-
-            distributed.split_by_module_(linears, solve)  # every linear here without a process group
+            hessian = hessian_of(stat, pop=True)  # [in, in] float32, freed before the sweeps: they need its factor
+            dead = torch.diag(hessian) == 0  # [in]
+            factor = inverse_hessian_factor(hessian, config.percdamp)
+            del hessian
+            # each rank solves its share of every linear's rows (all of them without a process group)
+            distributed.split_rows_(linears, lambda name, lin, rows: _solved_rows(lin, rows, config, None, factor, dead))
 
         return {}, prune_staged(layer, inputs, kwargs, *_statistic(), prune_group, outputs=outputs,
                                 plans=plans, block_outputs=block_outputs)
@@ -97,7 +109,8 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
         if id(stat) not in found:
             found[id(stat)] = hessian_of(stat)
     hessians = {name: found[id(stat)] for name, stat in stats.items()}
-    distributed.split_by_module_(prunable_linears(layer), lambda name, lin: _solve_(lin, hessians.pop(name), config))
+    distributed.split_rows_(prunable_linears(layer), lambda name, lin, rows: _solved_rows(lin, rows, config,
+                                                                                          hessians[name]))
     return {}
 
 

@@ -123,11 +123,17 @@ def _sweep_columns_(block: torch.Tensor, ub: torch.Tensor, bmask: torch.Tensor, 
             err_out[:, j] = err
 
 
+def block_mask(score: torch.Tensor, already_zero: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The ``sparsity`` fraction of lowest scores over a whole block ``[R, B]`` (zeros first, ties by position)."""
+    k = int(score.numel() * sparsity)
+    return lowest_per_row(score.reshape(1, -1), k, already_zero.reshape(1, -1)).reshape(score.shape)
+
+
 @torch.no_grad()
 def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
                      blocksize: int = 128, percdamp: float = 0.01,
                      fixed_mask: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-                     dead: torch.Tensor | None = None) -> torch.Tensor:
+                     dead: torch.Tensor | None = None, select_block=None) -> torch.Tensor:
     """Prune ``weight`` ``[R, C]`` in place, updating the kept weights to compensate; returns the pruned mask.
 
     Columns are visited left to right in blocks. Inside a block, the mask is chosen once (unstructured: the
@@ -139,7 +145,9 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     read one input share it); with ``factor`` and ``dead`` (``[C]`` bool: inputs whose Hessian diagonal is zero)
     ``hessian`` may be None, so that the caller can free it before the sweep. Factorisation and sweep run in
     float64: on SmolLM2 a float32 sweep (the reference code's) raised the pruned model's perplexity by 1.7%
-    (52.60 vs 51.69 on held-out text).
+    (52.60 vs 51.69 on held-out text). ``select_block(score, already_zero, sparsity) -> mask`` (``[R, B]`` each)
+    replaces the unstructured choice inside a block (:func:`block_mask`): a caller that solves some of a
+    weight's rows here chooses over every row of the block with it (rows never mix otherwise).
     """
     rows, cols = weight.shape
     w = weight.to(torch.float64, copy=True)
@@ -158,9 +166,8 @@ def sparsegpt_solve_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
         if fixed_mask is not None:
             bmask = fixed_mask[:, b0:b1].clone()
         elif nm is None:
-            score = block.pow(2) / d.pow(2)[None, :]
-            k = int(block.numel() * sparsity)
-            bmask = lowest_per_row(score.reshape(1, -1), k, already_zero[:, b0:b1].reshape(1, -1)).reshape(block.shape)
+            score = block.pow(2) / d.pow(2)[None, :]  # [R, B]
+            bmask = (select_block or block_mask)(score, already_zero[:, b0:b1], sparsity)
         else:
             bmask = torch.zeros_like(block, dtype=torch.bool)
         if w.device.type in BATCHED_BLOCK_DEVICES and (fixed_mask is not None or nm is None):

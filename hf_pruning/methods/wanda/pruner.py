@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
-from ...engine import distributed, write_param
+from ...engine import distributed
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
@@ -27,12 +27,19 @@ def _update(stat, x):  # x: [tokens, in], float32
 
 
 @torch.no_grad()
-def _mask_(lin, sum_sq: torch.Tensor, config) -> None:
-    """Zero ``lin``'s lowest |W| * ||X_j||_2 per output row; ``sum_sq`` ``[in]`` = sum of x_j^2 over tokens."""
-    w = lin.weight
-    score = w.abs().float() * sum_sq.to(w.device).sqrt()[None, :]  # [out, in]
+def _masked_rows(lin, rows: slice, sum_sq: torch.Tensor, config) -> torch.Tensor:
+    """``lin``'s weight rows ``rows`` with their lowest |W| * ||X_j||_2 zeroed (rows are independent);
+    ``sum_sq`` ``[in]`` = sum of x_j^2 over tokens."""
+    w = lin.weight[rows]  # [r, in]
+    score = w.abs().float() * sum_sq.to(w.device).sqrt()[None, :]  # [r, in]
     mask = select_mask(score, config.sparsity, config.nm, per_row=True, already_zero=w == 0)
-    write_param(lin, "weight", w.masked_fill(mask, 0))
+    return w.masked_fill(mask, 0)
+
+
+def _mask_(linears: dict, sums: dict, config) -> None:
+    """Mask every linear (name -> module) on its ``sums[name]``; under a process group each rank selects its
+    share of every linear's rows (the selection is most of Wanda's time) and the rows are gathered."""
+    distributed.split_rows_(linears, lambda name, lin, rows: _masked_rows(lin, rows, sums[name], config))
 
 
 def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plans: dict | None = None,
@@ -68,8 +75,7 @@ def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plan
     if config.one_pass:
         def prune_group(linears, stat):
             sum_sq = total(stat)
-            for lin in linears.values():
-                _mask_(lin, sum_sq, config)
+            _mask_(linears, dict.fromkeys(linears, sum_sq), config)
 
         return {}, prune_staged(layer, inputs, kwargs, new_stat, update, prune_group,
                                 outputs=outputs, plans=plans, block_outputs=block_outputs)
@@ -78,8 +84,7 @@ def wanda_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, plan
         stats = {name: total(stat) for name, stat in stats.items()}
     else:
         stats = collect_input_stats(layer, inputs, kwargs, _new_stat, _update)
-    for name, lin in prunable_linears(layer).items():
-        _mask_(lin, stats[name], config)
+    _mask_(prunable_linears(layer), stats, config)
     return {}
 
 
