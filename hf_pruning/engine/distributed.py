@@ -233,21 +233,34 @@ class RankSum:
     number on every rank count (up to float64 rounding), as each batch's part is the same computation."""
 
     def __init__(self, shape, device=None):
-        self.total = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.shape, self.device = torch.Size([shape] if isinstance(shape, int) else shape), device
+        self.total: torch.Tensor | None = None  # made by the first part (a d x d sum is large)
         self.count = 0
+        self.done = False  # summed over the ranks already
 
     def add(self, part: torch.Tensor, count: int = 0) -> None:
-        self.total += part.to(torch.float64)
+        if self.total is None:
+            self.total = part.to(torch.float64, copy=True)
+        else:
+            self.total.add_(part)  # float32 into float64, no temporary
         self.count += count
 
     def reduced(self, what: str = "a statistic") -> tuple[torch.Tensor, int]:
-        """``(sum over every batch of every rank [float64], count)``."""
-        if not active():
+        """``(sum over every batch of every rank [float64], count)``; the sum is this object's own tensor,
+        summed in place, once (a later call returns the same)."""
+        if self.total is None:
+            self.total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        if not active() or self.done:
             return self.total, self.count
-        both = torch.cat([self.total.reshape(-1), torch.tensor([float(self.count)], device=self.total.device,
-                                                                 dtype=torch.float64)])
-        both = all_sum(both, what)
-        return both[:-1].reshape(self.total.shape), int(round(float(both[-1])))
+        with collective(f"summing {what} over the ranks"):
+            if self.total.device == _comm_device():
+                torch.distributed.all_reduce(self.total)
+            else:
+                self.total = self.total.to(_comm_device())
+                torch.distributed.all_reduce(self.total)
+                self.total = self.total.to(self.device)
+        self.count, self.done = int(all_sum(torch.tensor([self.count]), what)[0]), True
+        return self.total, self.count
 
 
 def owners_by_cost(costs: list[float]) -> list[int]:

@@ -38,12 +38,12 @@ def add_to_rank_hessian(stat, x):  # x: [tokens, in], float32
 
 
 def hessian_of(stat, pop: bool = False) -> torch.Tensor:
-    """The Hessian 2/N sum x x^T ``[in, in]`` (float32) of a statistic of either kind (``pop``: the running one
-    lets go of it)."""
+    """The Hessian 2/N sum x x^T ``[in, in]`` of a statistic of either kind: the running one in float32 (``pop``:
+    it lets go of it), the per-rank one in float64."""
     if isinstance(stat, dict):
         return stat.pop("h") if pop else stat["h"]
     total, n = stat.reduced("the SparseGPT Hessian")
-    return total.mul_(2.0 / n).float()
+    return total.mul_(2.0 / n)  # float64: the factorisation copies it into float64 anyway
 
 
 @torch.no_grad()
