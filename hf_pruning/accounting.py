@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from .engine import distributed
 from .engine.offload import onloaded
 from .plan import PruningPlan
 from .remote.hf_pruning_surgery import adapter_for, inspect_model, simulate_plan
@@ -125,16 +126,19 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def sparsity_report(model) -> dict:
-    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them."""
-    adapter = adapter_for(model)
-    layers, zeros, total = [], 0, 0
-    for layer in adapter.decoder_layers(model):
-        entry = {}
-        with onloaded(layer):  # an offloaded layer's weights are read in once
-            for name, lin in prunable_linears(layer).items():
-                z = int((lin.weight == 0).sum())
-                entry[name] = z / lin.weight.numel()
-                zeros += z
-                total += lin.weight.numel()
-        layers.append(entry)
+    """Fraction of zero weights per decoder-layer linear, per layer, and over all of them. Under a process group
+    (``engine.distributed``) each rank counts every W-th layer and the counts are gathered: the same report
+    everywhere, each layer read once."""
+    rank, size = distributed.world()
+    counts: dict[int, dict[str, tuple[int, int]]] = {}  # layer -> linear -> (zeros, weights)
+    for i, layer in enumerate(adapter_for(model).decoder_layers(model)):
+        if i % size == rank:
+            with onloaded(layer):  # an offloaded layer's weights are read in once
+                counts[i] = {name: (int((lin.weight == 0).sum()), lin.weight.numel())
+                             for name, lin in prunable_linears(layer).items()}
+    for other in distributed.gather_objects(counts, "the sparsity counts"):
+        counts.update(other)
+    layers = [{name: z / n for name, (z, n) in counts[i].items()} for i in sorted(counts)]
+    zeros = sum(z for entry in counts.values() for z, _ in entry.values())
+    total = sum(n for entry in counts.values() for _, n in entry.values())
     return {"overall": zeros / total if total else 0.0, "layers": layers}

@@ -5,8 +5,8 @@ calibration. :func:`share` gives each rank a contiguous run of whole batches of 
 on every rank count, so each batch's statistics are the same numbers); the methods accumulate their statistics
 over their own batches in float64 and :func:`all_sum` adds them over the ranks at each decision, so every rank
 decides the same and ends with the same model, whatever the number of ranks (up to float64 rounding). Work
-that cannot be split by rows (a SparseGPT solve) is split by item: :func:`owner` names the rank that computes
-item ``k`` and :func:`broadcast_` hands its result to the others.
+that is the same on every rank is split (:mod:`.sharding`, re-exported here): by output row where rows are
+independent (Wanda's selection, SparseGPT's solves: :func:`split_rows_`), each rank's rows sent to the others.
 
 Without a process group every function here is a no-op (``world() == (0, 1)``), so nothing changes.
 
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds a collective waits for the other ranks before the group gives up (``init_from_env``)
 DEFAULT_TIMEOUT = 600
+#: set while rank 0 runs a :func:`main_rank_only` function alone (the calls it makes run plainly)
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_pruning_rank0_alone", default=False)
 
 
 class DistributedError(RuntimeError):
@@ -39,8 +41,9 @@ class DistributedError(RuntimeError):
 
 
 def active() -> bool:
-    """Whether a ``torch.distributed`` process group is initialized (even of one rank)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Whether a ``torch.distributed`` process group is initialized (even of one rank), and this process is not
+    running a :func:`main_rank_only` function alone (inside one, everything is local: no collective)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and not _ALONE.get()
 
 
 def world() -> tuple[int, int]:
@@ -93,7 +96,7 @@ def init_for_cli() -> bool:
     return True
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where the backend wants tensors: CUDA for NCCL, the CPU otherwise."""
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -122,7 +125,7 @@ def all_sum(tensor: torch.Tensor, what: str = "a statistic") -> torch.Tensor:
     dtype = torch.float64 if tensor.is_floating_point() else torch.int64
     if not active():
         return tensor.to(dtype, copy=True)
-    buffer = tensor.detach().to(_comm_device(), dtype, copy=True)
+    buffer = tensor.detach().to(comm_device(), dtype, copy=True)
     with collective(f"summing {what} over the ranks"):
         torch.distributed.all_reduce(buffer)
     return buffer.to(tensor.device)
@@ -137,7 +140,7 @@ def broadcast_(tensor: torch.Tensor, src: int, what: str = "a result") -> torch.
     """``tensor`` (same shape and dtype on every rank) overwritten, in place, with rank ``src``'s; returned."""
     if not active():
         return tensor
-    buffer = tensor.detach().to(_comm_device(), copy=True) if tensor.device != _comm_device() else tensor.detach()
+    buffer = tensor.detach().to(comm_device(), copy=True) if tensor.device != comm_device() else tensor.detach()
     with collective(f"sending {what} from rank {src}"):
         torch.distributed.broadcast(buffer, src)
     if buffer is not tensor:
@@ -181,14 +184,14 @@ def together(what: str):
         raise error
 
 
-def agree(what: str, value: str) -> None:
-    """Every rank must hold the same ``value`` (a fingerprint); otherwise every rank raises, naming ``what``
-    and the ranks that differ."""
+def agree(what: str, value: str, hint: str = "every rank must call prune_ with the same model, config and "
+          "calibration (each takes its own share of the rows)") -> None:
+    """Every rank must hold the same ``value`` (a fingerprint); otherwise every rank raises, naming ``what``,
+    the ranks that differ and ``hint`` (what to do)."""
     said = gather_objects(value, what)
     differ = [rank for rank, other in enumerate(said) if other != said[0]]
     if differ:
-        raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; every rank must call prune_ with "
-                               "the same model, config and calibration (each takes its own share of the rows)")
+        raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; {hint}")
 
 
 def fingerprint(*parts) -> str:
@@ -201,101 +204,6 @@ def fingerprint(*parts) -> str:
         else:
             digest.update(str(part).encode())
     return digest.hexdigest()[:16]
-
-
-def share(rows: int, batch: int) -> slice:
-    """This rank's rows of ``rows`` calibration rows: a contiguous run of whole ``batch``-row batches, the
-    batches dealt as evenly as they go (a rank may get none when there are fewer batches than ranks)."""
-    rank, size = world()
-    batches = -(-rows // batch)
-    first = rank * batches // size
-    last = (rank + 1) * batches // size
-    return slice(min(first * batch, rows), min(last * batch, rows))
-
-
-def shard(calibration: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    """``calibration[share(...)]``: this rank's rows (all of them without a process group)."""
-    if calibration is None or not active():
-        return calibration
-    return calibration[share(calibration.shape[0], batch)]
-
-
-def check_enough_rows(rows: int, batch: int) -> None:
-    """Refuse a calibration with fewer batches than ranks (a rank would have no rows)."""
-    size = world()[1]
-    if -(-rows // batch) < size:
-        raise ValueError(f"{rows} calibration rows make {-(-rows // batch)} batch(es) of {batch}, fewer than the "
-                         f"{size} ranks: give at least {size * batch} rows, or launch fewer processes")
-
-
-class RankSum:
-    """A sum of per-batch float32 parts kept in float64, then summed over the ranks by :meth:`reduced`: the same
-    number on every rank count (up to float64 rounding), as each batch's part is the same computation."""
-
-    def __init__(self, shape, device=None):
-        self.shape, self.device = torch.Size([shape] if isinstance(shape, int) else shape), device
-        self.total: torch.Tensor | None = None  # made by the first part (a d x d sum is large)
-        self.count = 0
-        self.done = False  # summed over the ranks already
-
-    def add(self, part: torch.Tensor, count: int = 0) -> None:
-        if self.total is None:
-            self.total = part.to(torch.float64, copy=True)
-        else:
-            self.total.add_(part)  # float32 into float64, no temporary
-        self.count += count
-
-    def reduced(self, what: str = "a statistic") -> tuple[torch.Tensor, int]:
-        """``(sum over every batch of every rank [float64], count)``; the sum is this object's own tensor,
-        summed in place, once (a later call returns the same)."""
-        if self.total is None:
-            self.total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-        if not active() or self.done:
-            return self.total, self.count
-        with collective(f"summing {what} over the ranks"):
-            if self.total.device == _comm_device():
-                torch.distributed.all_reduce(self.total)
-            else:
-                self.total = self.total.to(_comm_device())
-                torch.distributed.all_reduce(self.total)
-                self.total = self.total.to(self.device)
-        self.count, self.done = int(all_sum(torch.tensor([self.count]), what)[0]), True
-        return self.total, self.count
-
-
-def owners_by_cost(costs: list[float]) -> list[int]:
-    """Rank per item for work split by item: the costliest first, each to the least loaded rank so far."""
-    size = world()[1]
-    load, out = [0.0] * size, [0] * len(costs)
-    for k in sorted(range(len(costs)), key=lambda k: -costs[k]):
-        out[k] = min(range(size), key=lambda r: (load[r], r))
-        load[out[k]] += costs[k]
-    return out
-
-
-def split_by_module_(modules: dict, compute, names: tuple[str, ...] = ("weight",)) -> None:
-    """``compute(name, module)`` (it edits the module's ``names`` tensors through ``write_param``) runs on one rank
-    per module (:func:`owners_by_cost`, cost = the weight's size); then each owner sends the edited tensors to the
-    others, who write them into their copy. Without a process group every module is computed here."""
-    from .offload import write_param
-
-    items = list(modules.values())
-    if not active():
-        for name, module in modules.items():
-            compute(name, module)
-        return
-    ranks = owners_by_cost([float(m.weight.numel()) for m in items])
-    rank = world()[0]
-    for (name, module), src in zip(modules.items(), ranks):
-        if src == rank:
-            compute(name, module)
-    for (name, module), src in zip(modules.items(), ranks):
-        for attr in names:
-            tensor = getattr(module, attr)
-            buffer = tensor.detach().clone() if src == rank else torch.empty_like(tensor)
-            broadcast_(buffer, src, f"{name}.{attr}")
-            if src != rank:
-                write_param(module, attr, buffer)
 
 
 def rank_folder(folder):
@@ -313,10 +221,6 @@ def model_sample(model) -> torch.Tensor | None:
     return None if weight.device.type == "meta" else weight[:8].detach()
 
 
-#: set while rank 0 runs a :func:`main_rank_only` function alone (the calls it makes run plainly)
-_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_pruning_rank0_alone", default=False)
-
-
 def main_rank_only(what: str):
     """Decorator: under a process group the function runs on rank 0 only (one save, one export, one push) and
     every rank returns when it is done (the others get None), raising on every rank when it failed on rank 0;
@@ -326,7 +230,7 @@ def main_rank_only(what: str):
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            if not active() or _ALONE.get():  # no group, or inside another one (rank 0 alone is running)
+            if not active():  # no group, or inside another such function (rank 0 alone is running)
                 return fn(*args, **kwargs)
             result = None
             with together(what):
@@ -344,13 +248,6 @@ def main_rank_only(what: str):
 
 
 # --- data-parallel training (LoRA recovery): every rank a contiguous share of each batch, gradients averaged ---
-
-
-def batch_share(rows: int) -> slice:
-    """This rank's rows of a training batch of ``rows`` rows: a contiguous run, the sizes as even as they go
-    (they differ by at most one; a rank gets none when ``rows`` is under the world size). All rows without a group."""
-    rank, size = world()
-    return slice(rank * rows // size, (rank + 1) * rows // size)
 
 
 def data_parallel(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> torch.nn.Module:
@@ -379,48 +276,19 @@ def same_on_every_rank(value: float, what: str = "a number") -> float:
     return float(broadcast_(torch.tensor([float(value)], dtype=torch.float64), 0, what)[0])
 
 
-def check_same(what: str, value: str, hint: str) -> None:
-    """Every rank must hold the same ``value`` (a :func:`fingerprint`); otherwise every rank raises a
-    :class:`DistributedError` naming ``what`` and the ranks that differ, followed by ``hint`` (what to do)."""
-    if not active():
-        return
-    said = gather_objects(value, what)
-    differ = [rank for rank, other in enumerate(said) if other != said[0]]
-    if differ:
-        raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; {hint}")
+from .sharding import (  # noqa: E402 - re-exported: the methods reach all of the data-parallel helpers here
+    RankSum,
+    batch_share,
+    check_enough_rows,
+    gather_rows,
+    row_shares,
+    shard,
+    share,
+    split_rows_,
+)
 
-
-def row_shares(rows: int) -> list[slice]:
-    """Every rank's contiguous rows of a ``rows``-row matrix, as even as they go (rank order)."""
-    size = world()[1]
-    return [slice(r * rows // size, (r + 1) * rows // size) for r in range(size)]
-
-
-def gather_rows(part: torch.Tensor, rows: int, what: str = "rows") -> torch.Tensor:
-    """The ranks' parts (rank r holds rows ``row_shares(rows)[r]`` of a ``[rows, ...]`` tensor) put together on
-    every rank; without a process group, ``part``."""
-    if not active():
-        return part
-    shares = row_shares(rows)
-    longest = max(s.stop - s.start for s in shares)
-    device, dtype = _comm_device(), torch.uint8 if part.dtype == torch.bool else part.dtype
-    padded = torch.zeros((longest, *part.shape[1:]), dtype=dtype, device=device)
-    padded[: part.shape[0]] = part.to(device, dtype)
-    pieces = [torch.empty_like(padded) for _ in shares]
-    with collective(f"gathering {what}"):
-        torch.distributed.all_gather(pieces, padded)
-    return torch.cat([p[: s.stop - s.start] for p, s in zip(pieces, shares)]).to(part.device, part.dtype)
-
-
-def split_rows_(modules: dict, compute, attr: str = "weight") -> None:
-    """For work whose output rows are independent (a per-row mask, a row-wise solve): ``compute(name, module,
-    rows)`` returns the new rows ``rows`` (a slice) of ``module.<attr>``; each rank computes its share of every
-    module's rows (:func:`row_shares`), the shares are gathered and written (``write_param``) on every rank.
-    Without a process group, each module's rows are computed whole here."""
-    from .offload import write_param
-
-    for name, module in modules.items():
-        rows = getattr(module, attr).shape[0]
-        mine = row_shares(rows)[world()[0]] if active() else slice(0, rows)
-        new = gather_rows(compute(name, module, mine), rows, f"{name}.{attr}")
-        write_param(module, attr, new)
+__all__ = [
+    "DistributedError", "RankSum", "active", "agree", "all_sum", "all_sum_scalar", "barrier", "batch_share",
+    "broadcast_", "check_enough_rows", "collective", "fingerprint", "gather_objects", "gather_rows",
+    "init_for_cli", "init_from_env", "is_main", "main_rank_only", "model_sample", "owner", "rank_folder", "row_shares", "shard", "share", "split_rows_", "together", "world",
+]

@@ -4,7 +4,7 @@ A block's inputs and outputs are captured into :class:`~hf_pruning.engine.Activa
 the device at a time), blocks whose outputs are already known are replayed by stand-in modules put in the
 layer for the duration (``masks/replay.py``, never by assigning ``forward``), and every weight edit goes through ``write_param``.
 Under a process group the Hessians of ``reconstruct`` are summed over the ranks (SparseGPT's statistic) and the
-fixed-mask solves are split by linear (:func:`~hf_pruning.engine.distributed.split_by_module_`).
+fixed-mask solves are split by output row (:func:`~hf_pruning.engine.distributed.split_rows_`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from ..sparsegpt.pruner import (
     hessian_of,
     new_hessian,
     new_rank_hessian,
-    solve_linear_,
 )
-from ..sparsegpt.scoring import inverse_hessian_factor
+from ..sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_
 from .scoring import block_error
 
 logger = logging.getLogger(__name__)
@@ -159,14 +158,17 @@ def reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians,
     """
     factors: dict[int, torch.Tensor] = {}
 
-    def solve(n, hessian):
+    def solved_rows(n, hessian, rows):  # rows of the re-solved weight: with a fixed mask rows never mix
         if id(hessian) not in factors:
             factors.clear()
             factors[id(hessian)] = inverse_hessian_factor(hessian, config.percdamp)
-        solve_linear_(linears[n], hessian, config.sparsity, config.nm, FIXED_MASK_BLOCKSIZE, config.percdamp,
-                      fixed_mask=masks[n], factor=factors[id(hessian)], start=dense_linears[n].weight)
+        w = dense_linears[n].weight[rows].detach().to(linears[n].weight.dtype, copy=True)  # [r, in]
+        sparsegpt_solve_(w, hessian.to(w.device), config.sparsity, config.nm, FIXED_MASK_BLOCKSIZE, config.percdamp,
+                         fixed_mask=masks[n][rows], factor=factors[id(hessian)])
+        return w
 
-    distributed.split_by_module_({n: linears[n] for n in hessians}, lambda n, lin: solve(n, hessians[n]))
+    # each rank re-solves its share of every linear's rows (all of them without a process group)
+    distributed.split_rows_({n: linears[n] for n in hessians}, lambda n, lin, rows: solved_rows(n, hessians[n], rows))
     if out_name not in linears:
         return None
     out_linear = linears[out_name]
@@ -191,7 +193,7 @@ def reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians,
         zs.close()
         raise RuntimeError(f"llm_barber: the {name} block's forward did not reach {out_name} once per batch")
     hessian = hessian_of(stat)  # [in, in] float32, every rank's rows
-    distributed.split_by_module_({out_name: out_linear}, lambda n, lin: solve(n, hessian))
+    distributed.split_rows_({out_name: out_linear}, lambda n, lin, rows: solved_rows(n, hessian, rows))
     rebuilt = outputs_of(out_linear, zs, device) if direct else None
     zs.close()
     return rebuilt

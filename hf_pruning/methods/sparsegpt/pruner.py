@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
-from ...engine import distributed, write_param
+from ...engine import distributed
 from ...registry import PruningResult, register_method
 from ..masks.layerwise import (
     check_widths,
@@ -44,21 +44,6 @@ def hessian_of(stat, pop: bool = False) -> torch.Tensor:
         return stat.pop("h") if pop else stat["h"]
     total, n = stat.reduced("the SparseGPT Hessian")
     return total.mul_(2.0 / n)  # float64: the factorisation copies it into float64 anyway
-
-
-@torch.no_grad()
-def solve_linear_(lin, hessian: torch.Tensor, sparsity: float, nm, blocksize: int, percdamp: float,
-                  fixed_mask: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-                  start: torch.Tensor | None = None, dead: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`sparsegpt_solve_` on ``lin``'s weight (or on ``start``, values ``[out, in]`` to begin from),
-    written back through ``write_param``; returns the pruned mask. ``hessian`` may be None when ``factor`` and
-    ``dead`` are given."""
-    w = (lin.weight if start is None else start).detach().to(lin.weight.dtype, copy=True)
-    hessian = None if hessian is None else hessian.to(w.device)
-    mask = sparsegpt_solve_(w, hessian, sparsity, nm, blocksize, percdamp, fixed_mask=fixed_mask, factor=factor,
-                            dead=dead)
-    write_param(lin, "weight", w)
-    return mask
 
 
 def _solved_rows(lin, rows: slice, config, hessian: torch.Tensor | None = None, factor: torch.Tensor | None = None,
