@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as dist  # attributes read at call time (the two modules import each other)
+from . import collectives as comm
 
 
 def share(rows: int, batch: int) -> slice:
     """This rank's rows of ``rows`` calibration rows: a contiguous run of whole ``batch``-row batches, the
     batches dealt as evenly as they go (a rank may get none when there are fewer batches than ranks)."""
-    rank, size = dist.world()
+    rank, size = comm.world()
     batches = -(-rows // batch)
     first = rank * batches // size
     last = (rank + 1) * batches // size
@@ -23,14 +23,14 @@ def share(rows: int, batch: int) -> slice:
 
 def shard(calibration: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     """``calibration[share(...)]``: this rank's rows (all of them without a process group)."""
-    if calibration is None or not dist.active():
+    if calibration is None or not comm.active():
         return calibration
     return calibration[share(calibration.shape[0], batch)]
 
 
 def check_enough_rows(rows: int, batch: int) -> None:
     """Refuse a calibration with fewer batches than ranks (a rank would have no rows)."""
-    size = dist.world()[1]
+    size = comm.world()[1]
     if -(-rows // batch) < size:
         raise ValueError(f"{rows} calibration rows make {-(-rows // batch)} batch(es) of {batch}, fewer than the "
                          f"{size} ranks: give at least {size * batch} rows, or launch fewer processes")
@@ -58,37 +58,37 @@ class RankSum:
         summed in place, once (a later call returns the same)."""
         if self.total is None:
             self.total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-        if not dist.active() or self.done:
+        if not comm.active() or self.done:
             return self.total, self.count
-        with dist.collective(f"summing {what} over the ranks"):
-            if self.total.device == dist.comm_device():
+        with comm.collective(f"summing {what} over the ranks"):
+            if self.total.device == comm.comm_device():
                 torch.distributed.all_reduce(self.total)
             else:
-                self.total = self.total.to(dist.comm_device())
+                self.total = self.total.to(comm.comm_device())
                 torch.distributed.all_reduce(self.total)
                 self.total = self.total.to(self.device)
-        self.count, self.done = int(dist.all_sum(torch.tensor([self.count]), what)[0]), True
+        self.count, self.done = int(comm.all_sum(torch.tensor([self.count]), what)[0]), True
         return self.total, self.count
 
 
 def row_shares(rows: int) -> list[slice]:
     """Every rank's contiguous rows of a ``rows``-row matrix, as even as they go (rank order)."""
-    size = dist.world()[1]
+    size = comm.world()[1]
     return [slice(r * rows // size, (r + 1) * rows // size) for r in range(size)]
 
 
 def gather_rows(part: torch.Tensor, rows: int, what: str = "rows") -> torch.Tensor:
     """The ranks' parts (rank r holds rows ``row_shares(rows)[r]`` of a ``[rows, ...]`` tensor) put together on
     every rank; without a process group, ``part``."""
-    if not dist.active():
+    if not comm.active():
         return part
     shares = row_shares(rows)
     longest = max(s.stop - s.start for s in shares)
-    device, dtype = dist.comm_device(), torch.uint8 if part.dtype == torch.bool else part.dtype
+    device, dtype = comm.comm_device(), torch.uint8 if part.dtype == torch.bool else part.dtype
     padded = torch.zeros((longest, *part.shape[1:]), dtype=dtype, device=device)
     padded[: part.shape[0]] = part.to(device, dtype)
     pieces = [torch.empty_like(padded) for _ in shares]
-    with dist.collective(f"gathering {what}"):
+    with comm.collective(f"gathering {what}"):
         torch.distributed.all_gather(pieces, padded)
     return torch.cat([p[: s.stop - s.start] for p, s in zip(pieces, shares)]).to(part.device, part.dtype)
 
@@ -102,7 +102,7 @@ def split_rows_(modules: dict, compute, attr: str = "weight") -> None:
 
     for name, module in modules.items():
         rows = getattr(module, attr).shape[0]
-        mine = row_shares(rows)[dist.world()[0]] if dist.active() else slice(0, rows)
+        mine = row_shares(rows)[comm.world()[0]] if comm.active() else slice(0, rows)
         new = gather_rows(compute(name, module, mine), rows, f"{name}.{attr}")
         write_param(module, attr, new)
 
@@ -110,4 +110,4 @@ def split_rows_(modules: dict, compute, attr: str = "weight") -> None:
 
 def batch_share(rows: int) -> slice:
     """This rank's rows of a training batch of ``rows`` rows (:func:`row_shares`; all of them without a group)."""
-    return row_shares(rows)[dist.world()[0]]
+    return row_shares(rows)[comm.world()[0]]
