@@ -20,11 +20,12 @@ from ..masks.layerwise import input_stat_hooks
 from ..sparsegpt.pruner import (
     add_to_hessian,
     add_to_rank_hessian,
+    hessian_factor,
     hessian_of,
     new_hessian,
     new_rank_hessian,
 )
-from ..sparsegpt.scoring import inverse_hessian_factor, sparsegpt_solve_
+from ..sparsegpt.scoring import sparsegpt_solve_
 from .scoring import block_error
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def reconstruct_block_(adapter, layer, name, out_name, linears, masks, hessians,
     def solved_rows(n, hessian, rows):  # rows of the re-solved weight: with a fixed mask rows never mix
         if id(hessian) not in factors:
             factors.clear()
-            factors[id(hessian)] = inverse_hessian_factor(hessian, config.percdamp)
+            factors[id(hessian)] = hessian_factor(hessian, config.percdamp)
         w = dense_linears[n].weight[rows].detach().to(linears[n].weight.dtype, copy=True)  # [r, in]
         sparsegpt_solve_(w, hessian.to(w.device), config.sparsity, config.nm, FIXED_MASK_BLOCKSIZE, config.percdamp,
                          fixed_mask=masks[n][rows], factor=factors[id(hessian)])

@@ -15,6 +15,7 @@ from ..masks.layerwise import (
 )
 from .config import SparseGPTConfig
 from .scoring import block_mask, inverse_hessian_factor, sparsegpt_solve_
+from .shared_factor import shared_inverse_hessian_factor
 
 
 def new_hessian(lin):
@@ -81,7 +82,7 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
         def prune_group(linears, stat):
             hessian = hessian_of(stat, pop=True)  # [in, in] float32, freed before the sweeps: they need its factor
             dead = torch.diag(hessian) == 0  # [in]
-            factor = inverse_hessian_factor(hessian, config.percdamp)
+            factor = hessian_factor(hessian, config.percdamp)
             del hessian
             # each rank solves its share of every linear's rows (all of them without a process group)
             distributed.split_rows_(linears, lambda name, lin, rows: _solved_rows(lin, rows, config, None, factor, dead))
@@ -89,14 +90,22 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
         return {}, prune_staged(layer, inputs, kwargs, *_statistic(), prune_group, outputs=outputs,
                                 plans=plans, block_outputs=block_outputs)
     stats = collect_input_stats(layer, inputs, kwargs, *_statistic())
-    found: dict = {}  # linears that read one input share one statistic: reduced once
+    found: dict = {}  # linears that read one input share one statistic: reduced and factored once
     for stat in stats.values():
         if id(stat) not in found:
-            found[id(stat)] = hessian_of(stat)
-    hessians = {name: found[id(stat)] for name, stat in stats.items()}
-    distributed.split_rows_(prunable_linears(layer), lambda name, lin, rows: _solved_rows(lin, rows, config,
-                                                                                          hessians[name]))
+            hessian = hessian_of(stat)
+            found[id(stat)] = (hessian_factor(hessian, config.percdamp), torch.diag(hessian) == 0)
+    distributed.split_rows_(prunable_linears(layer), lambda name, lin, rows: _solved_rows(
+        lin, rows, config, None, *found[id(stats[name])]))
     return {}
+
+
+def hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The inverse-Hessian factor ``[in, in]`` float64: under a process group computed by every rank together
+    (:mod:`.shared_factor`), else here alone (:func:`inverse_hessian_factor`)."""
+    if distributed.active():
+        return shared_inverse_hessian_factor(hessian, percdamp)
+    return inverse_hessian_factor(hessian, percdamp)
 
 
 def _statistic():
