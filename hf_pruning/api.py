@@ -226,7 +226,7 @@ def prune_(model: nn.Module, config, calibration: torch.Tensor | None = None,
             if ids is not None and distributed.active():
                 distributed.check_enough_rows(ids.shape[0], LAYER_BATCH)
     if distributed.active():  # data parallel: the same call everywhere, each rank on its own rows
-        distributed.agree("model, config or calibration", distributed.fingerprint(
+        distributed.agree("model, config or calibration", distributed.digest_of(
             get_plan(model).to_json(), json.dumps(config.to_dict(), sort_keys=True, default=str),
             distributed.model_sample(model), *(ids for ids in (calibration, *inputs.values()) if ids is not None)))
         calibration = distributed.shard(calibration, LAYER_BATCH)

@@ -237,7 +237,7 @@ def _checked_inputs(model: nn.Module, data, tokenizer, config: RecoveryConfig | 
                               f"data rows) cannot be split among {ranks} ranks (each trains on a share of every "
                               f"batch): use batch_size >= {ranks} and as many data rows, or launch fewer processes")
     if distributed.active():  # data parallel: the same call everywhere, each rank on its share of every batch
-        distributed.agree("model, settings or recovery data", distributed.fingerprint(
+        distributed.agree("model, settings or recovery data", distributed.digest_of(
             get_plan(model).to_json(), json.dumps(asdict(config), sort_keys=True, default=str), targets,
             distributed.model_sample(model), ids, *([] if eval_ids is None else [eval_ids])),
             "every rank must call recover_ with the same model, settings, data and eval_ids (each trains on its "
@@ -307,7 +307,7 @@ def _train(peft_model, ids: torch.Tensor, config: RecoveryConfig, report: dict) 
     del step_model
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_disable()
-    distributed.agree("LoRA weights", distributed.fingerprint(*trainable),
+    distributed.agree("LoRA weights", distributed.digest_of(*trainable),
                            "data-parallel training must end with the same weights on every rank (a "
                            "non-deterministic collective or kernel?); every rank stops")
     return losses

@@ -110,7 +110,7 @@ def agree(what: str, value: str, hint: str = "every rank must call prune_ with t
         raise DistributedError(f"ranks {differ} hold a different {what} from rank 0; {hint}")
 
 
-def fingerprint(*parts) -> str:
+def digest_of(*parts) -> str:
     """A short digest of tensors and strings (for :func:`agree`)."""
     digest = hashlib.sha256()
     for part in parts:
@@ -194,6 +194,6 @@ def same_on_every_rank(value: float, what: str = "a number") -> float:
 
 __all__ = [
     "DistributedError", "RankSum", "active", "agree", "all_sum", "all_sum_scalar", "barrier", "batch_share",
-    "broadcast_", "check_enough_rows", "collective", "fingerprint", "gather_objects", "gather_rows",
+    "broadcast_", "check_enough_rows", "collective", "digest_of", "gather_objects", "gather_rows",
     "comm_device", "init_for_cli", "init_from_env", "DEFAULT_TIMEOUT", "is_main", "main_rank_only", "model_sample", "rank_folder", "row_shares", "shard", "share", "split_rows_", "together", "world",
 ]
