@@ -280,8 +280,11 @@ def test_readme_blocks_are_the_committed_results():
     from benchmarks.serving import table_lines
 
     serving = json.loads((RESULTS / "serving.json").read_text())["rows"]
+    from benchmarks.distributed import table
+
+    distributed = json.loads((RESULTS / "distributed.json").read_text())
     for name, lines in (("memory-accounting", readme_table(memory["accounting"])), ("scale", readme_lines(scale)),
-                        ("serving", table_lines(serving))):
+                        ("serving", table_lines(serving)), ("distributed", table(distributed))):
         block = text.split(f"<!-- begin {name} -->\n")[1].split(f"<!-- end {name} -->")[0]
         assert block == "\n".join(lines) + "\n", f"README block {name} is stale: rerun its benchmark's writer"
 
