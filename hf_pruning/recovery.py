@@ -308,8 +308,8 @@ def _train(peft_model, ids: torch.Tensor, config: RecoveryConfig, report: dict) 
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_disable()
     distributed.agree("LoRA weights", distributed.digest_of(*trainable),
-                           "data-parallel training must end with the same weights on every rank (a "
-                           "non-deterministic collective or kernel?); every rank stops")
+                      "data-parallel training must end with the same weights on every rank (a non-deterministic "
+                      "collective or kernel?); every rank stops")
     return losses
 
 
@@ -318,7 +318,7 @@ def _step(step_model: nn.Module, batch: torch.Tensor, config: RecoveryConfig) ->
     whole batch's loss. A share of ``k`` of the ``n`` rows is weighted ``k / n`` (times the world size, as DDP
     averages the gradients over the ranks), so the averaged gradient is the whole batch's even when the shares
     differ: every row has the same number of tokens, so the batch's mean token loss is the rows' weighted mean."""
-    rows, ranks = distributed.batch_share(batch.shape[0]), distributed.world()[1]
+    rows, ranks = distributed.own_rows(batch.shape[0]), distributed.world()[1]
     share = batch[rows]  # [k, seq_len], contiguous
     loss = step_model(input_ids=share, labels=share, use_cache=False).loss
     value = loss.item()

@@ -27,7 +27,7 @@ from .store import ActivationStore, activations_on_disk, spill_reserve
 
 __all__ = [
     "LAYER_BATCH", "ActivationStore", "CheckpointMismatchError", "Standin", "StopForward", "activations_on_disk",
-    "calibration_mode", "capture", "distributed", "capture_layer_inputs", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onload_bound",
+    "calibration_mode", "capture", "capture_layer_inputs", "distributed", "execution_device", "head_forward", "hooks", "is_offloaded", "layer_kwargs", "onload_bound",
     "offload_hook", "onloaded", "pass_through", "propagate", "resumable", "run_layer", "sequential", "spill_reserve", "substituted",
     "write_param",
 ]

@@ -42,7 +42,7 @@ from .collectives import (
     is_main,
     world,
 )
-from .sharding import RankSum, batch_share, check_enough_rows, gather_rows, row_shares, shard, share, split_rows_
+from .sharding import RankSum, check_enough_rows, gather_rows, own_rows, row_shares, shard, share, split_rows_
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,9 @@ def same_on_every_rank(value: float, what: str = "a number") -> float:
 
 
 __all__ = [
-    "DistributedError", "RankSum", "active", "agree", "all_sum", "all_sum_scalar", "barrier", "batch_share",
-    "broadcast_", "check_enough_rows", "collective", "digest_of", "gather_objects", "gather_rows",
-    "comm_device", "init_for_cli", "init_from_env", "DEFAULT_TIMEOUT", "is_main", "main_rank_only", "model_sample", "rank_folder", "row_shares", "shard", "share", "split_rows_", "together", "world",
+    "active", "agree", "all_sum", "all_sum_scalar", "barrier", "broadcast_", "check_enough_rows", "collective",
+    "comm_device", "data_parallel", "DEFAULT_TIMEOUT", "digest_of", "DistributedError", "gather_objects",
+    "gather_rows", "init_for_cli", "init_from_env", "is_main", "main_rank_only", "model_sample", "own_rows",
+    "rank_folder", "RankSum", "row_shares", "same_on_every_rank", "shard", "share", "split_rows_", "together",
+    "world",
 ]

@@ -14,11 +14,8 @@ from . import collectives as comm
 def share(rows: int, batch: int) -> slice:
     """This rank's rows of ``rows`` calibration rows: a contiguous run of whole ``batch``-row batches, the
     batches dealt as evenly as they go (a rank may get none when there are fewer batches than ranks)."""
-    rank, size = comm.world()
-    batches = -(-rows // batch)
-    first = rank * batches // size
-    last = (rank + 1) * batches // size
-    return slice(min(first * batch, rows), min(last * batch, rows))
+    batches = own_rows(-(-rows // batch))  # this rank's batches
+    return slice(min(batches.start * batch, rows), min(batches.stop * batch, rows))
 
 
 def shard(calibration: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -77,6 +74,11 @@ def row_shares(rows: int) -> list[slice]:
     return [slice(r * rows // size, (r + 1) * rows // size) for r in range(size)]
 
 
+def own_rows(rows: int) -> slice:
+    """This rank's rows of ``rows`` (:func:`row_shares`; all of them without a process group)."""
+    return row_shares(rows)[comm.world()[0]]
+
+
 def gather_rows(part: torch.Tensor, rows: int, what: str = "rows") -> torch.Tensor:
     """The ranks' parts (rank r holds rows ``row_shares(rows)[r]`` of a ``[rows, ...]`` tensor) put together on
     every rank; without a process group, ``part``."""
@@ -102,12 +104,5 @@ def split_rows_(modules: dict, compute, attr: str = "weight") -> None:
 
     for name, module in modules.items():
         rows = getattr(module, attr).shape[0]
-        mine = row_shares(rows)[comm.world()[0]] if comm.active() else slice(0, rows)
-        new = gather_rows(compute(name, module, mine), rows, f"{name}.{attr}")
+        new = gather_rows(compute(name, module, own_rows(rows)), rows, f"{name}.{attr}")
         write_param(module, attr, new)
-
-
-
-def batch_share(rows: int) -> slice:
-    """This rank's rows of a training batch of ``rows`` rows (:func:`row_shares`; all of them without a group)."""
-    return row_shares(rows)[comm.world()[0]]

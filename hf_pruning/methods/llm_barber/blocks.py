@@ -17,14 +17,7 @@ from torch import nn
 from ...accounting import prunable_linears
 from ...engine import ActivationStore, StopForward, distributed, execution_device, hooks, run_layer, write_param
 from ..masks.layerwise import input_stat_hooks
-from ..sparsegpt.pruner import (
-    add_to_hessian,
-    add_to_rank_hessian,
-    hessian_factor,
-    hessian_of,
-    new_hessian,
-    new_rank_hessian,
-)
+from ..sparsegpt.pruner import hessian_factor, hessian_of, hessian_statistic
 from ..sparsegpt.scoring import sparsegpt_solve_
 from .scoring import block_error
 
@@ -77,12 +70,6 @@ def out_linear_name(adapter, layer, name: str) -> str:
         attn = getattr(layer, adapter.attn_name)
         return f"{adapter.attn_name}.{getattr(attn, 'out_name', adapter.o_name)}"
     return f"{adapter.mlp_name}.{adapter.mlp_out_name}" if adapter.mlp_name else adapter.mlp_out_name
-
-
-def hessian_statistic():
-    """``(new, update)`` of SparseGPT's Hessian statistic: running float32, or per rank in float64 (summed over
-    the ranks by ``hessian_of``) under a process group."""
-    return (new_rank_hessian, add_to_rank_hessian) if distributed.active() else (new_hessian, add_to_hessian)
 
 
 def pairs(a: ActivationStore, b: ActivationStore, device):

@@ -47,14 +47,13 @@ def hessian_of(stat, pop: bool = False) -> torch.Tensor:
     return total.mul_(2.0 / n)  # float64: the factorisation copies it into float64 anyway
 
 
-def _solved_rows(lin, rows: slice, config, hessian: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-                 dead: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``rows`` of ``lin``'s weight after :func:`sparsegpt_solve_` (rows only mix in the unstructured
-    choice of each block, which is then made over every rank's rows: :func:`_shared_block_mask`)."""
+def _solved_rows(lin, rows: slice, config, factor: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``lin``'s weight after :func:`sparsegpt_solve_` with the inverse-Hessian ``factor`` and
+    the ``dead`` inputs (rows only mix in the unstructured choice of each block, which is then made over every
+    rank's rows: :func:`_shared_block_mask`)."""
     w = lin.weight[rows].detach().to(lin.weight.dtype, copy=True)  # [r, in]
     whole = w.shape[0] == lin.weight.shape[0]
-    hessian = None if hessian is None else hessian.to(w.device)
-    sparsegpt_solve_(w, hessian, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor,
+    sparsegpt_solve_(w, None, config.sparsity, config.nm, config.blocksize, config.percdamp, factor=factor,
                      dead=dead, select_block=None if whole else _shared_block_mask(lin.weight.shape[0], rows))
     return w
 
@@ -85,18 +84,18 @@ def sparsegpt_prune_layer_(layer, inputs, kwargs, config, outputs: bool = True, 
             factor = hessian_factor(hessian, config.percdamp)
             del hessian
             # each rank solves its share of every linear's rows (all of them without a process group)
-            distributed.split_rows_(linears, lambda name, lin, rows: _solved_rows(lin, rows, config, None, factor, dead))
+            distributed.split_rows_(linears, lambda name, lin, rows: _solved_rows(lin, rows, config, factor, dead))
 
-        return {}, prune_staged(layer, inputs, kwargs, *_statistic(), prune_group, outputs=outputs,
+        return {}, prune_staged(layer, inputs, kwargs, *hessian_statistic(), prune_group, outputs=outputs,
                                 plans=plans, block_outputs=block_outputs)
-    stats = collect_input_stats(layer, inputs, kwargs, *_statistic())
+    stats = collect_input_stats(layer, inputs, kwargs, *hessian_statistic())
     found: dict = {}  # linears that read one input share one statistic: reduced and factored once
     for stat in stats.values():
         if id(stat) not in found:
             hessian = hessian_of(stat)
             found[id(stat)] = (hessian_factor(hessian, config.percdamp), torch.diag(hessian) == 0)
     distributed.split_rows_(prunable_linears(layer), lambda name, lin, rows: _solved_rows(
-        lin, rows, config, None, *found[id(stats[name])]))
+        lin, rows, config, *found[id(stats[name])]))
     return {}
 
 
@@ -108,8 +107,9 @@ def hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     return inverse_hessian_factor(hessian, percdamp)
 
 
-def _statistic():
-    """``(new, update)`` of the Hessian statistic: running float32, or per rank in float64 under a group."""
+def hessian_statistic():
+    """``(new, update)`` of the Hessian statistic: running float32, or per rank in float64 (summed over the ranks
+    by :func:`hessian_of`) under a process group."""
     return (new_rank_hessian, add_to_rank_hessian) if distributed.active() else (new_hessian, add_to_hessian)
 
 
