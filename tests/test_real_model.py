@@ -92,13 +92,17 @@ def test_demo_main_job_runs(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import demo_core
 
-    summary = demo_core.main(out_dir=str(tmp_path / "demo"), windows=2, max_new_tokens=8)
+    summary = demo_core.main(out_dir=str(tmp_path / "demo"), windows=2, max_new_tokens=8, calib_samples=8,
+                             speed_repeats=1)
     assert summary["reload_identical_logits"] and summary["generate_cache_matches_no_cache"]
-    assert summary["pruned"]["params"] < summary["dense"]["params"]
+    assert summary["pruned"]["params"] < 0.9 * summary["dense"]["params"]  # 4 of 30 blocks: 12.4% of all parameters
     assert summary["pruned"]["kv_bytes_per_token"] < summary["dense"]["kv_bytes_per_token"]
-    assert 20 < summary["dense"]["ppl"] < 60 and summary["pruned"]["ppl"] > summary["dense"]["ppl"]
-    gguf = Path(summary["gguf"]["file"])  # the demo ends with a Q8_0 GGUF export (value-only layers: deci)
-    assert gguf.exists() and summary["gguf"]["architecture"] == "deci" and gguf.stat().st_size < 150 * 2**20
+    # a result worth having: perplexity up by well under half (the benchmark's row: x1.20)
+    assert 20 < summary["dense"]["ppl"] < 60 and summary["dense"]["ppl"] < summary["pruned"]["ppl"] < 1.5 * summary["dense"]["ppl"]
+    assert summary["file_bytes"]["pruned"] < 0.9 * summary["file_bytes"]["dense"]
+    assert summary["speed"]["prefill_speedup"] > 0 and summary["speed"]["decode_speedup"] > 0
+    gguf = Path(summary["gguf"]["file"])  # the demo ends with a Q8_0 GGUF export (fewer blocks: stock llama)
+    assert gguf.exists() and summary["gguf"]["architecture"] == "llama" and gguf.stat().st_size < 130 * 2**20
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
