@@ -41,26 +41,28 @@ QWEN_HARP_LAYERS = 14
 #: LoRA recovery on the 1.5B model: half the SmolLM2 steps (a step costs about ten times more)
 QWEN_RECOVERY = {"steps": 50, "batch_size": 4, "seq_len": 256, "lr": 3e-4, "r": 8, "lora_alpha": 16}
 
-_DEPTH = ("shortgpt", "sleb", "taylor", "gradmap")
+_FINERCUT = {"cost_aware": True, "search": "fast"}
+#: in the order the rows run (the most telling comparisons first, so that a partial run already answers them)
 QWEN_GRID: list[tuple[str, str, dict]] = [
     ("reference", "dense", {}),
-    *[("unstructured", m, {"sparsity": 0.5}) for m in ("magnitude", "wanda", "sparsegpt")],
-    *[("unstructured", m, {"pattern": "2:4"}) for m in ("magnitude", "wanda", "sparsegpt")],
-    *PEER_ROWS,
-    *[("depth", m, {"param_ratio": r}) for r in QWEN_DEPTH_RATIOS for m in _DEPTH],
-    *[("depth", "gradmap", {"param_ratio": r, "compensate": False}) for r in QWEN_DEPTH_RATIOS],
-    *[("depth", m, {"param_ratio": r, "compensate": True}) for r in QWEN_DEPTH_RATIOS for m in ("shortgpt", "sleb")],
-    *[("depth", "finercut", {"param_ratio": r, "cost_aware": True, "search": "fast"}) for r in QWEN_DEPTH_RATIOS],
-    *[("depth", "finercut", {"param_ratio": r, "cost_aware": True, "search": "fast", "beam": 4})
-      for r in QWEN_DEPTH_RATIOS],
-    ("attention", "harp", {"preset": "qwen2-7b"}),
+    *[row for st in ({"sparsity": 0.5}, {"pattern": "2:4"}) for row in (
+        ("unstructured", "wanda", st), ("unstructured", "sparsegpt", st), *[r for r in PEER_ROWS if r[2] == st])],
+    *[row for r in QWEN_DEPTH_RATIOS for row in (
+        ("depth", "sleb", {"param_ratio": r}), ("depth", "gradmap", {"param_ratio": r}),
+        ("depth", "finercut", {"param_ratio": r, **_FINERCUT}),
+        ("depth", "finercut", {"param_ratio": r, **_FINERCUT, "beam": 4}),
+        ("depth", "shortgpt", {"param_ratio": r}), ("depth", "taylor", {"param_ratio": r}))],
     ("attention", "harp", {"num_layers": QWEN_HARP_LAYERS}),
     ("attention", "harp", {"num_layers": QWEN_HARP_LAYERS, "flap_match": True}),
     ("attention", "flap", {"param_ratio": 0.059}),
     *[("attention", "heads", {"score": s, "unit": "group", "per_layer": 1}) for s in ("magnitude", "wanda")],
-    *[("unstructured", "llm_barber", {"init": i, "sparsity": 0.5, **BARBER_SETTINGS[i]}) for i in ("wanda", "sparsegpt")],
+    ("attention", "harp", {"preset": "qwen2-7b"}),
+    *[("unstructured", "llm_barber", {"init": i, "sparsity": 0.5, **BARBER_SETTINGS[i]}) for i in ("sparsegpt", "wanda")],
     *[("unstructured", "llm_barber", {"init": i, "pattern": "2:4", **BARBER_SETTINGS_NM[i]})
-      for i in ("wanda", "sparsegpt")],
+      for i in ("sparsegpt", "wanda")],
+    *[("depth", "gradmap", {"param_ratio": r, "compensate": False}) for r in QWEN_DEPTH_RATIOS],
+    *[("depth", m, {"param_ratio": r, "compensate": True}) for r in QWEN_DEPTH_RATIOS for m in ("shortgpt", "sleb")],
+    *[("unstructured", "magnitude", st) for st in ({"sparsity": 0.5}, {"pattern": "2:4"})],
     ("recovery", "gradmap", {"param_ratio": 0.25, "recover": QWEN_RECOVERY}),
     ("recovery", "sparsegpt", {"pattern": "2:4", "recover": QWEN_RECOVERY}),
 ]

@@ -293,7 +293,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="evaluation text (same sources as --calib); omit to skip perplexity")
     p.add_argument("--windows", type=at_least(1), default=32, help="windows of --seq-len tokens (32 x 512 = 16k tokens)")
     p.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per evaluation window")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (local: social_iqa,wikihow_goal_inference)")
+    p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks: social_iqa, wikihow_goal_inference, "
+                   "a path to a .jsonl file of {question, choices, label} lines, or an lm-eval task name; "
+                   "a :acc or :acc_norm suffix picks the reported metric")
     p.add_argument("--limit", type=at_least(1), default=300, help="items per task (the first N)")
     p.add_argument("--speed", action="store_true", help="prefill/decode tokens per second and KV bytes per token")
     p.set_defaults(func=cmd_eval)
