@@ -71,7 +71,7 @@ def tok():
     return tiny_tokenizer()
 
 
-def test_zero_shot_through_lm_eval_on_local_tasks(tok):
+def test_zero_shot_on_the_embedded_tasks(tok):
     model = tiny_model("llama")
     acc = zero_shot(model, tok, limit=6, batch_size=4)
     assert set(acc) == {"social_iqa", "wikihow_goal_inference"}
