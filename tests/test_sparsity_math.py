@@ -246,3 +246,23 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     assert torch.equal(u, torch.triu(u)) and bool((torch.diag(u) > 0).all())
     torch.testing.assert_close(u, reference, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(u.T @ u @ h, torch.eye(width, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_sparsegpt_warns_when_the_hessians_are_singular(caplog):
+    """Fewer calibration tokens than the widest linear's inputs: the warning names the numbers and the way out."""
+    import logging
+
+    from tiny_models import tiny_model, tokens
+
+    import hf_pruning
+
+    model = tiny_model("llama")
+    widest = max(m.in_features for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    with caplog.at_level(logging.WARNING, logger="hf_pruning.methods.sparsegpt.pruner"):
+        hf_pruning.prune_(model, {"method": "sparsegpt", "sparsity": 0.5}, calibration=tokens(2, 8))
+    assert f"16 calibration tokens for inputs up to {widest} wide" in caplog.text and "percdamp" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_pruning.methods.sparsegpt.pruner"):
+        hf_pruning.prune_(tiny_model("llama"), {"method": "sparsegpt", "sparsity": 0.5},
+                          calibration=tokens(4, widest // 4 + 1))
+    assert "calibration tokens" not in caplog.text

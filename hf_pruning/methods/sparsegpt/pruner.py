@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ...accounting import prunable_linears, sparsity_report
 from ...engine import distributed
 from ...registry import PruningResult, register_method
+from ...remote.hf_pruning_surgery import adapter_for
 from ..masks.layerwise import (
     check_widths,
     collect_input_stats,
@@ -16,6 +19,8 @@ from ..masks.layerwise import (
 from .config import SparseGPTConfig
 from .scoring import block_mask, inverse_hessian_factor, sparsegpt_solve_
 from .shared_factor import shared_inverse_hessian_factor
+
+logger = logging.getLogger(__name__)
 
 
 def new_hessian(lin):
@@ -113,9 +118,23 @@ def hessian_statistic():
     return (new_rank_hessian, add_to_rank_hessian) if distributed.active() else (new_hessian, add_to_hessian)
 
 
+def warn_if_few_tokens(model, calibration: torch.Tensor, config) -> None:
+    """Log a warning when the calibration has fewer tokens than the widest linear has inputs: that Hessian is then
+    singular and only the damping keeps the solve from fitting the few tokens seen (the paper calibrates on
+    128 x 2048 tokens; on Qwen2.5 with 8 x 256 tokens SparseGPT came out worse than Wanda)."""
+    tokens = calibration.numel() * distributed.world()[1]
+    layers = adapter_for(model).decoder_layers(model)
+    widest = max(lin.in_features for layer in layers for lin in prunable_linears(layer).values())
+    if tokens < widest:
+        logger.warning("SparseGPT: %d calibration tokens for inputs up to %d wide: the Hessians are singular and the "
+                       "solve leans on percdamp=%g; give at least %d tokens (more rows or longer ones) or raise "
+                       "percdamp", tokens, widest, config.percdamp, widest)
+
+
 @register_method("sparsegpt", SparseGPTConfig)
 def run_sparsegpt(model, config: SparseGPTConfig, calibration) -> PruningResult:
     check_widths(model, config.nm)
+    warn_if_few_tokens(model, calibration, config)
     plans: dict = {}  # how a layer's forward reaches its linears, found once per layer structure
     sequential(model, calibration,
                lambda i, layer, inps, kw: sparsegpt_prune_layer_(layer, inps, kw, config, plans=plans), "sparsegpt")
