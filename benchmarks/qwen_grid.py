@@ -72,6 +72,8 @@ QWEN_GRID: list[tuple[str, str, dict]] = [
 class QwenBenchSettings(BenchSettings):
     """The 1.5B protocol: mixed calibration (half Austen, half code), two evaluation texts, bfloat16."""
 
+    #: 16,384 tokens: more than the widest linear's 8,960 inputs (down_proj), so SparseGPT's Hessians are not singular
+    calib_samples: int = 32
     depth_calib_samples: int = 8
     eval_windows: int = 16  # x 512 = 8,192 tokens per text
     zero_shot_limit: int = 100
