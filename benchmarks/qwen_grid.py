@@ -50,7 +50,6 @@ QWEN_GRID: list[tuple[str, str, dict]] = [
     *[row for r in QWEN_DEPTH_RATIOS for row in (
         ("depth", "sleb", {"param_ratio": r}), ("depth", "gradmap", {"param_ratio": r}),
         ("depth", "finercut", {"param_ratio": r, **_FINERCUT}),
-        ("depth", "finercut", {"param_ratio": r, **_FINERCUT, "beam": 4}),
         ("depth", "shortgpt", {"param_ratio": r}), ("depth", "taylor", {"param_ratio": r}))],
     ("attention", "harp", {"num_layers": QWEN_HARP_LAYERS}),
     ("attention", "harp", {"num_layers": QWEN_HARP_LAYERS, "flap_match": True}),
