@@ -12,12 +12,14 @@ Where lm-eval projects every position of every request onto the vocabulary and l
 ``lm_head`` (and, on Gemma2/3, the final soft-capping, which the stock forward applies) only at the positions that
 predict a continuation token, through the ``logits_to_keep`` argument of the causal-LM forward: a per-row boolean
 mask where transformers accepts one, else the union of the batch's positions, else the full logits. The
-log-softmax runs in float32 over the kept positions only, a bounded number of rows at a time.
+log-softmax runs in float32 over the kept positions only, a bounded number of rows at a time. And where lm-eval
+runs every request whole, each distinct context runs once here and its choices run against its KV cache
+(``choices_forward``): the context's tokens are exactly the request's shared prefix, as lm-eval splits it, so the
+scores are the same; a model whose cache cannot be shared is scored request by request.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -26,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from .choices_forward import SharedContextUnsupported, keep_mode, request_scores, shared_context_scores
+
 logger = logging.getLogger(__name__)
 
 CONTEXT = "Question: {question}\nAnswer:"
 DELIMITER = " "
 METRICS = ("acc", "acc_norm")
-#: elements of the float32 log-softmax worked on at once (rows of the kept logits x vocabulary)
-LOGPROB_CHUNK = 1 << 25
+#: names of the model classes already logged as scored request by request
+_PER_REQUEST_MODELS: set[str] = set()
 #: the context length when neither the config nor the tokenizer gives one (lm-eval's default as well)
 DEFAULT_MAX_LENGTH = 2048
 
@@ -135,77 +139,27 @@ def requests(tokenizer, items: list[dict], longest: int) -> list[tuple[list[int]
     return out
 
 
-def _slices_by_mask(slicer) -> bool:
+def _shared_or_none(model, order, device, mode: str, pad: int, batch_size: int) -> dict | None:
     try:
-        kept = slicer(torch.zeros(1, 3, 1), torch.tensor([[False, True, True]]))
-    except Exception:  # an older slicer: any failure means no mask support
-        return False
-    return tuple(kept.shape) == (2, 1)
+        return shared_context_scores(model, order, device, mode, pad, batch_size)
+    except SharedContextUnsupported as err:
+        name = type(model).__name__
+        if name not in _PER_REQUEST_MODELS:
+            _PER_REQUEST_MODELS.add(name)
+            logger.debug("%s scores request by request, each with its whole context: %s", name, err)
+        return None
 
 
-def keep_mode(model) -> str:
-    """How the forward can be told which positions to project: ``mask`` (a per-row boolean ``logits_to_keep``),
-    ``positions`` (a 1-D ``logits_to_keep`` shared by the batch) or ``full`` (no ``logits_to_keep``)."""
-    forward = type(model).forward
-    if "logits_to_keep" not in inspect.signature(forward).parameters:
-        return "full"
-    slicer = getattr(inspect.unwrap(forward), "__globals__", {}).get("slice_logits_to_keep")
-    return "mask" if slicer is not None and _slices_by_mask(slicer) else "positions"
-
-
-def kept_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
-    """Logits at the ``keep`` positions, row after row: ``ids``, ``mask``, ``keep`` [B, T] -> [N, V]."""
-    args = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    if mode == "mask":
-        logits = model(**args, logits_to_keep=keep).logits  # [N, V]
-        if logits.ndim != 2 or logits.shape[0] != int(keep.sum()):
-            raise RuntimeError(f"logits_to_keep as a mask gave logits of shape {tuple(logits.shape)}")
-        return logits
-    if mode == "positions":
-        columns = keep.any(dim=0).nonzero().squeeze(1)  # [K]
-        logits = model(**args, logits_to_keep=columns).logits  # [B, K, V]
-        return logits[keep[:, columns].to(logits.device)]  # [N, V]
-    logits = model(**args).logits  # [B, T, V]
-    return logits[keep.to(logits.device)]  # [N, V]
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) under a float32 log-softmax of each row: ``logits`` [N, V], ``targets`` [N] -> [N] float32,
-    a bounded number of rows at a time."""
-    rows = max(1, LOGPROB_CHUNK // max(1, logits.shape[-1]))
-    out = []
-    for start in range(0, logits.shape[0], rows):
-        logprobs = torch.log_softmax(logits[start:start + rows].float(), dim=-1)  # [n, V]
-        out.append(logprobs.gather(1, targets[start:start + rows, None]).squeeze(1))  # [n]
-    return torch.cat(out)
-
-
-def _batch_scores(model, batch: list[tuple[tuple[int, ...], int]], device, mode: str, pad: int) -> list[float]:
-    """Summed continuation log-likelihood of each request of ``batch``, right-padded into one forward."""
-    width = max(len(tokens) for tokens, _ in batch) - 1
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
-    keep = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: positions that predict a continuation
-    targets = []
-    for row, (tokens, n_cont) in enumerate(batch):
-        length = len(tokens) - 1
-        ids[row, :length] = torch.tensor(tokens[:-1], dtype=torch.long)
-        mask[row, :length] = 1
-        keep[row, length - n_cont:length] = True
-        targets.extend(tokens[-n_cont:])
-    ids, mask, keep = ids.to(device), mask.to(device), keep.to(device)
-    logits = kept_logits(model, ids, mask, keep, mode)  # [N, V]
-    logprobs = token_logprobs(logits, torch.tensor(targets, device=logits.device))  # [N]
-    sums = torch.split(logprobs.double(), [n_cont for _, n_cont in batch])
-    return [float(s.sum()) for s in sums]
-
-
-def choice_loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16) -> list[list[float]]:
+def choice_loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16,
+                          shared_context: bool = True) -> list[list[float]]:
     """The summed continuation log-likelihood of every choice of every item: ``[item][choice]``.
 
-    Distinct requests are sorted longest first and run ``batch_size`` at a time (right padding, attention mask),
-    under ``torch.inference_mode`` in the model's dtype, with the model in eval mode (its mode is restored after).
-    Identical requests are scored once, so their scores tie exactly.
+    Identical requests are scored once, so their scores tie exactly. With ``shared_context`` (the default) each
+    distinct context runs once and its choices run against its KV cache, at most ``batch_size`` contexts or choices
+    a forward (``choices_forward.shared_context_scores``); a model that cannot share a cache, and any model when
+    ``shared_context`` is false, runs every request whole instead, longest first, ``batch_size`` at a time (right
+    padding, attention mask). Both give the same scores up to the rounding of the model's dtype, under
+    ``torch.inference_mode``, with the model in eval mode (its mode is restored after).
     """
     check_items(items)
     reqs = [(tuple(tokens), n_cont) for tokens, n_cont in requests(tokenizer, items, max_length(model, tokenizer))]
@@ -214,14 +168,16 @@ def choice_loglikelihoods(model, tokenizer, items: list[dict], batch_size: int =
     mode = keep_mode(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     step = max(1, batch_size)
-    scores = {}
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), step):
-                chunk = order[start:start + step]
-                scores.update(zip(chunk, _batch_scores(model, chunk, device, mode, pad)))
+            scores = _shared_or_none(model, order, device, mode, pad, step) if shared_context else None
+            if scores is None:
+                scores = {}
+                for start in range(0, len(order), step):
+                    chunk = order[start:start + step]
+                    scores.update(zip(chunk, request_scores(model, chunk, device, mode, pad)))
     finally:
         model.train(was_training)
     out, flat = [], iter(reqs)
