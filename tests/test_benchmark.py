@@ -21,13 +21,18 @@ ROW_FIELDS = {"method", "settings", "params_removed", "kv_removed", "ppl", "ppl_
               "prune_s", "passes", "peak_rss_ratio", "prefill_speedup", "decode_speedup", "ideal_speedup", "error"}
 
 
-@pytest.fixture()
-def data_dir(tmp_path):
+def write_books(folder):
+    """The four benchmark books, each a quarter of the embedded text, in ``folder``."""
     text = default_text()
     quarter = len(text) // 4
     for i, book in enumerate((*grid.CALIBRATION_BOOKS, *grid.EVALUATION_BOOKS)):
-        (tmp_path / f"{book}.txt").write_text(text[i * quarter : (i + 1) * quarter])
-    return tmp_path
+        (folder / f"{book}.txt").write_text(text[i * quarter : (i + 1) * quarter])
+    return folder
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    return write_books(tmp_path)
 
 
 def settings(data_dir):

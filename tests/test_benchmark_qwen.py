@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_benchmark import write_books
 from tiny_models import tiny_model, tiny_tokenizer
 
 import benchmarks.grid as grid
@@ -16,16 +17,11 @@ import benchmarks.runner as runner
 from benchmarks import peer, texts
 from benchmarks.qwen_grid import QWEN_GRID, QwenBenchSettings
 from benchmarks.report import markdown_table
-from hf_pruning.calibration import default_text
 
 
 @pytest.fixture()
 def data_dir(tmp_path):
-    text = default_text()
-    quarter = len(text) // 4
-    for i, book in enumerate((*grid.CALIBRATION_BOOKS, *grid.EVALUATION_BOOKS)):
-        (tmp_path / f"{book}.txt").write_text(text[i * quarter : (i + 1) * quarter])
-    return tmp_path
+    return write_books(tmp_path)
 
 
 def tiny_settings(data_dir) -> QwenBenchSettings:
